@@ -1,0 +1,51 @@
+"""Typed errors. Every error saestore raises for bad input, bad data or a bad store derives from
+:class:`SaestoreError`; its message names the thing at fault and what would fix it."""
+
+from __future__ import annotations
+
+
+class SaestoreError(Exception):
+    """Base class of every error saestore raises on purpose."""
+
+
+class CodecError(SaestoreError):
+    """Base class of sparse-codec errors."""
+
+
+class CodecEncodeError(CodecError, ValueError):
+    """An array cannot be encoded faithfully (NaN/inf, value overflow, unsorted or duplicate
+    sparse indices, a shape the format cannot represent)."""
+
+
+class CorruptChunkError(CodecError, ValueError):
+    """Chunk bytes are malformed: truncated, wrong magic, inconsistent header, indices out of
+    range or unsorted, or a checksum mismatch. Raised before any large allocation."""
+
+
+class ProtocolError(SaestoreError):
+    """A store does not follow PROTOCOL.md (missing arrays, wrong layout, invalid attributes)."""
+
+
+class ProtocolVersionError(ProtocolError):
+    """A store was written by a protocol major version this saestore cannot read."""
+
+
+class ConfigMismatchError(SaestoreError):
+    """A run already exists at the path with a different configuration."""
+
+
+class RunLockedError(SaestoreError):
+    """Another live writer holds the run's lock."""
+
+
+class ExtractionConfigError(SaestoreError, ValueError):
+    """An extraction request names a model, layer, layer type, SAE width or dataset column that
+    does not exist, or a combination that cannot work."""
+
+
+class DatasetError(SaestoreError, ValueError):
+    """The dataset is missing, empty, lacks a required column or has no usable author."""
+
+
+class WorkerFailedError(SaestoreError):
+    """One or more extraction workers failed; the message names the authors left unfinished."""

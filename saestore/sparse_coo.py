@@ -1,0 +1,306 @@
+"""The ``saestore.sparse_coo`` byte format, in pure numpy (PROTOCOL.md, section "Codec").
+
+A chunk of shape ``(..., n_cols)`` is viewed as a row-major matrix of ``n_rows = prod(shape[:-1])``
+rows and ``n_cols = shape[-1]`` columns (for SAE variables: one row per token, one column per
+feature). Only nonzeros are stored:
+
+``header (32 B) | row counts (u32 × n_rows) | column deltas (u16|u32 × nnz) | values (f32|f16|bf16 × nnz)``
+
+Every section after the header is byte-shuffled (all first bytes, then all second bytes, ...),
+which lets a following zstd see long runs of zero high bytes. Everything is little-endian.
+
+Both the zarr codec and the numcodecs codec (:mod:`saestore.codec`), the run writer (which encodes
+straight from GPU-side nonzeros) and the sparse dask reader use these functions, so there is
+exactly one implementation of the format.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+
+from saestore.errors import CodecEncodeError, CorruptChunkError
+
+MAGIC: Final = b"SCOO"
+FORMAT_VERSION: Final = 1
+HEADER = struct.Struct("<4sBBBBQII Q")  # magic, version, value code, index width, flags, n_rows, n_cols, reserved, nnz
+HEADER_SIZE: Final = HEADER.size  # 32
+COUNT_DTYPE: Final = np.dtype("<u4")
+MAX_COLS: Final = 2**32 - 1
+
+#: value dtype name -> (code in the header, bytes per value)
+VALUE_DTYPES: Final = {"float32": (0, 4), "float16": (1, 2), "bfloat16": (2, 2)}
+_VALUE_NAMES: Final = {code: name for name, (code, _) in VALUE_DTYPES.items()}
+_F16_MAX: Final = float(np.finfo(np.float16).max)
+_BF16_MAX: Final = 3.3895313892515355e38
+
+
+def index_width(n_cols: int) -> int:
+    """Bytes per stored column delta: 2 when every column id fits in uint16, else 4."""
+    return 2 if n_cols <= 2**16 else 4
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """The fixed 32-byte header of one encoded chunk."""
+
+    value_dtype: str
+    index_width: int
+    n_rows: int
+    n_cols: int
+    nnz: int
+
+    def payload_size(self) -> int:
+        """Exact length in bytes of a chunk with this header (header included)."""
+        value_width = VALUE_DTYPES[self.value_dtype][1]
+        return HEADER_SIZE + COUNT_DTYPE.itemsize * self.n_rows + self.nnz * (self.index_width + value_width)
+
+
+def _shuffle(a: np.ndarray) -> bytes:
+    width = a.dtype.itemsize
+    if width == 1 or a.size == 0:
+        return a.tobytes()
+    return np.ascontiguousarray(a.view(np.uint8).reshape(-1, width).T).tobytes()
+
+
+def _unshuffle(buf: memoryview | bytes, dtype: np.dtype, n: int) -> np.ndarray:
+    width = dtype.itemsize
+    raw = np.frombuffer(buf, dtype=np.uint8, count=n * width)
+    if width == 1 or n == 0:
+        return raw.view(dtype).copy()
+    return np.ascontiguousarray(raw.reshape(width, n).T).view(dtype).reshape(n)
+
+
+def to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest, ties to even."""
+    bits = np.ascontiguousarray(values, dtype="<f4").view("<u4")
+    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+    return ((bits + rounding) >> 16).astype("<u2")
+
+
+def from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32, exactly."""
+    return (bits.astype("<u4") << 16).view("<f4")
+
+
+def quantize(values: np.ndarray, value_dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Cast float values to the stored dtype; return (stored array, values as read back in f32).
+
+    Raises CodecEncodeError on NaN/inf or on finite values that overflow the stored dtype.
+    """
+    v32 = np.asarray(values, dtype=np.float32)
+    if not np.isfinite(v32).all():
+        bad = int(np.count_nonzero(~np.isfinite(v32)))
+        raise CodecEncodeError(
+            f"sparse_coo cannot store NaN or inf: {bad} of {v32.size} nonzero values are not finite; "
+            "check the model/SAE output (e.g. run in float32) before storing"
+        )
+    if value_dtype == "float32":
+        return v32.astype("<f4", copy=False), v32
+    limit = _F16_MAX if value_dtype == "float16" else _BF16_MAX
+    peak = float(np.abs(v32).max(initial=0.0))
+    if peak > limit:
+        raise CodecEncodeError(
+            f"value {peak:g} overflows {value_dtype} (max {limit:g}); store with value_dtype='float32'"
+        )
+    if value_dtype == "float16":
+        stored = v32.astype("<f2")
+        return stored, stored.astype(np.float32)
+    if value_dtype == "bfloat16":
+        stored = to_bfloat16_bits(v32)
+        return stored, from_bfloat16_bits(stored)
+    raise CodecEncodeError(f"unknown value_dtype {value_dtype!r}; choose one of {sorted(VALUE_DTYPES)}")
+
+
+def encode_rows(
+    n_rows: int,
+    n_cols: int,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    values: np.ndarray,
+    value_dtype: str = "float32",
+) -> bytes:
+    """Encode a chunk given its nonzeros as (row, column, value) triples.
+
+    ``rows``/``cols`` index the chunk viewed as ``(n_rows, n_cols)``; they MUST be in row-major
+    order without duplicates (what ``torch.nonzero`` / ``np.nonzero`` return). Values that are zero
+    (including -0.0) or that become zero in ``value_dtype`` are dropped, so the bytes equal what
+    encoding the dense chunk gives.
+    """
+    if value_dtype not in VALUE_DTYPES:
+        raise CodecEncodeError(f"unknown value_dtype {value_dtype!r}; choose one of {sorted(VALUE_DTYPES)}")
+    if not 1 <= n_cols <= MAX_COLS:
+        raise CodecEncodeError(f"sparse_coo needs 1 <= n_cols <= {MAX_COLS}, got {n_cols}")
+    if n_rows < 0:
+        raise CodecEncodeError(f"n_rows must be >= 0, got {n_rows}")
+    rows = np.asarray(rows, dtype=np.int64).ravel()
+    cols = np.asarray(cols, dtype=np.int64).ravel()
+    values = np.asarray(values).ravel()
+    if not rows.size == cols.size == values.size:
+        raise CodecEncodeError(
+            f"rows, cols and values differ in length: {rows.size}, {cols.size}, {values.size}"
+        )
+    if rows.size:
+        if rows.min() < 0 or rows.max() >= n_rows or cols.min() < 0 or cols.max() >= n_cols:
+            raise CodecEncodeError(
+                f"nonzero index out of range for a ({n_rows}, {n_cols}) chunk: "
+                f"rows in [{rows.min()}, {rows.max()}], cols in [{cols.min()}, {cols.max()}]"
+            )
+        linear = rows * n_cols + cols
+        if linear.size > 1 and not (np.diff(linear) > 0).all():
+            raise CodecEncodeError("nonzeros must be in row-major order without duplicates")
+    stored, readback = quantize(values, value_dtype)
+    keep = readback != 0
+    if not keep.all():
+        rows, cols, stored = rows[keep], cols[keep], stored[keep]
+    nnz = int(rows.size)
+    counts = np.bincount(rows, minlength=n_rows).astype(COUNT_DTYPE) if n_rows else np.zeros(0, COUNT_DTYPE)
+    width = index_width(n_cols)
+    deltas = np.empty(nnz, dtype=np.int64)
+    if nnz:
+        deltas[0] = cols[0]
+        deltas[1:] = np.diff(cols)
+        # the first nonzero of every row is stored as its absolute column
+        new_row = np.flatnonzero(np.diff(rows)) + 1
+        deltas[new_row] = cols[new_row]
+    header = HEADER.pack(
+        MAGIC, FORMAT_VERSION, VALUE_DTYPES[value_dtype][0], width, 0, n_rows, n_cols, 0, nnz
+    )
+    parts = [
+        header,
+        _shuffle(counts),
+        _shuffle(deltas.astype(f"<u{width}")),
+        _shuffle(np.ascontiguousarray(stored)),
+    ]
+    return b"".join(parts)
+
+
+def encode_dense(chunk: np.ndarray, value_dtype: str = "float32") -> bytes:
+    """Encode a dense chunk; its last axis is the column (feature) axis."""
+    if chunk.ndim < 1:
+        raise CodecEncodeError("sparse_coo needs arrays with at least one dimension")
+    if chunk.dtype.kind != "f":
+        raise CodecEncodeError(f"sparse_coo stores floating-point arrays, got dtype {chunk.dtype}")
+    n_cols = int(chunk.shape[-1])
+    n_rows = math.prod(chunk.shape[:-1])
+    flat = np.ascontiguousarray(chunk).reshape(-1)
+    nonfinite = ~np.isfinite(flat)
+    if nonfinite.any():
+        raise CodecEncodeError(
+            f"sparse_coo cannot store NaN or inf: {int(nonfinite.sum())} of {flat.size} values are not "
+            "finite; check the model/SAE output before storing"
+        )
+    linear = np.flatnonzero(flat)
+    if n_cols == 0:
+        raise CodecEncodeError("sparse_coo needs a non-empty last axis")
+    rows, cols = np.divmod(linear, n_cols)
+    return encode_rows(n_rows, n_cols, rows, cols, flat[linear], value_dtype)
+
+
+def read_header(data: bytes | memoryview) -> Header:
+    """Parse and check the header and the total length; raise CorruptChunkError if inconsistent."""
+    view = memoryview(data)
+    if view.nbytes < HEADER_SIZE:
+        raise CorruptChunkError(
+            f"sparse_coo chunk is truncated: {view.nbytes} bytes, the header alone needs {HEADER_SIZE}"
+        )
+    magic, version, code, width, flags, n_rows, n_cols, reserved, nnz = HEADER.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise CorruptChunkError(f"not a sparse_coo chunk: magic {magic!r}, expected {MAGIC!r}")
+    if version != FORMAT_VERSION:
+        raise CorruptChunkError(
+            f"sparse_coo chunk format version {version} is not supported (this saestore reads {FORMAT_VERSION}); "
+            "upgrade saestore"
+        )
+    if code not in _VALUE_NAMES:
+        raise CorruptChunkError(f"sparse_coo chunk has unknown value dtype code {code}")
+    if flags != 0 or reserved != 0:
+        raise CorruptChunkError(f"sparse_coo chunk has reserved bits set (flags={flags}, reserved={reserved})")
+    if n_cols < 1 or width != index_width(n_cols):
+        raise CorruptChunkError(f"sparse_coo chunk has index width {width} for {n_cols} columns")
+    if nnz > n_rows * n_cols:
+        raise CorruptChunkError(f"sparse_coo header claims {nnz} nonzeros in a {n_rows}x{n_cols} chunk")
+    header = Header(_VALUE_NAMES[code], width, n_rows, n_cols, nnz)
+    if view.nbytes != header.payload_size():
+        raise CorruptChunkError(
+            f"sparse_coo chunk length {view.nbytes} does not match its header "
+            f"({n_rows} rows, {nnz} nonzeros => {header.payload_size()} bytes); the chunk is truncated or corrupt"
+        )
+    return header
+
+
+def decode_rows(
+    data: bytes | memoryview, n_rows: int | None = None, n_cols: int | None = None
+) -> tuple[Header, np.ndarray, np.ndarray, np.ndarray]:
+    """Decode to (header, rows int64, cols int64, values float32), in row-major order.
+
+    ``n_rows``/``n_cols``, when given, are the shape the caller expects; a mismatch is a
+    CorruptChunkError. Every invariant is checked: the header before any allocation, then counts,
+    column range and strict ordering.
+    """
+    header = read_header(data)
+    if n_rows is not None and header.n_rows != n_rows or n_cols is not None and header.n_cols != n_cols:
+        raise CorruptChunkError(
+            f"sparse_coo chunk is {header.n_rows}x{header.n_cols}, expected {n_rows}x{n_cols}"
+        )
+    view = memoryview(data)
+    pos = HEADER_SIZE
+    counts = _unshuffle(view[pos:], COUNT_DTYPE, header.n_rows)
+    pos += COUNT_DTYPE.itemsize * header.n_rows
+    nnz = header.nnz
+    deltas = _unshuffle(view[pos:], np.dtype(f"<u{header.index_width}"), nnz).astype(np.int64)
+    pos += header.index_width * nnz
+    if header.value_dtype == "float32":
+        values = _unshuffle(view[pos:], np.dtype("<f4"), nnz)
+    elif header.value_dtype == "float16":
+        values = _unshuffle(view[pos:], np.dtype("<f2"), nnz).astype(np.float32)
+    else:
+        values = from_bfloat16_bits(_unshuffle(view[pos:], np.dtype("<u2"), nnz))
+    if int(counts.sum(dtype=np.int64)) != nnz or (counts > header.n_cols).any():
+        raise CorruptChunkError(
+            f"sparse_coo row counts sum to {int(counts.sum(dtype=np.int64))}, header says {nnz} nonzeros"
+        )
+    rows = np.repeat(np.arange(header.n_rows, dtype=np.int64), counts)
+    starts = np.cumsum(counts, dtype=np.int64) - counts
+    starts = starts[counts > 0]
+    first = np.zeros(nnz, dtype=bool)
+    first[starts] = True
+    if nnz and (deltas[~first] == 0).any():
+        raise CorruptChunkError("sparse_coo columns are not strictly increasing within a row (duplicate or unsorted)")
+    csum = np.cumsum(deltas)
+    base = np.zeros(nnz, dtype=np.int64)
+    base[starts] = csum[starts] - deltas[starts]
+    np.maximum.accumulate(base, out=base)
+    cols = csum - base
+    if nnz and cols.max() >= header.n_cols:
+        raise CorruptChunkError(
+            f"sparse_coo column index {int(cols.max())} out of range for {header.n_cols} columns"
+        )
+    if not np.isfinite(values).all() or (values == 0).any():
+        raise CorruptChunkError("sparse_coo values contain NaN, inf or explicit zeros")
+    return header, rows, cols, values
+
+
+def decode_dense(data: bytes | memoryview, shape: tuple[int, ...], dtype: np.dtype | str = "float32") -> np.ndarray:
+    """Decode to a dense array of ``shape`` (last axis = columns)."""
+    n_cols = int(shape[-1])
+    n_rows = math.prod(shape[:-1])
+    _, rows, cols, values = decode_rows(data, n_rows, n_cols)
+    out = np.zeros(n_rows * n_cols, dtype=dtype)
+    out[rows * n_cols + cols] = values
+    return out.reshape(shape)
+
+
+def decode_coords(data: bytes | memoryview, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Decode to (coords of shape (ndim, nnz), float32 values) in C order, ready for ``sparse.COO``."""
+    n_cols = int(shape[-1])
+    n_rows = math.prod(shape[:-1])
+    _, rows, cols, values = decode_rows(data, n_rows, n_cols)
+    if len(shape) == 1:
+        return cols[None, :], values
+    lead = np.unravel_index(rows, shape[:-1]) if len(shape) > 2 else (rows,)
+    return np.vstack([*lead, cols]), values

@@ -1,0 +1,384 @@
+"""Writing a run store: one coordinator creates everything, workers fill disjoint chunks.
+
+The protocol (PROTOCOL.md, "Writing") in code:
+
+* :func:`create_run` (coordinator) creates every array, coordinate and attribute, and
+  consolidates metadata, before any worker starts;
+* :class:`RunWriter` (one per worker process) writes only whole chunks of its own authors:
+  SAE payloads, then per-token and per-document variables, then the chunk's progress marker;
+  on the sparse path it encodes chunk bytes itself from the nonzeros (byte-identical to zarr's
+  pipeline) and never builds a dense chunk;
+* :func:`finalize_run` (coordinator) sets the status and consolidates metadata once.
+
+Nothing shared is read-modify-written by workers.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import math
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
+from zarr.core.array_spec import ArrayConfig
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from saestore import protocol, sparse_coo
+from saestore.codec import SparseCOOCodec
+from saestore.errors import ConfigMismatchError, ProtocolError, SaestoreError
+from saestore.protocol import RunAttrs, StorageInfo
+
+log = logging.getLogger(__name__)
+
+SPARSE_ZSTD_LEVEL = 3
+DENSE_ZSTD_LEVEL = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunLayout:
+    """The shape of a run: who, how many documents, which SAEs, how it is chunked."""
+
+    authors: tuple[str, ...]
+    n_docs: tuple[int, ...]
+    """documents per author (same order as ``authors``)."""
+    n_tok: int
+    """positions along ``tok`` (max_seq_len - 1: every stored token has a predecessor)."""
+    layer_types: tuple[str, ...]
+    layers: tuple[int, ...]
+    n_features: int
+    storage: StorageInfo
+
+    def __post_init__(self) -> None:
+        if not self.authors:
+            raise SaestoreError("a run needs at least one author")
+        if len(set(self.authors)) != len(self.authors):
+            raise SaestoreError("author names must be unique")
+        if len(self.n_docs) != len(self.authors) or min(self.n_docs) < 1:
+            raise SaestoreError("every author needs at least one document")
+        if self.n_tok < 1 or self.n_features < 1 or self.storage.chunk_docs < 1:
+            raise SaestoreError("n_tok, n_features and chunk_docs must be positive")
+        bad = set(self.layer_types) - set(protocol.LAYER_TYPES)
+        if bad or not self.layer_types:
+            raise SaestoreError(f"layer types must be a non-empty subset of {protocol.LAYER_TYPES}, got {self.layer_types}")
+        if not self.layers or len(set(self.layers)) != len(self.layers):
+            raise SaestoreError(f"layers must be non-empty and unique, got {self.layers}")
+
+    @property
+    def max_docs(self) -> int:
+        return max(self.n_docs)
+
+    def n_chunks(self, author_idx: int) -> int:
+        """Doc-chunks holding author ``author_idx``'s documents."""
+        return math.ceil(self.n_docs[author_idx] / self.storage.chunk_docs)
+
+    @property
+    def n_chunks_max(self) -> int:
+        return math.ceil(self.max_docs / self.storage.chunk_docs)
+
+    def chunk_docs_range(self, author_idx: int, chunk_idx: int) -> range:
+        cd = self.storage.chunk_docs
+        return range(chunk_idx * cd, min((chunk_idx + 1) * cd, self.n_docs[author_idx]))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SparseActs:
+    """Nonzero SAE activations of one doc-chunk, in row-major (doc, tok, feature) order.
+
+    ``doc`` is local to the chunk (0 … chunk_docs-1). This is exactly what ``torch.nonzero``
+    on a (doc, tok, feature) tensor yields, copied to the host.
+    """
+
+    doc: np.ndarray
+    tok: np.ndarray
+    feature: np.ndarray
+    values: np.ndarray
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.size)
+
+    @classmethod
+    def from_dense(cls, acts_DTF: np.ndarray) -> SparseActs:
+        d, t, f = np.nonzero(acts_DTF)
+        return cls(doc=d, tok=t, feature=f, values=acts_DTF[d, t, f])
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChunkData:
+    """Everything stored for one (author, doc-chunk); arrays cover the chunk's D real documents."""
+
+    token_id_DT: np.ndarray
+    token_DT: np.ndarray
+    valid_DT: np.ndarray
+    ce_loss_DT: np.ndarray
+    entropy_DT: np.ndarray
+    text_D: Sequence[str]
+    doc_id_D: np.ndarray
+    doc_length_D: np.ndarray
+    n_truncated_D: np.ndarray
+    acts: Mapping[tuple[str, int], SparseActs | np.ndarray]
+    """(layer type, layer) → nonzeros, or a dense (D, T, F) array."""
+
+
+def _sae_codecs(storage: StorageInfo) -> dict[str, Any]:
+    if storage.format == "sparse":
+        return {"serializer": SparseCOOCodec(value_dtype=storage.value_dtype),
+                "compressors": [ZstdCodec(level=SPARSE_ZSTD_LEVEL), Crc32cCodec()]}
+    return {"serializer": BytesCodec(), "compressors": [ZstdCodec(level=DENSE_ZSTD_LEVEL), Crc32cCodec()]}
+
+
+def _sae_dtype(storage: StorageInfo) -> str:
+    if storage.format == "dense":
+        if storage.value_dtype == "bfloat16":
+            raise SaestoreError("bfloat16 values need --storage_format sparse (zarr has no bfloat16 data type)")
+        return storage.value_dtype
+    return "float32"
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _fill(spec: protocol.VariableSpec) -> Any:
+    return float("nan") if spec.fill_value == "NaN" else spec.fill_value
+
+
+def _exists(path: str) -> bool:
+    return Path(path).exists() if "://" not in path else zarr.storage.FsspecStore.from_url(path).fs.exists(path)
+
+
+def _remove(path: str) -> None:
+    if "://" in path:
+        store = zarr.storage.FsspecStore.from_url(path)
+        store.fs.rm(path, recursive=True)
+    else:
+        shutil.rmtree(path)
+
+
+def create_run(
+    path: str | Path,
+    layout: RunLayout,
+    attrs: RunAttrs,
+    *,
+    mode: str = "auto",
+) -> RunAttrs:
+    """Create (or reopen for resume) the run store at ``path``; coordinator only.
+
+    ``mode``: ``auto`` creates a new run or resumes one with the same config hash; ``resume``
+    requires an existing run with the same config; ``overwrite`` deletes whatever is at ``path``.
+    A run with a different configuration is refused with :class:`ConfigMismatchError`.
+    Returns the attributes now in the store.
+    """
+    path = str(path)
+    if mode not in ("auto", "resume", "overwrite"):
+        raise ValueError(f"mode must be auto, resume or overwrite, not {mode!r}")
+    if _exists(path):
+        if mode == "overwrite":
+            log.warning("overwriting %s", path)
+            _remove(path)
+        else:
+            return _reopen(path, layout, attrs)
+    elif mode == "resume":
+        raise SaestoreError(f"--resume: no run at {path}; drop --resume to start it")
+
+    group = zarr.open_group(path, mode="w-", zarr_format=3)
+    cd = layout.storage.chunk_docs
+    A, L, D, T, F = len(layout.authors), len(layout.layers), layout.max_docs, layout.n_tok, layout.n_features
+
+    def coord(name: str, values: np.ndarray, dtype: Any) -> None:
+        arr = group.create_array(name, shape=values.shape, dtype=dtype, chunks=values.shape,
+                                 dimension_names=[name], fill_value=None if dtype is str else 0)
+        arr[...] = values
+
+    coord("author", np.array(layout.authors, dtype=object), str)
+    coord("layer", np.array(layout.layers, dtype=np.int64), "int64")
+    coord("doc", np.arange(D, dtype=np.int64), "int64")
+    coord("tok", np.arange(T, dtype=np.int64), "int64")
+    coord("feature", np.arange(F, dtype=np.int64), "int64")
+
+    shapes = {protocol.SAE_DIMS: (A, L, D, T, F), protocol.TOKEN_DIMS: (A, D, T),
+              protocol.DOC_DIMS: (A, D), ("author",): (A,)}
+    chunks = {protocol.SAE_DIMS: (1, 1, cd, T, F), protocol.TOKEN_DIMS: (1, cd, T),
+              protocol.DOC_DIMS: (1, cd), ("author",): (A,)}
+    for lt in layout.layer_types:
+        spec = protocol.sae_variable(lt)
+        group.create_array(lt, shape=shapes[spec.dims], chunks=chunks[spec.dims], dtype=_sae_dtype(layout.storage),
+                           fill_value=0.0, dimension_names=list(spec.dims),
+                           attributes={"long_name": spec.meaning}, **_sae_codecs(layout.storage))
+    for spec in protocol.VARIABLES:
+        dtype = str if spec.dtype == "string" else spec.dtype
+        group.create_array(spec.name, shape=shapes[spec.dims], chunks=chunks[spec.dims], dtype=dtype,
+                           fill_value=_fill(spec), dimension_names=list(spec.dims),
+                           compressors=[ZstdCodec(level=3), Crc32cCodec()],
+                           attributes={"long_name": spec.meaning})
+    group["n_docs"][...] = np.array(layout.n_docs, dtype=np.int32)
+    progress = zarr.open_group(path, mode="a", path=protocol.PROGRESS_PATH.rsplit("/", 1)[0])
+    progress.create_array(protocol.PROGRESS_PATH.rsplit("/", 1)[1], shape=(A, layout.n_chunks_max, len(protocol.PROGRESS_FIELDS)),
+                          chunks=(1, 1, len(protocol.PROGRESS_FIELDS)), dtype="int64", fill_value=0,
+                          dimension_names=["author", "doc_chunk", "field"],
+                          attributes={"fields": list(protocol.PROGRESS_FIELDS)})
+    attrs = replace(attrs, status="running", created_at=_now(), finalized_at=None,
+                    library_versions=protocol.library_versions())
+    protocol.validate_json(attrs.to_json(), "run_attributes")
+    group.attrs[protocol.ATTRS_KEY] = attrs.to_json()
+    zarr.consolidate_metadata(path)
+    return attrs
+
+
+def _reopen(path: str, layout: RunLayout, attrs: RunAttrs) -> RunAttrs:
+    try:
+        group = zarr.open_group(path, mode="r", use_consolidated=False)
+    except (FileNotFoundError, ValueError, zarr.errors.GroupNotFoundError) as e:
+        raise ProtocolError(
+            f"{path} exists but is not a saestore run ({e}); choose another --run_name or pass --overwrite"
+        ) from e
+    old = protocol.read_attrs(dict(group.attrs), where=path)
+    if old.config_hash != attrs.config_hash:
+        changed = sorted(k for k in set(old.config) | set(attrs.config) if old.config.get(k) != attrs.config.get(k))
+        raise ConfigMismatchError(
+            f"{path} holds a run with a different configuration (differs in: {', '.join(changed)}); "
+            "rerun with the same arguments to resume, choose another --run_name, or pass --overwrite"
+        )
+    stored = read_layout(group)
+    if stored != layout:
+        raise ConfigMismatchError(
+            f"{path} has the same configuration but another layout (the dataset changed?); pass --overwrite"
+        )
+    new = replace(old, status="running", finalized_at=None, failed_authors=[])
+    group = zarr.open_group(path, mode="r+", use_consolidated=False)
+    group.attrs[protocol.ATTRS_KEY] = new.to_json()
+    zarr.consolidate_metadata(path)
+    log.info("resuming %s", path)
+    return new
+
+
+def read_layout(group: zarr.Group) -> RunLayout:
+    """Rebuild the layout from a run group (coordinates, ``n_docs`` and attributes)."""
+    attrs = protocol.read_attrs(dict(group.attrs))
+    layer_types = tuple(lt for lt in protocol.LAYER_TYPES if lt in group)
+    return RunLayout(
+        authors=tuple(str(a) for a in group["author"][...]),
+        n_docs=tuple(int(n) for n in group["n_docs"][...]),
+        n_tok=int(group["tok"].shape[0]),
+        layer_types=layer_types,
+        layers=tuple(int(x) for x in group["layer"][...]),
+        n_features=int(group["feature"].shape[0]),
+        storage=attrs.storage,
+    )
+
+
+def read_progress(path: str | Path) -> np.ndarray:
+    """The progress markers as an int64 array (author, doc_chunk, field)."""
+    arr = zarr.open_array(str(path), path=protocol.PROGRESS_PATH, mode="r")
+    return arr[...]
+
+
+def finalize_run(path: str | Path, *, failed_authors: Sequence[str] = ()) -> RunAttrs:
+    """Coordinator: set ``status`` from the progress markers and consolidate metadata once."""
+    path = str(path)
+    group = zarr.open_group(path, mode="r+", use_consolidated=False)
+    layout = read_layout(group)
+    done = read_progress(path)[..., 0] == 1
+    incomplete = [a for i, a in enumerate(layout.authors) if not done[i, : layout.n_chunks(i)].all()]
+    failed = sorted(set(failed_authors) | set(incomplete))
+    attrs = protocol.read_attrs(dict(group.attrs), where=path)
+    attrs = replace(attrs, status="failed" if failed else "complete", finalized_at=_now(), failed_authors=failed)
+    group.attrs[protocol.ATTRS_KEY] = attrs.to_json()
+    zarr.consolidate_metadata(path)
+    return attrs
+
+
+class RunWriter:
+    """A worker's handle on a run: writes whole (author, doc-chunk) units and their markers."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self.group = zarr.open_group(self.path, mode="r+", use_consolidated=False)
+        self.layout = read_layout(self.group)
+        self.arrays = {name: self.group[name] for name in
+                       [*self.layout.layer_types, *(v.name for v in protocol.VARIABLES)]}
+        self.progress = zarr.open_array(self.path, path=protocol.PROGRESS_PATH, mode="r+")
+        self._prototype = default_buffer_prototype()
+
+    def done_chunks(self, author_idx: int) -> set[int]:
+        """Doc-chunks of this author whose progress marker is set."""
+        marks = self.progress[author_idx, :, 0]
+        return {int(c) for c in np.flatnonzero(marks == 1)}
+
+    def write_chunk(self, author_idx: int, chunk_idx: int, data: ChunkData) -> None:
+        """Write every payload of one (author, doc-chunk), then its progress marker."""
+        layout = self.layout
+        docs = layout.chunk_docs_range(author_idx, chunk_idx)
+        n_d, n_t = len(docs), layout.n_tok
+        if n_d == 0:
+            raise SaestoreError(f"chunk {chunk_idx} of author {layout.authors[author_idx]!r} has no documents")
+        if data.valid_DT.shape != (n_d, n_t):
+            raise SaestoreError(f"chunk data covers {data.valid_DT.shape}, expected {(n_d, n_t)}")
+        nnz = 0
+        for (lt, layer), acts in data.acts.items():
+            li = layout.layers.index(layer)
+            if isinstance(acts, SparseActs):
+                nnz += acts.nnz
+                self._write_sae_sparse(lt, author_idx, li, chunk_idx, acts)
+            else:
+                nnz += int(np.count_nonzero(acts))
+                self._write_sae_dense(lt, author_idx, li, chunk_idx, np.asarray(acts))
+        # per-token and per-document variables cover the chunk up to the array edge (no partial writes)
+        cd = layout.storage.chunk_docs
+        start = chunk_idx * cd
+        stop = min(start + cd, layout.max_docs)
+        span = stop - start
+        per_token = {"token_id": data.token_id_DT, "token": data.token_DT, "valid_mask": data.valid_DT,
+                     "ce_loss": data.ce_loss_DT, "entropy": data.entropy_DT}
+        per_doc = {"text": np.asarray(data.text_D, dtype=object), "doc_id": data.doc_id_D,
+                   "doc_length": data.doc_length_D, "n_truncated": data.n_truncated_D}
+        specs = {v.name: v for v in protocol.VARIABLES}
+        for name, values in [*per_token.items(), *per_doc.items()]:
+            arr = self.arrays[name]
+            spec = specs[name]
+            dtype = object if spec.dtype == "string" else spec.dtype
+            full = np.full((span, *arr.shape[2:]), _fill(spec), dtype=dtype)
+            full[:n_d] = values
+            arr[author_idx, start:stop] = full
+        n_valid = int(np.count_nonzero(data.valid_DT))
+        self.progress[author_idx, chunk_idx] = np.array([1, n_valid, nnz, time.time_ns()], dtype=np.int64)
+
+    def _chunk_key(self, arr: zarr.Array, coords: tuple[int, ...]) -> str:
+        return f"{arr.store_path.path}/{arr.metadata.encode_chunk_key(coords)}"
+
+    def _write_sae_sparse(self, lt: str, a: int, li: int, c: int, acts: SparseActs) -> None:
+        arr = self.arrays[lt]
+        cd, n_t, n_f = self.layout.storage.chunk_docs, self.layout.n_tok, self.layout.n_features
+        coords = (a, li, c, 0, 0)
+        rows = np.asarray(acts.doc, dtype=np.int64) * n_t + np.asarray(acts.tok, dtype=np.int64)
+        raw = sparse_coo.encode_rows(cd * n_t, n_f, rows, acts.feature, acts.values,
+                                     self.layout.storage.value_dtype)
+        key = self._chunk_key(arr, coords)
+        store = arr.store_path.store
+        header = sparse_coo.read_header(raw)
+        if header.nnz == 0:  # like zarr with write_empty_chunks=False: an all-fill chunk is absent
+            sync(store.delete(key))
+            return
+        spec = arr.metadata.get_chunk_spec(coords, ArrayConfig.from_dict({}), self._prototype)
+        buf = self._prototype.buffer.from_bytes(raw)
+        for codec in arr.metadata.codecs[1:]:
+            buf = codec._encode_sync(buf, spec)
+        sync(store.set(key, buf))
+
+    def _write_sae_dense(self, lt: str, a: int, li: int, c: int, acts_DTF: np.ndarray) -> None:
+        arr = self.arrays[lt]
+        cd = self.layout.storage.chunk_docs
+        start = c * cd
+        stop = min(start + cd, self.layout.max_docs)
+        full = np.zeros((stop - start, self.layout.n_tok, self.layout.n_features), dtype=arr.dtype)
+        full[: acts_DTF.shape[0]] = acts_DTF
+        arr[a, li, start:stop] = full
