@@ -1,0 +1,108 @@
+"""PROTOCOL.md, schema/ and the code must say the same thing; these tests fail when they drift."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from saestore import protocol, sparse_coo
+from saestore.codec import SparseCOOCodec
+
+ROOT = Path(__file__).resolve().parents[1]
+PROTOCOL_MD = (ROOT / "PROTOCOL.md").read_text(encoding="utf-8")
+SCHEMA = ROOT / "schema"
+
+
+def _table(begin: str, end: str) -> list[list[str]]:
+    body = PROTOCOL_MD.split(begin, 1)[1].split(end, 1)[0]
+    rows = [r.strip() for r in body.strip().splitlines() if r.strip().startswith("|")]
+    return [[c.strip() for c in re.split(r"(?<!\\)\|", r)[1:-1]] for r in rows[2:]]
+
+
+def test_version_heading_and_changelog_match_code():
+    assert f"**Version {protocol.PROTOCOL_VERSION}**" in PROTOCOL_MD
+    assert re.search(rf"^\* \*\*{re.escape(protocol.PROTOCOL_VERSION)}\*\*", PROTOCOL_MD, re.M)
+
+
+def test_variables_table_matches_code():
+    rows = _table("<!-- variables:begin -->", "<!-- variables:end -->")
+    documented = {r[0].strip("`"): (tuple(d.strip() for d in r[1].split(",")), r[2], r[3]) for r in rows}
+    code = {v.name: v for v in protocol.VARIABLES} | {lt: protocol.sae_variable(lt) for lt in protocol.LAYER_TYPES}
+    assert set(documented) == set(code)
+    for name, spec in code.items():
+        dims, dtype, fill = documented[name]
+        assert dims == spec.dims, name
+        assert dtype == spec.dtype, name
+        assert ("NaN" if fill == "NaN" else json.loads(fill)) == spec.fill_value, name
+
+
+def test_json_examples_are_files_in_schema_and_valid():
+    blocks = [json.loads(b) for b in re.findall(r"```json\n(.*?)```", PROTOCOL_MD, re.S)]
+    files = {p.name: json.loads(p.read_text()) for p in (SCHEMA / "examples").glob("*.json")}
+    assert len(blocks) == len(files)
+    for block in blocks:
+        assert block in files.values(), f"PROTOCOL.md example not in schema/examples: {block}"
+    protocol.validate_json(files["run_attributes.json"], "run_attributes")
+    protocol.validate_json(files["sparse_coo.codec.json"], "sparse_coo_codec")
+    assert protocol.RunAttrs.from_json(files["run_attributes.json"]).to_json() == files["run_attributes.json"]
+    assert SparseCOOCodec.from_dict(files["sparse_coo.codec.json"]).to_dict() == files["sparse_coo.codec.json"]
+
+
+def test_every_schema_is_valid_2020_12():
+    import jsonschema
+
+    for name in protocol.SCHEMAS:
+        schema = protocol.load_schema(name)
+        assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+        jsonschema.Draft202012Validator.check_schema(schema)
+
+
+@pytest.mark.parametrize("cls, pointer", [
+    (protocol.RunAttrs, ()),
+    (protocol.StorageInfo, ("properties", "storage")),
+    (protocol.SAEInfo, ("$defs", "sae")),
+])
+def test_schema_parity_with_metadata_model(cls, pointer):
+    schema = protocol.load_schema("run_attributes")
+    for key in pointer:
+        schema = schema[key]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    assert set(schema["properties"]) == fields
+    assert set(schema["required"]) == fields
+
+
+def test_enums_parity():
+    schema = protocol.load_schema("run_attributes")
+    assert schema["properties"]["status"]["enum"] == list(protocol.STATUSES)
+    assert schema["properties"]["storage"]["properties"]["format"]["enum"] == list(protocol.STORAGE_FORMATS)
+    assert schema["properties"]["storage"]["properties"]["value_dtype"]["enum"] == list(protocol.VALUE_DTYPES)
+    assert schema["properties"]["saes"]["propertyNames"]["enum"] == list(protocol.LAYER_TYPES)
+    assert schema["properties"]["layout"]["const"] == protocol.LAYOUT
+    codec = protocol.load_schema("sparse_coo_codec")
+    assert codec["properties"]["name"]["const"] == "saestore.sparse_coo"
+    assert codec["properties"]["configuration"]["properties"]["value_dtype"]["enum"] == list(sparse_coo.VALUE_DTYPES)
+
+
+def test_codec_header_table_matches_code():
+    assert sparse_coo.HEADER_SIZE == 32
+    assert "`53 43 4F 4F` (ASCII `SCOO`)" in PROTOCOL_MD and sparse_coo.MAGIC == b"SCOO"
+    codes = re.search(r"value dtype code: (.*?) \|", PROTOCOL_MD).group(1)
+    for name, (code, _) in sparse_coo.VALUE_DTYPES.items():
+        assert f"`{code}` {name}" in codes
+    assert f"format version, MUST be `{sparse_coo.FORMAT_VERSION}`" in PROTOCOL_MD
+    assert "`2` if `n_cols ≤ 65536`" in PROTOCOL_MD
+    assert sparse_coo.index_width(65536) == 2 and sparse_coo.index_width(65537) == 4
+
+
+def test_progress_and_layout_constants_documented():
+    assert f"`{protocol.PROGRESS_PATH}`" in PROTOCOL_MD
+    assert "`done`" in PROTOCOL_MD and all(f"`{f}`" in PROTOCOL_MD for f in protocol.PROGRESS_FIELDS)
+    rows = _table("### 2.1 Dimensions and coordinates", "Each coordinate")
+    assert tuple(r[0].strip("`") for r in rows) == protocol.COORDS
+    fields_table = _table("The root attribute `saestore` MUST", "Pickle and any other")
+    documented = {n.strip().strip("`") for r in fields_table for n in r[0].split(",")}
+    assert documented == {f.name for f in dataclasses.fields(protocol.RunAttrs)}
