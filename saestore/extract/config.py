@@ -1,0 +1,219 @@
+"""Extraction configuration: one frozen dataclass, its command line, and the run path."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from saestore.errors import ExtractionConfigError
+
+DEFAULT_PROMPT = "The text in style of {style}: \n"
+#: fields that do not change what is stored; they stay out of the config hash
+NON_SEMANTIC = ("output_dir", "run_name", "devices", "resume", "overwrite", "registry", "batch_size", "quiet")
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExtractConfig:
+    """Everything ``python -m saestore.extract`` needs. Field docstrings are the ``--help`` texts."""
+
+    layers: tuple[int, ...]
+    """model layers to extract (e.g. ``--layers 9 20 31`` or ``--layers 9,20,31``)."""
+    model: str = "google/gemma-2-9b-it"
+    """model: tiny (built-in, offline), google/gemma-2-2b, google/gemma-2-9b, google/gemma-2-9b-it,
+    another TransformerLens model name, or a local path."""
+    layer_types: tuple[str, ...] | None = None
+    """SAE sites to extract, a subset of res mlp att (default: every type the model has SAEs for)."""
+    sae_features_width: str = "16k"
+    """SAE width: 16k, 32k, 65k, 131k, 262k, 524k, 1m (tiny: 1k, 16k)."""
+    target_l0: float | None = None
+    """pick the SAE whose average L0 is closest to this (default: the canonical SAE)."""
+    sae_path: str | None = None
+    """folder of local SAEs (see README: {layer_type}/layer_{L}/ with cfg.json + sae_weights.safetensors)."""
+    dataset_name: str = "AuthorMix"
+    """demo (built-in corpus), AuthorMix, news, or a name for your own file given with --dataset_path."""
+    dataset_path: str | None = None
+    """local parquet/json/jsonl/csv file (or news folder) instead of the hub."""
+    category_name: str | None = None
+    """news category (the run path gets a category level)."""
+    author_column: str = "style"
+    """column holding the author."""
+    text_column: str = "text"
+    """column holding the text."""
+    n_docs: int | None = None
+    """cap on the total number of documents."""
+    n_docs_per_author: int | None = None
+    """cap on documents per author (first N in source order)."""
+    min_length_doc: int = 0
+    """drop documents with fewer words than this."""
+    min_docs_per_author: int = 1
+    """drop authors with fewer documents than this (after the other filters)."""
+    exclude_authors: tuple[str, ...] = ()
+    """authors to leave out."""
+    batch_size: int = 8
+    """documents per forward pass."""
+    setting: Literal["baseline", "prompted"] = "baseline"
+    """baseline: BOS + text; prompted: BOS + the style prompt + text."""
+    prompt_template: str = DEFAULT_PROMPT
+    """prompt of the prompted setting; {style} becomes the author name."""
+    storage_format: Literal["sparse", "dense"] = "sparse"
+    """sparse: saestore.sparse_coo codec; dense: plain zarr bytes + zstd."""
+    value_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype of stored activation values (bfloat16 halves the size, rel. error <= 2^-8)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype of the model and SAEs (a 9b model needs 36 GB in float32)."""
+    max_seq_len: int = 512
+    """tokens per document input including BOS; n_tok = max_seq_len - 1 tokens are stored, longer
+    documents are truncated (recorded in n_truncated)."""
+    chunk_docs: int = 4
+    """documents per stored chunk (the unit of progress and resume)."""
+    use_error_term: bool = False
+    """splice SAEs with the error term (clean-model activations and logits, ~2x SAE cost). The seed
+    splices every SAE without it (false)."""
+    devices: str | None = None
+    """cuda:0,cuda:1 | cpu | cpu:2 (two CPU workers); default: every visible GPU, else one CPU worker."""
+    output_dir: str = "runs"
+    """root folder of runs: {output_dir}/{dataset}/{category}/{model}/{run_name}.zarr."""
+    run_name: str | None = None
+    """name of the run (default: derived from setting, layer types, layers and width)."""
+    resume: bool = False
+    """require an existing run with the same configuration and finish it."""
+    overwrite: bool = False
+    """delete an existing run at the path first."""
+    registry: str | None = None
+    """SQLite run registry (default: {output_dir}/saestore_runs.sqlite)."""
+    quiet: bool = False
+    """no progress bars."""
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ExtractionConfigError("--layers needs at least one layer")
+        if len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
+            raise ExtractionConfigError(f"--layers must be distinct non-negative integers, got {list(self.layers)}")
+        if self.layer_types is not None:
+            bad = [t for t in self.layer_types if t not in ("res", "mlp", "att")]
+            if bad or not self.layer_types:
+                raise ExtractionConfigError(f"--layer_types must be a subset of res mlp att, got {list(self.layer_types)}")
+        for name in ("batch_size", "chunk_docs", "min_docs_per_author"):
+            if getattr(self, name) < 1:
+                raise ExtractionConfigError(f"--{name} must be >= 1")
+        if self.max_seq_len < 2:
+            raise ExtractionConfigError("--max_seq_len must be >= 2 (BOS plus one token)")
+        if self.resume and self.overwrite:
+            raise ExtractionConfigError("--resume and --overwrite exclude each other")
+        if self.setting == "prompted" and "{style}" not in self.prompt_template:
+            raise ExtractionConfigError("--prompt_template must contain {style}")
+        if self.storage_format == "dense" and self.value_dtype == "bfloat16":
+            raise ExtractionConfigError("--value_dtype bfloat16 needs --storage_format sparse")
+
+    @property
+    def n_tok(self) -> int:
+        return self.max_seq_len - 1
+
+    def semantic(self) -> dict[str, Any]:
+        """The configuration that defines the stored content (hashed into config_hash)."""
+        return {k: v for k, v in self.to_json().items() if k not in NON_SEMANTIC}
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for k, v in out.items():
+            if isinstance(v, tuple):
+                out[k] = list(v)
+        return out
+
+    def default_run_name(self) -> str:
+        types = "-".join(self.layer_types or ("all",))
+        layers = "-".join(str(x) for x in self.layers)
+        return f"{self.setting}_{types}_L{layers}_w{self.sae_features_width}"
+
+    def run_path(self) -> Path:
+        """``{output_dir}/{dataset_name}/{category_name}/{model}/{run_name}.zarr`` (no category for AuthorMix)."""
+        parts = [_component(self.dataset_name, "--dataset_name")]
+        if self.category_name and self.dataset_name.lower() != "authormix":
+            parts.append(_component(self.category_name, "--category_name"))
+        model = self.model
+        if Path(model).expanduser().exists():  # a local model folder: use its name only
+            model = Path(model).expanduser().resolve().name
+        parts += [_component(p, "--model") for p in model.strip("/").split("/")]
+        parts.append(_component(self.run_name or self.default_run_name(), "--run_name") + ".zarr")
+        return Path(self.output_dir).joinpath(*parts)
+
+    def registry_path(self) -> Path:
+        from saestore.registry import REGISTRY_FILENAME
+
+        return Path(self.registry) if self.registry else Path(self.output_dir) / REGISTRY_FILENAME
+
+
+def _component(value: str, flag: str) -> str:
+    if not _SAFE.match(value) or value in (".", ".."):
+        raise ExtractionConfigError(
+            f"{flag} {value!r} cannot be part of a path: use letters, digits, '.', '_', '+' and '-' only"
+        )
+    return value
+
+
+def _doc(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass (the text after each field), for --help."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    out = {}
+    for prev, node in zip(body, body[1:], strict=False):
+        if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            out[prev.target.id] = " ".join(str(node.value.value).split())  # type: ignore[attr-defined]
+    return out
+
+
+def _int_list(values: list[str]) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for v in values for x in v.replace(",", " ").split())
+    except ValueError:
+        raise ExtractionConfigError(f"--layers takes integers, got {' '.join(values)}") from None
+
+
+def make_parser() -> argparse.ArgumentParser:
+    helps = _doc(ExtractConfig)
+    p = argparse.ArgumentParser(
+        prog="python -m saestore.extract",
+        description="Extract SAE feature activations of an author-labelled corpus into a saestore run "
+                    "(a Zarr v3 store that opens with xr.open_zarr). Offline demo: "
+                    "--model tiny --dataset_name demo --layers 0 1 --sae_features_width 1k",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    defaults = {f.name: f.default for f in dataclasses.fields(ExtractConfig)}
+    p.add_argument("--layers", nargs="+", required=True, help=helps["layers"])
+    p.add_argument("--layer_types", nargs="+", choices=["res", "mlp", "att"], help=helps["layer_types"])
+    p.add_argument("--exclude_authors", nargs="*", default=[], help=helps["exclude_authors"])
+    choices: dict[str, list[str]] = {
+        "setting": ["baseline", "prompted"], "storage_format": ["sparse", "dense"],
+        "value_dtype": ["float32", "bfloat16", "float16"], "dtype": ["float32", "bfloat16", "float16"],
+    }
+    for f in dataclasses.fields(ExtractConfig):
+        if f.name in ("layers", "layer_types", "exclude_authors"):
+            continue
+        default = defaults[f.name]
+        if isinstance(default, bool):
+            p.add_argument(f"--{f.name}", action="store_true", help=helps.get(f.name))
+            continue
+        typ = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)  # "int | None" -> int
+        p.add_argument(f"--{f.name}", type=typ, default=default, choices=choices.get(f.name), help=helps.get(f.name))
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> ExtractConfig:
+    ns = make_parser().parse_args(argv)
+    kw = vars(ns)
+    kw["layers"] = _int_list(kw["layers"])
+    kw["layer_types"] = tuple(kw["layer_types"]) if kw["layer_types"] else None
+    kw["exclude_authors"] = tuple(kw["exclude_authors"] or ())
+    return ExtractConfig(**kw)
+
+
+__all__ = ["ExtractConfig", "DEFAULT_PROMPT", "make_parser", "parse_args"]

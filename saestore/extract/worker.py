@@ -1,0 +1,263 @@
+"""One extraction worker: a model with SAEs on one device, streaming its authors into the run.
+
+Batches may span doc-chunks of one author; only nonzeros leave the device; a doc-chunk is written
+(payloads, then marker) as soon as its last document is done, so host memory holds at most one
+batch plus one doc-chunk of sparse results whatever the corpus size.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from saestore.errors import SaestoreError
+from saestore.extract.config import ExtractConfig
+from saestore.extract.data import Document
+from saestore.extract.metrics import token_metrics
+from saestore.extract.models import SAESpec
+from saestore.writer import ChunkData, RunWriter, SparseActs
+
+log = logging.getLogger(__name__)
+
+#: SAE architectures whose activations are >= 0 (checked on every batch)
+NON_NEGATIVE = ("jumprelu", "standard", "relu", "topk", "gated", "batchtopk", "matryoshka_batchtopk")
+
+
+def _architecture(sae: Any) -> str:
+    arch = getattr(sae.cfg, "architecture", "")
+    return str(arch() if callable(arch) else arch).lower()
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuthorWork:
+    author_idx: int
+    author: str
+    docs: tuple[Document, ...]
+
+
+@dataclass
+class WorkerStats:
+    """What one worker did; summed by the coordinator."""
+
+    n_docs: int = 0
+    n_tokens: int = 0
+    nnz: dict[str, int] = field(default_factory=dict)  # "res/3" -> nonzeros
+    seconds: float = 0.0
+    failed: dict[str, str] = field(default_factory=dict)  # author -> error
+
+    def to_json(self) -> dict[str, Any]:
+        return {"n_docs": self.n_docs, "n_tokens": self.n_tokens, "nnz": self.nnz, "seconds": self.seconds,
+                "failed": self.failed}
+
+
+@dataclass
+class _DocResult:
+    token_ids: np.ndarray
+    ce: np.ndarray
+    entropy: np.ndarray
+    n_truncated: int
+    acts: dict[tuple[str, int], tuple[np.ndarray, np.ndarray, np.ndarray]]  # (tok, feature, value)
+
+
+class Extractor:
+    """A loaded model + SAEs on one device, turning documents into stored doc-chunks."""
+
+    def __init__(self, cfg: ExtractConfig, specs: Sequence[SAESpec], device: str) -> None:
+        from saestore.extract.models import check_sae_matches_model, load_model, load_sae
+
+        self.cfg, self.specs, self.device = cfg, list(specs), device
+        self.model = load_model(cfg.model, device, cfg.dtype)
+        self.saes = []
+        for spec in self.specs:
+            sae = load_sae(spec, device, cfg.dtype)
+            check_sae_matches_model(sae, self.model, spec)
+            self.saes.append(sae)
+        self.tokenizer = self.model.tokenizer
+        bos = self.tokenizer.bos_token_id
+        self.bos_id = bos if bos is not None else self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else 0
+        self._token_text: dict[int, str] = {}
+        self.n_ctx = int(self.model.cfg.n_ctx)
+
+    def prompt_ids(self, author: str) -> list[int]:
+        ids = [self.bos_id]
+        if self.cfg.setting == "prompted":
+            text = self.cfg.prompt_template.format(style=author)
+            ids += self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids
+
+    def token_text(self, ids: np.ndarray) -> list[str]:
+        out = []
+        for i in ids.tolist():
+            s = self._token_text.get(i)
+            if s is None:
+                s = self._token_text[i] = self.tokenizer.decode([i])
+            out.append(s)
+        return out
+
+    @torch.inference_mode()
+    def run_batch(self, prompt: list[int], docs: Sequence[Document]) -> list[_DocResult]:
+        """Forward one batch of one author's documents; return per-document sparse results on the host."""
+        n_tok, p_len = self.cfg.n_tok, len(prompt)
+        if p_len + n_tok > self.n_ctx:
+            raise SaestoreError(
+                f"prompt ({p_len} tokens) + max_seq_len - 1 ({n_tok}) exceeds the model context {self.n_ctx}; "
+                f"lower --max_seq_len to {self.n_ctx - p_len + 1}")
+        doc_ids, truncated = [], []
+        for d in docs:
+            ids = self.tokenizer(d.text, add_special_tokens=False)["input_ids"]
+            truncated.append(max(0, len(ids) - n_tok))
+            doc_ids.append(ids[:n_tok])
+        lengths = torch.tensor([len(x) for x in doc_ids], device=self.device)
+        width = max(1, int(lengths.max()))
+        B = len(docs)
+        input_ids = torch.full((B, p_len + width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, p_len + width), dtype=torch.long)
+        for b, ids in enumerate(doc_ids):
+            input_ids[b, : p_len + len(ids)] = torch.tensor(prompt + ids, dtype=torch.long)
+            mask[b, : p_len + len(ids)] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        logits, cache = self.model.run_with_cache_with_saes(
+            input_ids, saes=self.saes, attention_mask=mask, use_error_term=self.cfg.use_error_term,
+            names_filter=lambda name: name.endswith("hook_sae_acts_post"))
+        if not torch.isfinite(logits).all():
+            raise SaestoreError(
+                f"the model produced NaN/inf logits on documents {[d.doc_id for d in docs]}; "
+                f"try --dtype float32 (now {self.cfg.dtype})")
+        ce, ent = token_metrics(logits, input_ids, p_len, width)
+        valid = torch.arange(width, device=self.device)[None, :] < lengths[:, None]
+        per_doc_acts: list[dict] = [{} for _ in docs]
+        for spec, sae in zip(self.specs, self.saes, strict=True):
+            acts = cache[f"{spec.hook_name}.hook_sae_acts_post"][:, p_len : p_len + width]
+            acts = acts * valid[..., None]
+            if not torch.isfinite(acts).all():
+                raise SaestoreError(f"{spec.layer_type} SAE at layer {spec.layer} produced NaN/inf activations")
+            arch = _architecture(sae)
+            if arch in NON_NEGATIVE and bool((acts < 0).any()):
+                raise SaestoreError(f"{spec.layer_type} SAE at layer {spec.layer} ({arch}) produced negative activations")
+            nz = acts.nonzero()  # row-major (doc, tok, feature) order
+            vals = acts[nz[:, 0], nz[:, 1], nz[:, 2]].float().cpu().numpy()
+            nz = nz.cpu().numpy()
+            bounds = np.searchsorted(nz[:, 0], np.arange(B + 1))
+            for b in range(B):
+                s, e = bounds[b], bounds[b + 1]
+                per_doc_acts[b][(spec.layer_type, spec.layer)] = (nz[s:e, 1], nz[s:e, 2], vals[s:e])
+        ce_np, ent_np = ce.cpu().numpy(), ent.cpu().numpy()
+        return [
+            _DocResult(token_ids=np.asarray(doc_ids[b], dtype=np.int32), ce=ce_np[b, : len(doc_ids[b])],
+                       entropy=ent_np[b, : len(doc_ids[b])], n_truncated=truncated[b], acts=per_doc_acts[b])
+            for b in range(B)
+        ]
+
+    def chunk_data(self, docs: Sequence[Document], results: Sequence[_DocResult]) -> ChunkData:
+        """Assemble one doc-chunk's ChunkData from its documents' results."""
+        n_tok, D = self.cfg.n_tok, len(docs)
+        token_id = np.full((D, n_tok), -1, np.int32)
+        token = np.full((D, n_tok), "", dtype=object)
+        valid = np.zeros((D, n_tok), bool)
+        ce = np.full((D, n_tok), np.nan, np.float32)
+        ent = np.full((D, n_tok), np.nan, np.float32)
+        for d, r in enumerate(results):
+            n = r.token_ids.size
+            token_id[d, :n] = r.token_ids
+            token[d, :n] = self.token_text(r.token_ids)
+            valid[d, :n] = True
+            ce[d, :n], ent[d, :n] = r.ce, r.entropy
+        acts: dict[tuple[str, int], SparseActs | np.ndarray] = {}
+        for spec in self.specs:
+            key = (spec.layer_type, spec.layer)
+            parts = [r.acts[key] for r in results]
+            sp = SparseActs(
+                doc=np.concatenate([np.full(p[0].size, d, np.int64) for d, p in enumerate(parts)]),
+                tok=np.concatenate([p[0] for p in parts]), feature=np.concatenate([p[1] for p in parts]),
+                values=np.concatenate([p[2] for p in parts]))
+            if self.cfg.storage_format == "dense":
+                dense = np.zeros((D, n_tok, spec.d_sae), np.float32)
+                dense[sp.doc, sp.tok, sp.feature] = sp.values
+                acts[key] = dense
+            else:
+                acts[key] = sp
+        return ChunkData(
+            token_id_DT=token_id, token_DT=token, valid_DT=valid, ce_loss_DT=ce, entropy_DT=ent,
+            text_D=[d.text for d in docs], doc_id_D=np.array([d.doc_id for d in docs], np.int64),
+            doc_length_D=valid.sum(axis=1).astype(np.int32),
+            n_truncated_D=np.array([r.n_truncated for r in results], np.int32), acts=acts)
+
+
+def _pending(writer: RunWriter, work: AuthorWork) -> Iterator[tuple[int, list[Document]]]:
+    done = writer.done_chunks(work.author_idx)
+    for c in range(writer.layout.n_chunks(work.author_idx)):
+        if c not in done:
+            r = writer.layout.chunk_docs_range(work.author_idx, c)
+            yield c, list(work.docs[r.start : r.stop])
+
+
+def extract_author(ex: Extractor, writer: RunWriter, work: AuthorWork, stats: WorkerStats, pbar: Any) -> None:
+    """Extract every pending doc-chunk of one author, writing each as soon as it is complete."""
+    prompt = ex.prompt_ids(work.author)
+    queue = [(c, i, doc) for c, docs in _pending(writer, work) for i, doc in enumerate(docs)]
+    sizes = defaultdict(int)
+    for c, _, _ in queue:
+        sizes[c] += 1
+    results: dict[int, dict[int, tuple[Document, _DocResult]]] = defaultdict(dict)
+    for start in range(0, len(queue), ex.cfg.batch_size):
+        batch = queue[start : start + ex.cfg.batch_size]
+        t0 = time.perf_counter()
+        out = ex.run_batch(prompt, [doc for _, _, doc in batch])
+        for (c, i, doc), r in zip(batch, out, strict=True):
+            results[c][i] = (doc, r)
+            stats.n_tokens += int(r.token_ids.size)
+            for (lt, layer), (tok, _, _) in r.acts.items():
+                key = f"{lt}/{layer}"
+                stats.nnz[key] = stats.nnz.get(key, 0) + int(tok.size)
+            if len(results[c]) == sizes[c]:
+                ordered = [results[c][j] for j in range(sizes[c])]
+                writer.write_chunk(work.author_idx, c, ex.chunk_data([d for d, _ in ordered], [r for _, r in ordered]))
+                del results[c]
+        stats.n_docs += len(batch)
+        if pbar is not None:
+            n_tok = sum(int(r.token_ids.size) for r in out)
+            pbar.update(len(batch))
+            pbar.set_postfix_str(f"{work.author[:16]} {n_tok / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
+    assert not results, "every doc-chunk must have been written"
+
+
+def run_worker(path: str, cfg: ExtractConfig, specs: Sequence[SAESpec], work: Sequence[AuthorWork], device: str,
+               rank: int = 0, n_threads: int | None = None) -> WorkerStats:
+    """Extract ``work`` (this worker's authors) into the run at ``path``. One author's failure is
+    recorded and the worker goes on with the next author."""
+    if n_threads:
+        torch.set_num_threads(n_threads)
+    stats = WorkerStats()
+    t0 = time.perf_counter()
+    ex = Extractor(cfg, specs, device)
+    writer = RunWriter(path)
+    total = sum(sum(len(d) for _, d in _pending(writer, w)) for w in work)
+    pbar = None
+    if not cfg.quiet:
+        from tqdm.auto import tqdm
+
+        pbar = tqdm(total=total, desc=f"worker {rank} [{device}]", unit="doc", position=rank, leave=True,
+                    dynamic_ncols=True)
+    try:
+        for w in work:
+            try:
+                extract_author(ex, writer, w, stats, pbar)
+            except (SaestoreError, RuntimeError, ValueError, OSError) as e:
+                log.error("worker %d: author %r failed: %s", rank, w.author, e)
+                stats.failed[w.author] = f"{type(e).__name__}: {e}"
+    finally:
+        if pbar is not None:
+            pbar.close()
+    stats.seconds = time.perf_counter() - t0
+    log.debug("worker %d (pid %d) done in %.1fs", rank, os.getpid(), stats.seconds)
+    return stats
