@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from zarr.core.buffer import Buffer, NDBuffer
 
 CODEC_NAME = "saestore.sparse_coo"
-ALLOWED_ARRAY_DTYPES = ("float32", "float64", "float16")
+ALLOWED_ARRAY_DTYPES = ("float32", "float16")
 
 
 def _parse_configuration(configuration: dict[str, Any] | None) -> dict[str, Any]:
@@ -64,14 +64,23 @@ class SparseCOOCodec(ArrayBytesCodec):
     def to_dict(self) -> dict[str, Any]:
         return {"name": CODEC_NAME, "configuration": {"value_dtype": self.value_dtype}}
 
-    def validate(self, *, shape: tuple[int, ...], dtype: Any, chunk_grid: Any) -> None:
+    def _check_dtype(self, dtype: Any) -> None:
         native = np.dtype(dtype.to_native_dtype())
         if native.name not in ALLOWED_ARRAY_DTYPES:
             raise ValueError(f"{CODEC_NAME} stores float arrays ({ALLOWED_ARRAY_DTYPES}), not {native}")
+        if native == np.float16 and self.value_dtype == "bfloat16":
+            raise ValueError(
+                f"{CODEC_NAME}: value_dtype 'bfloat16' rounds float16 values near 65504 up to 65536, which is inf "
+                "in a float16 array; use value_dtype 'float16' or 'float32' for float16 arrays"
+            )
+
+    def validate(self, *, shape: tuple[int, ...], dtype: Any, chunk_grid: Any) -> None:
+        self._check_dtype(dtype)
         if len(shape) < 1:
             raise ValueError(f"{CODEC_NAME} needs arrays with at least one dimension")
 
     def evolve_from_array_spec(self, array_spec: ArraySpec) -> Self:
+        self._check_dtype(array_spec.dtype)  # before the fill check, which assumes a real float
         fill = array_spec.fill_value
         if fill is None or float(fill) != 0.0 or np.signbit(fill):
             raise ValueError(
@@ -87,8 +96,10 @@ class SparseCOOCodec(ArrayBytesCodec):
         raise NotImplementedError(f"{CODEC_NAME} output size depends on the data")
 
     def _encode_sync(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
-        arr = chunk_array.as_numpy_array()
-        return chunk_spec.prototype.buffer.from_bytes(sparse_coo.encode_dense(arr, self.value_dtype))
+        raw = sparse_coo.encode_dense(chunk_array.as_numpy_array(), self.value_dtype)
+        if sparse_coo.read_header(raw).nnz == 0:
+            return None  # nothing stored (-0.0 or underflow only): the chunk is absent, as the writer does
+        return chunk_spec.prototype.buffer.from_bytes(raw)
 
     def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
         dtype = np.dtype(chunk_spec.dtype.to_native_dtype())
@@ -117,6 +128,8 @@ class SparseCOONumcodec(_NumcodecsCodec):
 
     def __init__(self, n_cols: int, value_dtype: str = "float32") -> None:
         self.n_cols = int(n_cols)
+        if not 1 <= self.n_cols <= sparse_coo.MAX_COLS:
+            raise ValueError(f"{CODEC_NAME}: n_cols must be in [1, {sparse_coo.MAX_COLS}], got {n_cols}")
         self.value_dtype = _parse_configuration({"value_dtype": value_dtype})["value_dtype"]
 
     def encode(self, buf: Any) -> bytes:

@@ -1,0 +1,236 @@
+"""Bytes per nonzero and throughput of the sparse codec chain on a synthetic SAE chunk.
+
+Measures exactly what the run writer stores for a sparse SAE chunk — ``saestore.sparse_coo``
+(from sparse triples, :func:`saestore.sparse_coo.encode_rows`) → zstd level 3 → crc32c, through
+the zarr codec objects of a real array — for each value dtype, next to baselines:
+
+* dense float32 + zstd level 1 (the ``dense`` storage format);
+* naive COO: uint32 linear index + float32 value, zstd level 3;
+* scipy CSR ``save_npz`` (deflate), the seed project's format (if scipy is installed);
+* the information bound of the feature *sets*: Σ over tokens of log2 C(F, k_token) bits.
+
+Throughput is nonzeros per second, best of ``--repeat`` runs, one thread: "encode" from sparse
+triples, "decode" to (coords, values) as the sparse reader does; "chain" includes zstd and crc32c.
+
+Usage::
+
+    python scripts/bench_codec_bytes.py [--json bench_out/codec_bytes.json] [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from numcodecs import Zstd
+from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.core.array_spec import ArrayConfig
+from zarr.core.buffer import default_buffer_prototype
+from zarr.storage import MemoryStore
+
+from saestore import sparse_coo
+from saestore.bench.synthetic import SyntheticChunk, index_entropy_bound_bits, synthetic_sae_chunk
+from saestore.codec import SparseCOOCodec
+from saestore.writer import DENSE_ZSTD_LEVEL, SPARSE_ZSTD_LEVEL
+
+TARGETS = {"float32": 4.8, "bfloat16": 2.8}  # bytes per nonzero, full chain
+
+
+@dataclass(frozen=True, kw_only=True)
+class Row:
+    name: str
+    n_bytes: int
+    bytes_per_nnz: float
+    encode_nnz_per_s: float | None = None
+    decode_nnz_per_s: float | None = None
+    chain_encode_nnz_per_s: float | None = None
+    chain_decode_nnz_per_s: float | None = None
+    target: float | None = None
+
+    @property
+    def ok(self) -> bool | None:
+        return None if self.target is None else self.bytes_per_nnz <= self.target
+
+
+def best_time(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
+    """(best wall time in seconds, last result) of ``repeat`` calls."""
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def sparse_chain(chunk: SyntheticChunk, value_dtype: str, repeat: int, verify: bool) -> Row:
+    """The writer's chain for one chunk, through the codec objects of a real zarr array."""
+    shape = chunk.shape
+    n_rows, n_cols = shape[0] * shape[1], shape[2]
+    arr = zarr.create_array(MemoryStore(), shape=shape, chunks=shape, dtype="float32", fill_value=0.0,
+                            serializer=SparseCOOCodec(value_dtype=value_dtype),
+                            compressors=[ZstdCodec(level=SPARSE_ZSTD_LEVEL), Crc32cCodec()])
+    prototype = default_buffer_prototype()
+    spec = arr.metadata.get_chunk_spec((0, 0, 0), ArrayConfig.from_dict({}), prototype)
+    byte_codecs = arr.metadata.codecs[1:]
+    rows = chunk.rows()
+
+    def encode_raw() -> bytes:
+        return sparse_coo.encode_rows(n_rows, n_cols, rows, chunk.feature, chunk.values, value_dtype)
+
+    def encode_chain() -> Any:
+        buf = prototype.buffer.from_bytes(encode_raw())
+        for codec in byte_codecs:
+            buf = codec._encode_sync(buf, spec)
+        return buf
+
+    t_raw, raw = best_time(encode_raw, repeat)
+    t_chain, stored = best_time(encode_chain, repeat)
+
+    def decode_raw() -> tuple[np.ndarray, np.ndarray]:
+        return sparse_coo.decode_coords(raw, shape)
+
+    def decode_chain() -> tuple[np.ndarray, np.ndarray]:
+        buf = stored
+        for codec in reversed(byte_codecs):
+            buf = codec._decode_sync(buf, spec)
+        return sparse_coo.decode_coords(buf.as_numpy_array(), shape)
+
+    t_draw, _ = best_time(decode_raw, repeat)
+    t_dchain, (coords, values) = best_time(decode_chain, repeat)
+    nnz = chunk.nnz
+    if not (np.array_equal(coords, np.vstack([chunk.doc, chunk.tok, chunk.feature]))
+            and np.allclose(values, chunk.values, rtol=2.0**-8, atol=0)):
+        raise SystemExit(f"{value_dtype}: the chain does not decode to the input")
+    if verify and value_dtype == "float32":  # the sparse path's bytes equal the dense (zarr) path's
+        if sparse_coo.encode_dense(chunk.to_dense()) != raw:
+            raise SystemExit("encode_rows and encode_dense disagree")
+    n_bytes = len(stored.as_numpy_array())
+    return Row(name=f"sparse_coo {value_dtype} → zstd-{SPARSE_ZSTD_LEVEL} → crc32c", n_bytes=n_bytes,
+               bytes_per_nnz=n_bytes / nnz, encode_nnz_per_s=nnz / t_raw, decode_nnz_per_s=nnz / t_draw,
+               chain_encode_nnz_per_s=nnz / t_chain, chain_decode_nnz_per_s=nnz / t_dchain,
+               target=TARGETS.get(value_dtype))
+
+
+def baselines(chunk: SyntheticChunk, repeat: int) -> list[Row]:
+    nnz = chunk.nnz
+    shape = chunk.shape
+    n_rows, n_cols = shape[0] * shape[1], shape[2]
+    out: list[Row] = []
+
+    raw = sparse_coo.encode_rows(n_rows, n_cols, chunk.rows(), chunk.feature, chunk.values)
+    out.append(Row(name="sparse_coo float32, no compression", n_bytes=len(raw), bytes_per_nnz=len(raw) / nnz))
+    ones = sparse_coo.encode_rows(n_rows, n_cols, chunk.rows(), chunk.feature, np.ones(nnz, np.float32))
+    index_only = len(Zstd(level=SPARSE_ZSTD_LEVEL).encode(ones)) + 4  # constant values compress to ~0
+    out.append(Row(name=f"sparse_coo index only (all values 1.0) → zstd-{SPARSE_ZSTD_LEVEL} → crc32c",
+                   n_bytes=index_only, bytes_per_nnz=index_only / nnz))
+
+    dense = chunk.to_dense()
+    zstd_dense = Zstd(level=DENSE_ZSTD_LEVEL)
+    t, enc = best_time(lambda: zstd_dense.encode(dense), max(1, repeat // 2))
+    out.append(Row(name=f"dense float32 → zstd-{DENSE_ZSTD_LEVEL} → crc32c", n_bytes=len(enc) + 4,
+                   bytes_per_nnz=(len(enc) + 4) / nnz, chain_encode_nnz_per_s=nnz / t))
+    del dense, enc
+
+    linear = (chunk.rows() * n_cols + chunk.feature).astype("<u4")
+    zstd3 = Zstd(level=3)
+    t, enc = best_time(lambda: zstd3.encode(linear.tobytes() + chunk.values.astype("<f4").tobytes()), repeat)
+    out.append(Row(name="naive COO (uint32 linear index + f32) → zstd-3", n_bytes=len(enc),
+                   bytes_per_nnz=len(enc) / nnz, chain_encode_nnz_per_s=nnz / t))
+
+    try:
+        import scipy.sparse
+    except ImportError:
+        print("scipy not installed: CSR save_npz baseline skipped", file=sys.stderr)
+    else:
+        csr = scipy.sparse.csr_matrix((chunk.values, (chunk.rows(), chunk.feature)), shape=(n_rows, n_cols))
+
+        def save() -> bytes:
+            f = io.BytesIO()
+            scipy.sparse.save_npz(f, csr, compressed=True)
+            return f.getvalue()
+
+        t, enc = best_time(save, repeat)
+        out.append(Row(name="scipy CSR save_npz (deflate), seed format", n_bytes=len(enc),
+                       bytes_per_nnz=len(enc) / nnz, chain_encode_nnz_per_s=nnz / t))
+
+    bound_bytes = index_entropy_bound_bits(chunk) / 8
+    out.append(Row(name="information bound of the index (Σ log2 C(F, k) per token)", n_bytes=round(bound_bytes),
+                   bytes_per_nnz=bound_bytes / nnz))
+    return out
+
+
+def _fmt_rate(x: float | None) -> str:
+    return "" if x is None else f"{x / 1e6:.1f}"
+
+
+def markdown(rows: list[Row], workload: dict[str, Any], repeat: int) -> str:
+    lines = [
+        f"Chunk {workload['shape']} (doc × tok × feature), {workload['nnz']:,} nonzeros, "
+        f"{workload['n_valid_tokens']:,} real tokens (padding {workload['padding']:.1%}), "
+        f"mean L0 {workload['mean_l0']:.1f}; throughput in M nonzeros/s, best of {repeat}, one thread.",
+        "",
+        "| encoding | bytes | B/nnz | encode | decode | chain encode | chain decode | target |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        target = "" if r.target is None else f"≤ {r.target} {'PASS' if r.ok else 'FAIL'}"
+        lines.append(f"| {r.name} | {r.n_bytes:,} | {r.bytes_per_nnz:.2f} | {_fmt_rate(r.encode_nnz_per_s)} | "
+                     f"{_fmt_rate(r.decode_nnz_per_s)} | {_fmt_rate(r.chain_encode_nnz_per_s)} | "
+                     f"{_fmt_rate(r.chain_decode_nnz_per_s)} | {target} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-docs", type=int, default=4, help="documents per chunk")
+    parser.add_argument("--n-tok", type=int, default=1024, help="token positions per document")
+    parser.add_argument("--n-features", type=int, default=16384, help="SAE width")
+    parser.add_argument("--l0", type=float, default=70, help="mean active features per real token")
+    parser.add_argument("--pad-frac", type=float, default=0.49, help="fraction of padding positions")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeat", type=int, default=5, help="timing repetitions (best is reported)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the dense-path byte check")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a bytes/nnz target is missed")
+    args = parser.parse_args(argv)
+
+    chunk = synthetic_sae_chunk(args.n_docs, args.n_tok, args.n_features, args.l0, args.pad_frac, args.seed)
+    n_valid = int(chunk.valid_DT.sum())
+    workload = {"shape": list(chunk.shape), "nnz": chunk.nnz, "n_valid_tokens": n_valid,
+                "padding": 1 - n_valid / chunk.valid_DT.size, "mean_l0": chunk.nnz / n_valid,
+                "l0": args.l0, "pad_frac": args.pad_frac, "seed": args.seed, "generator": "saestore.bench.synthetic"}
+    rows = [sparse_chain(chunk, vd, args.repeat, verify=not args.no_verify) for vd in sparse_coo.VALUE_DTYPES]
+    rows += baselines(chunk, args.repeat)
+    print(markdown(rows, workload, args.repeat))
+    if args.json:
+        versions = {}
+        for name in ("saestore", "zarr", "numcodecs", "numpy", "scipy"):
+            try:
+                versions[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                pass
+        doc = {"workload": workload, "repeat": args.repeat,
+               "results": [{**asdict(r), "ok": r.ok} for r in rows],
+               "versions": versions, "python": platform.python_version(), "machine": platform.machine(),
+               "processor": platform.processor()}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    missed = [r.name for r in rows if r.ok is False]
+    if missed:
+        print(f"targets missed: {missed}", file=sys.stderr)
+    return 1 if (args.check and missed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
