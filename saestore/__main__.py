@@ -18,6 +18,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from saestore.validate import dumps, validate_run
+
+    report = validate_run(args.run, repair=args.repair)
+    print(dumps(report) if args.json else report.format())
+    return 0 if report.ok else 1
+
+
 def _registry(args: argparse.Namespace):
     from pathlib import Path
 
@@ -53,6 +61,12 @@ def make_parser() -> argparse.ArgumentParser:
     info.add_argument("run", help="run path (or fsspec URL)")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_cmd_info)
+    val = sub.add_parser("validate", help="check layout, schema, every chunk's checksum and every progress marker")
+    val.add_argument("run", help="run path")
+    val.add_argument("--repair", action="store_true",
+                     help="clear the markers of bad doc-chunks so `extract` (same command or --resume) recomputes them")
+    val.add_argument("--json", action="store_true", help="print JSON")
+    val.set_defaults(func=_cmd_validate)
     runs = sub.add_parser("runs", help="the run registry: runs list [--model M --dataset D] | runs show RUN")
     runs.add_argument("action", choices=["list", "show"])
     runs.add_argument("run", nargs="?", help="run path or run name (for show)")
