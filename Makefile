@@ -18,7 +18,7 @@ setup: $(BIN)/python
 demo: setup
 	$(BIN)/python -m saestore.extract --model tiny --dataset_name demo --layers 1 3 \
 		--layer_types res mlp att --sae_features_width 1k --devices cpu:2 --setting baseline \
-		--max_seq_len 128 --output_dir runs --run_name demo
+		--max_seq_len 128 --use_error_term --output_dir runs --run_name demo
 	$(BIN)/python -m saestore info $(RUN)
 	$(BIN)/python -c "import xarray as xr; print(xr.open_zarr('$(RUN)'))"
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -193,42 +192,55 @@ class Extractor:
             n_truncated_D=np.array([r.n_truncated for r in results], np.int32), acts=acts)
 
 
-def _pending(writer: RunWriter, work: AuthorWork) -> Iterator[tuple[int, list[Document]]]:
+def _groups(writer: RunWriter, work: AuthorWork, batch_size: int) -> Iterator[tuple[int, list[int], list[Document]]]:
+    """(first document, pending doc-chunks, documents) of every batch group with a pending doc-chunk.
+
+    Batches never depend on what is already done: an author's doc-chunks are grouped on a fixed grid
+    of ``max(1, batch_size // chunk_docs)`` chunks and each group is split into the same batches
+    every time, so a resumed run computes every value exactly as an uninterrupted run would (a group
+    with a finished chunk is recomputed in full; only its pending chunks are written).
+    """
+    layout = writer.layout
+    per_group = max(1, batch_size // layout.storage.chunk_docs)
     done = writer.done_chunks(work.author_idx)
-    for c in range(writer.layout.n_chunks(work.author_idx)):
-        if c not in done:
-            r = writer.layout.chunk_docs_range(work.author_idx, c)
-            yield c, list(work.docs[r.start : r.stop])
+    n_chunks = layout.n_chunks(work.author_idx)
+    for g0 in range(0, n_chunks, per_group):
+        chunks = range(g0, min(g0 + per_group, n_chunks))
+        pending = [c for c in chunks if c not in done]
+        if pending:
+            first = layout.chunk_docs_range(work.author_idx, chunks[0]).start
+            last = layout.chunk_docs_range(work.author_idx, chunks[-1]).stop
+            yield first, pending, list(work.docs[first:last])
 
 
 def extract_author(ex: Extractor, writer: RunWriter, work: AuthorWork, stats: WorkerStats, pbar: Any) -> None:
-    """Extract every pending doc-chunk of one author, writing each as soon as it is complete."""
+    """Extract every pending doc-chunk of one author, writing each as soon as its documents are done."""
     prompt = ex.prompt_ids(work.author)
-    queue = [(c, i, doc) for c, docs in _pending(writer, work) for i, doc in enumerate(docs)]
-    sizes = defaultdict(int)
-    for c, _, _ in queue:
-        sizes[c] += 1
-    results: dict[int, dict[int, tuple[Document, _DocResult]]] = defaultdict(dict)
-    for start in range(0, len(queue), ex.cfg.batch_size):
-        batch = queue[start : start + ex.cfg.batch_size]
-        t0 = time.perf_counter()
-        out = ex.run_batch(prompt, [doc for _, _, doc in batch])
-        for (c, i, doc), r in zip(batch, out, strict=True):
-            results[c][i] = (doc, r)
-            stats.n_tokens += int(r.token_ids.size)
-            for (lt, layer), (tok, _, _) in r.acts.items():
-                key = f"{lt}/{layer}"
-                stats.nnz[key] = stats.nnz.get(key, 0) + int(tok.size)
-            if len(results[c]) == sizes[c]:
-                ordered = [results[c][j] for j in range(sizes[c])]
-                writer.write_chunk(work.author_idx, c, ex.chunk_data([d for d, _ in ordered], [r for _, r in ordered]))
-                del results[c]
-        stats.n_docs += len(batch)
-        if pbar is not None:
+    layout = writer.layout
+    for first, pending, docs in _groups(writer, work, ex.cfg.batch_size):
+        results: list[_DocResult] = []
+        for start in range(0, len(docs), ex.cfg.batch_size):
+            batch = docs[start : start + ex.cfg.batch_size]
+            t0 = time.perf_counter()
+            out = ex.run_batch(prompt, batch)
+            results += out
             n_tok = sum(int(r.token_ids.size) for r in out)
-            pbar.update(len(batch))
-            pbar.set_postfix_str(f"{work.author[:16]} {n_tok / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
-    assert not results, "every doc-chunk must have been written"
+            stats.n_docs += len(batch)
+            stats.n_tokens += n_tok
+            for r in out:
+                for (lt, layer), (tok, _, _) in r.acts.items():
+                    key = f"{lt}/{layer}"
+                    stats.nnz[key] = stats.nnz.get(key, 0) + int(tok.size)
+            while pending:
+                r = layout.chunk_docs_range(work.author_idx, pending[0])
+                if r.stop - first > len(results):
+                    break
+                sl = slice(r.start - first, r.stop - first)
+                writer.write_chunk(work.author_idx, pending.pop(0), ex.chunk_data(docs[sl], results[sl]))
+            if pbar is not None:
+                pbar.update(len(batch))
+                pbar.set_postfix_str(f"{work.author[:16]} {n_tok / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
+        assert not pending, "every pending doc-chunk of the group must have been written"
 
 
 def run_worker(path: str, cfg: ExtractConfig, specs: Sequence[SAESpec], work: Sequence[AuthorWork], device: str,
@@ -241,7 +253,7 @@ def run_worker(path: str, cfg: ExtractConfig, specs: Sequence[SAESpec], work: Se
     t0 = time.perf_counter()
     ex = Extractor(cfg, specs, device)
     writer = RunWriter(path)
-    total = sum(sum(len(d) for _, d in _pending(writer, w)) for w in work)
+    total = sum(len(docs) for w in work for _, _, docs in _groups(writer, w, cfg.batch_size))
     pbar = None
     if not cfg.quiet:
         from tqdm.auto import tqdm

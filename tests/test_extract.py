@@ -1,0 +1,229 @@
+"""End to end: `python -m saestore.extract` on the tiny model and the built-in corpus."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from saestore.extract.config import DEFAULT_PROMPT
+from saestore.extract.launch import main
+from saestore.reader import open_run
+from saestore.writer import read_progress
+
+BASE = ["--model", "tiny", "--dataset_name", "demo", "--layers", "1", "3", "--sae_features_width", "1k",
+        "--max_seq_len", "48", "--n_docs_per_author", "6", "--chunk_docs", "4", "--batch_size", "4", "--quiet"]
+
+
+def _extract(tmp: Path, *args: str) -> int:
+    return main([*BASE, "--output_dir", str(tmp), *args])
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_cache, tmp_path_factory) -> dict[str, Path]:
+    """Two runs on two CPU workers: baseline + sparse (res, att) and prompted + dense (res, mlp)."""
+    out = tmp_path_factory.mktemp("extract")
+    assert _extract(out, "--devices", "cpu:2", "--layer_types", "res", "att", "--run_name", "sparse") == 0
+    assert _extract(out, "--devices", "cpu:2", "--layer_types", "res", "mlp", "--setting", "prompted",
+                    "--storage_format", "dense", "--use_error_term", "--run_name", "dense") == 0
+    return {"sparse": out / "demo" / "tiny" / "sparse.zarr", "dense": out / "demo" / "tiny" / "dense.zarr",
+            "root": out}
+
+
+@pytest.fixture(scope="module")
+def model_and_saes(tiny_cache):
+    from saestore.extract.models import load_model, load_sae, resolve_saes
+
+    model = load_model("tiny", "cpu")
+    specs = resolve_saes("tiny", ("res", "mlp", "att"), (1, 3), "1k")
+    return model, {(s.layer_type, s.layer): (s, load_sae(s, "cpu")) for s in specs}
+
+
+@torch.inference_mode()
+def _reference(model, saes, prompt: list[int], doc_ids: list[int], use_error_term: bool):
+    """Direct run_with_cache_with_saes on one document: (acts by (type, layer), ce, entropy)."""
+    ids = torch.tensor([prompt + doc_ids])
+    logits, cache = model.run_with_cache_with_saes(ids, saes=[s for _, s in saes.values()],
+                                                   use_error_term=use_error_term)
+    p = len(prompt)
+    acts = {key: cache[f"{spec.hook_name}.hook_sae_acts_post"][0, p:].numpy() for key, (spec, _) in saes.items()}
+    # entropy through torch.distributions, CE by log-softmax in float64 (the worker uses float32)
+    lsm = torch.log_softmax(logits[0].double(), -1)
+    ce = -lsm[p - 1 : -1].gather(-1, ids[0, p:, None]).squeeze(-1).numpy()
+    ent = torch.distributions.Categorical(logits=logits[0, p:].double()).entropy().numpy()
+    return acts, ce, ent
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+def test_values_match_direct_run_with_cache_with_saes(runs, model_and_saes, kind):
+    model, all_saes = model_and_saes
+    path = runs[kind]
+    ds = open_run(path) if kind == "sparse" else xr.open_zarr(path)
+    attrs = ds.attrs["saestore"]
+    types = [lt for lt in ("res", "mlp", "att") if lt in ds]
+    saes = {k: v for k, v in all_saes.items() if k[0] in types}
+    tok = model.tokenizer
+    for a, author in enumerate(ds.author.values):
+        prompt = [tok.bos_token_id]
+        if attrs["setting"] == "prompted":
+            prompt += tok(DEFAULT_PROMPT.format(style=str(author)), add_special_tokens=False)["input_ids"]
+        for d in (0, int(ds.n_docs[a]) - 1):
+            text = str(ds.text.values[a, d])
+            n = int(ds.doc_length.values[a, d])
+            doc_ids = tok(text, add_special_tokens=False)["input_ids"][:n]
+            assert n == min(len(tok(text, add_special_tokens=False)["input_ids"]), 47)
+            np.testing.assert_array_equal(ds.token_id.values[a, d, :n], doc_ids)
+            assert ds.valid_mask.values[a, d, :n].all() and not ds.valid_mask.values[a, d, n:].any()
+            acts, ce, ent = _reference(model, saes, prompt, doc_ids, attrs["use_error_term"])
+            for (lt, layer), want in acts.items():
+                got = ds[lt].sel(layer=layer).isel(author=a, doc=d).data
+                got = got.compute().todense() if kind == "sparse" else np.asarray(got)
+                np.testing.assert_allclose(got[:n], want, rtol=1e-4, atol=1e-5, err_msg=f"{lt} {layer}")
+                assert not got[n:].any()
+            np.testing.assert_allclose(ds.ce_loss.values[a, d, :n], ce, rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(ds.entropy.values[a, d, :n], ent, rtol=1e-4, atol=1e-4)
+            assert np.isnan(ds.ce_loss.values[a, d, n:]).all()
+            assert [str(t) for t in ds.token.values[a, d, :n]] == [tok.decode([i]) for i in doc_ids]
+
+
+def test_ce_matches_transformer_lens_loss_per_token(model_and_saes, runs):
+    """CE with no SAEs spliced equals TransformerLens' own loss_per_token (independent code path)."""
+    model, _ = model_and_saes
+    ids = torch.tensor([[model.tokenizer.bos_token_id, 5, 17, 42, 99, 7]])
+    from saestore.extract.metrics import token_metrics
+
+    with torch.inference_mode():
+        logits = model(ids)
+        tl = model(ids, return_type="loss", loss_per_token=True)
+    ce, ent = token_metrics(logits, ids, prompt_len=1, n_tok=5)
+    np.testing.assert_allclose(ce.numpy()[0], tl.numpy()[0], rtol=1e-5, atol=1e-6)
+    probs = torch.softmax(logits[0, 1:].double(), -1)
+    np.testing.assert_allclose(ent.numpy()[0], -(probs * probs.log()).sum(-1).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_run_layout_attrs_and_registry(runs):
+    ds = xr.open_zarr(runs["sparse"])
+    attrs = ds.attrs["saestore"]
+    assert attrs["status"] == "complete" and attrs["failed_authors"] == []
+    assert attrs["model"] == "tiny" and attrs["storage"]["format"] == "sparse"
+    assert set(attrs["saes"]) == {"res", "att"} and set(attrs["saes"]["res"]) == {"1", "3"}
+    assert ds.sizes["tok"] == 47 and list(ds.layer.values) == [1, 3]
+    assert list(ds.author.values) == sorted(ds.author.values)
+    assert (ds.n_docs.values == 6).all()
+    assert (read_progress(runs["sparse"])[..., 0] == 1).all()
+    db = sqlite3.connect(runs["root"] / "saestore_runs.sqlite")
+    rows = dict(db.execute("SELECT run_name, status FROM runs").fetchall())
+    assert rows == {"sparse": "complete", "dense": "complete"}
+    res = subprocess.run([sys.executable, "-m", "saestore", "runs", "list", "--output_dir", str(runs["root"])],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "sparse.zarr" in res.stdout and "complete" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "saestore", "runs", "show", "dense", "--output_dir", str(runs["root"])],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and json.loads(res.stdout)["config"]["setting"] == "prompted"
+
+
+def test_prompt_and_bos_never_stored(runs, model_and_saes):
+    ds = xr.open_zarr(runs["dense"])
+    assert not (ds.token_id.values == model_and_saes[0].tokenizer.bos_token_id).any()
+    first = ds.token_id.values[:, 0, 0]
+    texts = ds.text.values[:, 0]
+    assert all(not str(t).startswith("The text in style") for t in texts)
+    assert (first >= 0).all()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "no-such-model"], "unknown model"),
+    (["--layers", "9"], "layer"),
+    (["--sae_features_width", "65k"], "65k"),
+    (["--min_docs_per_author", "1000"], "author"),
+])
+def test_bad_requests_exit_nonzero_and_leave_nothing(tmp_path, tiny_cache, capsys, args, message):
+    argv = [*BASE, "--output_dir", str(tmp_path), "--run_name", "bad"]
+    for flag in ("--model", "--layers", "--sae_features_width"):
+        if flag in args:
+            i = argv.index(flag)
+            argv[i : i + (3 if flag == "--layers" else 2)] = []
+    code = main([*argv, *args])
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not any(tmp_path.rglob("*.zarr")) and not (tmp_path / "saestore_runs.sqlite").exists()
+
+
+def test_missing_dataset_column(tmp_path, tiny_cache, capsys):
+    csv = tmp_path / "data.csv"
+    csv.write_text("writer,text\nann,hello there world\n")
+    code = main([*BASE, "--dataset_name", "AuthorMix", "--dataset_path", str(csv), "--output_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code != 0 and "style" in err and "writer" in err
+    assert not any(tmp_path.rglob("*.zarr"))
+
+
+def test_different_config_refused_and_store_untouched(runs, capsys):
+    path = runs["sparse"]
+    before = read_progress(path).copy()
+    code = main([*BASE, "--output_dir", str(runs["root"]), "--layer_types", "res", "att", "--run_name", "sparse",
+                 "--setting", "prompted"])
+    assert code == 2 and "different configuration" in capsys.readouterr().err
+    np.testing.assert_array_equal(read_progress(path), before)
+    assert xr.open_zarr(path).attrs["saestore"]["status"] == "complete"
+
+
+def test_second_writer_is_refused(runs, capsys):
+    from saestore.lock import RunLock
+
+    with RunLock(runs["sparse"]):
+        code = main([*BASE, "--output_dir", str(runs["root"]), "--layer_types", "res", "att", "--run_name", "sparse"])
+    assert code == 2 and "being written by pid" in capsys.readouterr().err
+
+
+def _cmd(out: Path, name: str) -> list[str]:
+    return [sys.executable, "-m", "saestore.extract", *BASE, "--output_dir", str(out), "--layer_types", "res",
+            "--devices", "cpu", "--chunk_docs", "2", "--batch_size", "2", "--run_name", name]
+
+
+@pytest.mark.slow
+def test_kill_and_resume_equals_uninterrupted_run(tiny_cache, tmp_path):
+    env = {**os.environ, "SAESTORE_CACHE": str(tiny_cache)}
+    ref = subprocess.run(_cmd(tmp_path, "ref"), env=env, capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr
+    path = tmp_path / "demo" / "tiny" / "killed.zarr"
+    proc = subprocess.Popen(_cmd(tmp_path, "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    done = 0
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            done = int((read_progress(path)[..., 0] == 1).sum())
+        except Exception:  # noqa: BLE001 - the store may not exist yet
+            done = 0
+        if done >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "extraction finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    marked = int((read_progress(path)[..., 0] == 1).sum())
+    assert 0 < marked < read_progress(path).shape[0] * 3
+    assert Path(str(path) + ".lock").exists()  # left by the killed process; the rerun takes it over
+    res = subprocess.run(_cmd(tmp_path, "killed"), env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    a, b = xr.open_zarr(tmp_path / "demo" / "tiny" / "ref.zarr"), xr.open_zarr(path)
+    assert b.attrs["saestore"]["status"] == "complete"
+    for name in a.data_vars:
+        x, y = a[name].values, b[name].values
+        if x.dtype.kind in "OUT":
+            assert x.tolist() == y.tolist(), name
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=name)
+    db = sqlite3.connect(tmp_path / "saestore_runs.sqlite")
+    assert db.execute("SELECT status FROM runs WHERE run_name = 'killed'").fetchone()[0] == "complete"
