@@ -12,7 +12,7 @@ from typing import Any
 from saestore.errors import SaestoreError
 
 __version__ = "0.1.0"
-__all__ = ["SaestoreError", "__version__", "open_run"]
+__all__ = ["SaestoreError", "__version__", "open_run", "stats"]
 
 
 def __getattr__(name: str) -> Any:
@@ -20,4 +20,8 @@ def __getattr__(name: str) -> Any:
         from saestore.reader import open_run
 
         return open_run
+    if name == "stats":  # also registers the ``ds.sae`` accessor
+        import saestore.stats as stats
+
+        return stats
     raise AttributeError(f"module 'saestore' has no attribute {name!r}")

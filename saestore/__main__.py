@@ -57,6 +57,9 @@ def _cmd_runs(args: argparse.Namespace) -> int:
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m saestore", description="saestore: SAE activation run stores")
     sub = p.add_subparsers(dest="command", required=True)
+    from saestore.stats.cli import register as register_stats
+
+    register_stats(sub)
     info = sub.add_parser("info", help="summary of a run: authors, docs, tokens, SAEs, nonzeros, L0, bytes, status")
     info.add_argument("run", help="run path (or fsspec URL)")
     info.add_argument("--json", action="store_true", help="print JSON")

@@ -81,6 +81,18 @@ def read_sparse_chunk(path: str, name: str, coords: tuple[int, ...]) -> sparse.C
                       has_duplicates=False, sorted=True)
 
 
+def _crop(block: sparse.COO, region: tuple[slice, ...]) -> sparse.COO:
+    """``block[region]`` for contiguous slices, in numpy (sparse's own indexing compiles with numba,
+    costing seconds per process on every edge chunk)."""
+    coords = block.coords
+    keep = np.ones(coords.shape[1], dtype=bool)
+    for axis, sl in enumerate(region):
+        keep &= (coords[axis] >= sl.start) & (coords[axis] < sl.stop)
+    starts = np.array([sl.start for sl in region], dtype=coords.dtype)[:, None]
+    shape = tuple(sl.stop - sl.start for sl in region)
+    return sparse.COO(coords[:, keep] - starts, block.data[keep], shape=shape, has_duplicates=False, sorted=True)
+
+
 class SparseChunkSource:
     """Array-like for ``da.from_array``: chunk-aligned ``__getitem__`` returns ``sparse.COO``.
 
@@ -106,7 +118,7 @@ class SparseChunkSource:
         )
         if all(sl.start == 0 and sl.stop == c for sl, c in zip(local, self.chunks, strict=True)):
             return block
-        return block[local]
+        return _crop(block, local)
 
 
 def _sparse_dask(path: str, name: str) -> da.Array:

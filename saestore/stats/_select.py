@@ -1,0 +1,338 @@
+"""Selections of a run and the dask plumbing every statistic shares.
+
+A :class:`Selection` names which part of a run a statistic covers (layer types, authors, layers,
+documents, features). :func:`sae_array` and :func:`token_array` turn a Dataset plus a selection
+into aligned dask arrays:
+
+* ``acts_ALDTF`` — one SAE variable, chunked ``(1, 1, chunk_docs, n_tok, n_features)`` as stored:
+  every block belongs to one author and one layer; blocks are ``sparse.COO`` (``open_run``) or
+  numpy (``xr.open_zarr``);
+* ``valid_ADT`` and other per-token variables, chunked ``(1, chunk_docs, n_tok)`` with the same
+  doc chunks, so block ``(a, l, c)`` of the SAE array meets block ``(a, c)`` of each of them.
+
+:func:`per_block` runs a kernel of :mod:`saestore.stats.kernels` on every such block pair with
+``da.blockwise``; each call returns a small dense partial, and the statistics combine partials with
+dask reductions (``sum``/``max`` over the doc-block axis, and over authors when pooled). Memory
+stays bounded by one block plus its partial.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import sparse
+import xarray as xr
+
+from saestore.errors import SaestoreError
+
+__all__ = ["Selection", "StatsError", "make_selection", "sae_array", "token_array", "doc_array", "per_block",
+           "check_by", "By", "group_coords", "over_layer_types"]
+
+LAYER_TYPES = ("res", "mlp", "att")
+By = Literal["author"] | None
+
+
+class StatsError(SaestoreError, ValueError):
+    """A statistic was asked for something the run does not hold (an unknown author, layer, layer
+    type or feature, an empty selection, a bad parameter)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Selection:
+    """What a statistic covers; built by :func:`make_selection`. Indices are positions in the run."""
+
+    layer_types: tuple[str, ...]
+    layer_type_scalar: bool
+    """True when one layer type was named as a string: results carry it as a scalar coordinate."""
+    author_idx: np.ndarray
+    authors: np.ndarray
+    layer_idx: np.ndarray
+    layers: np.ndarray
+    layer_scalar: bool
+    doc_idx: np.ndarray
+    docs: np.ndarray
+    feature_idx: np.ndarray | None
+    """positions of the selected features, or None for all."""
+    features: np.ndarray
+    feature_scalar: bool
+    n_tok: int
+    n_features_total: int
+
+    @property
+    def n_features(self) -> int:
+        return int(self.features.size)
+
+
+def check_by(by: str | None) -> By:
+    """Normalise ``by``: ``None``/``"pooled"`` pool all selected authors, ``"author"`` keeps them apart."""
+    if by in (None, "pooled", "none"):
+        return None
+    if by == "author":
+        return "author"
+    raise StatsError(f"by must be 'author' or None (pooled), not {by!r}")
+
+
+def _as_list(value: Any) -> tuple[list[Any], bool]:
+    if isinstance(value, (str, bytes, int, np.integer)):
+        return [value], True
+    return list(value), False
+
+
+def _positions(name: str, wanted: Any, available: np.ndarray, convert: Callable[[Any], Any]) -> tuple[np.ndarray, bool]:
+    if wanted is None:
+        return np.arange(available.size), False
+    items, scalar = _as_list(wanted)
+    lookup = {convert(v): i for i, v in enumerate(available.tolist())}
+    out = []
+    for item in items:
+        key = convert(item)
+        if key not in lookup:
+            shown = ", ".join(map(repr, available.tolist()[:20])) + (" …" if available.size > 20 else "")
+            raise StatsError(f"{name} {item!r} is not in this run; it has {name}s {shown}")
+        out.append(lookup[key])
+    if len(set(out)) != len(out):
+        raise StatsError(f"{name} selection {items!r} names a {name} twice")
+    if not out:
+        raise StatsError(f"the {name} selection is empty")
+    return np.asarray(out, dtype=np.int64), scalar
+
+
+def make_selection(
+    ds: xr.Dataset,
+    layer_type: str | Sequence[str] | None = None,
+    *,
+    author: str | Sequence[str] | None = None,
+    layer: int | Sequence[int] | None = None,
+    doc: int | slice | Sequence[int] | None = None,
+    feature: int | Sequence[int] | None = None,
+) -> Selection:
+    """Resolve names to positions: authors by name, layers by layer number, docs by position
+    (``int``, ``slice`` or list; taken in stored order), features by id. A single layer type,
+    layer or feature given as a scalar is dropped from the result's dimensions (kept as a scalar
+    coordinate), like ``sel``."""
+    present = tuple(lt for lt in LAYER_TYPES if lt in ds.data_vars)
+    if not present:
+        raise StatsError("the dataset holds no SAE variable (res, mlp or att); is it a saestore run?")
+    if "valid_mask" not in ds.data_vars:
+        raise StatsError("the dataset has no valid_mask variable; statistics need it to skip padding")
+    if layer_type is None:
+        lts, lt_scalar = list(present), False
+    else:
+        lts, lt_scalar = _as_list(layer_type)
+        for lt in lts:
+            if lt not in present:
+                raise StatsError(f"layer type {lt!r} is not in this run; it has {', '.join(present)}")
+    authors = np.asarray([str(a) for a in ds["author"].values], dtype=object)
+    a_idx, _ = _positions("author", author, authors, str)
+    layers = np.asarray(ds["layer"].values)
+    l_idx, l_scalar = _positions("layer", layer, layers, int)
+    n_docs = int(ds.sizes["doc"])
+    if doc is None:
+        d_idx = np.arange(n_docs)
+    elif isinstance(doc, slice):
+        d_idx = np.sort(np.arange(n_docs)[doc])
+    else:
+        items, _ = _as_list(doc)
+        d_idx = np.asarray(items, dtype=np.int64)
+        if d_idx.size and (d_idx.min() < -n_docs or d_idx.max() >= n_docs):
+            raise StatsError(f"doc positions {items!r} are out of range 0…{n_docs - 1}")
+        d_idx = np.where(d_idx < 0, d_idx + n_docs, d_idx)
+        if np.unique(d_idx).size != d_idx.size:
+            raise StatsError(f"doc selection {items!r} names a document twice")
+        d_idx = np.sort(d_idx)  # documents are always taken in stored order
+    if d_idx.size == 0:
+        raise StatsError("the doc selection is empty")
+    n_feat = int(ds.sizes["feature"])
+    feature_values = np.asarray(ds["feature"].values)
+    if feature is None:
+        f_idx, f_scalar = None, False
+        features = feature_values
+    else:
+        f_idx, f_scalar = _positions("feature", feature, feature_values, int)
+        features = feature_values[f_idx]
+    return Selection(layer_types=tuple(lts), layer_type_scalar=lt_scalar, author_idx=a_idx, authors=authors[a_idx],
+                     layer_idx=l_idx, layers=layers[l_idx], layer_scalar=l_scalar, doc_idx=d_idx,
+                     docs=np.asarray(ds["doc"].values)[d_idx], feature_idx=f_idx, features=features,
+                     feature_scalar=f_scalar, n_tok=int(ds.sizes["tok"]), n_features_total=n_feat)
+
+
+def _dask(ds: xr.Dataset, name: str) -> da.Array:
+    var = ds[name]
+    if not isinstance(var.data, da.Array):
+        var = var.chunk({"author": 1})
+    return var.data
+
+
+def _take(x: da.Array, axis: int, idx: np.ndarray) -> da.Array:
+    """Select positions along ``axis``; contiguous runs become slices (pure block extraction)."""
+    n = x.shape[axis]
+    if idx.size == n and (idx == np.arange(n)).all():
+        return x
+    index: list[Any] = [slice(None)] * x.ndim
+    if idx.size and (np.diff(idx) == 1).all():
+        index[axis] = slice(int(idx[0]), int(idx[-1]) + 1)
+        return x[tuple(index)]
+    if axis < 2:  # author / layer: one chunk each, concatenate single-chunk slices
+        parts = []
+        for i in idx:
+            index[axis] = slice(int(i), int(i) + 1)
+            parts.append(x[tuple(index)])
+        return da.concatenate(parts, axis=axis)
+    index[axis] = idx
+    return x[tuple(index)]
+
+
+def _keep_docs(block: Any, *, axis: int, local: np.ndarray) -> Any:
+    """Docs ``local`` (sorted positions) of one block along ``axis``; sparse.COO blocks are filtered
+    on their coordinates with numpy (sparse's own indexing JIT-compiles with numba, seconds per
+    process)."""
+    if isinstance(block, sparse.COO):
+        coords = block.coords
+        keep = np.isin(coords[axis], local)
+        new = coords[:, keep].copy()
+        new[axis] = np.searchsorted(local, new[axis])
+        shape = list(block.shape)
+        shape[axis] = local.size
+        return sparse.COO(new, block.data[keep], shape=tuple(shape), has_duplicates=False, sorted=True,
+                          fill_value=block.fill_value)
+    index: list[Any] = [slice(None)] * np.ndim(block)
+    index[axis] = local
+    return block[tuple(index)]
+
+
+def _take_docs(x: da.Array, axis: int, idx: np.ndarray) -> da.Array:
+    """Select (sorted) doc positions along ``axis`` block by block: whole blocks are taken as they
+    are, partly selected ones are filtered by :func:`_keep_docs`; chunks follow the stored ones."""
+    n = x.shape[axis]
+    if idx.size == n and (idx == np.arange(n)).all():
+        return x
+    bounds = np.concatenate([[0], np.cumsum(x.chunks[axis])])
+    which = np.searchsorted(bounds, idx, side="right") - 1
+    parts = []
+    for b in np.unique(which):
+        local = idx[which == b] - bounds[b]
+        index: list[Any] = [slice(None)] * x.ndim
+        index[axis] = slice(int(b), int(b) + 1)
+        piece = x.blocks[tuple(index)]
+        if local.size < x.chunks[axis][b]:
+            chunks = list(piece.chunks)
+            chunks[axis] = (local.size,)
+            piece = piece.map_blocks(_keep_docs, axis=axis, local=local, chunks=tuple(chunks), dtype=x.dtype,
+                                     meta=x._meta)
+        parts.append(piece)
+    return da.concatenate(parts, axis=axis)
+
+
+def sae_array(ds: xr.Dataset, sel: Selection, layer_type: str) -> da.Array:
+    """``acts_ALDTF`` of the selection, chunked one author and one layer per block, whole tok and
+    feature axes per block (features are selected inside the kernels, not here)."""
+    x = _dask(ds, layer_type)
+    x = _take(x, 0, sel.author_idx)
+    x = _take(x, 1, sel.layer_idx)
+    x = x.rechunk({0: 1, 1: 1, 3: -1, 4: -1})
+    return _take_docs(x, 2, sel.doc_idx)
+
+
+def token_array(ds: xr.Dataset, sel: Selection, name: str, like: da.Array) -> da.Array:
+    """A per-token variable ``(A', D', T)`` selected like ``like`` and chunked like its doc axis."""
+    x = _dask(ds, name)
+    x = _take(x, 0, sel.author_idx).rechunk({0: 1, 2: -1})
+    x = _take_docs(x, 1, sel.doc_idx)
+    return x.rechunk({0: 1, 1: like.chunks[2], 2: -1})
+
+
+def doc_array(ds: xr.Dataset, sel: Selection, name: str, like: da.Array) -> da.Array:
+    """A per-document variable ``(A', D')`` selected like ``like`` and chunked like its doc axis."""
+    x = _dask(ds, name)
+    x = _take(x, 0, sel.author_idx).rechunk({0: 1})
+    x = _take_docs(x, 1, sel.doc_idx)
+    return x.rechunk({0: 1, 1: like.chunks[2]})
+
+
+def index_arrays(sel: Selection, like: da.Array) -> tuple[da.Array, da.Array]:
+    """``(author position, doc position)`` within the selection, chunked like ``like``'s author and
+    doc axes, so a kernel knows where its block lies."""
+    a = da.arange(like.shape[0], chunks=1, dtype=np.int64)
+    d = da.arange(like.shape[2], chunks=(like.chunks[2],), dtype=np.int64)
+    return a, d
+
+
+def per_block(
+    kernel: Callable[..., Any],
+    acts: da.Array,
+    tokens: Sequence[da.Array] = (),
+    *,
+    new_axes: dict[str, int],
+    dtype: Any,
+    keep_docs: bool = False,
+    positions: tuple[da.Array, da.Array] | None = None,
+    meta: Any = None,
+    out_ind: str | None = None,
+    **kwargs: Any,
+) -> da.Array:
+    """``kernel(acts_block, *token_blocks, [aidx, didx], **kwargs)`` on every SAE block.
+
+    The output has axes ``(author, layer, doc, *new_axes)``; unless ``keep_docs``, the doc axis
+    has one entry per doc block (the partials, to be reduced over axis 2).
+    """
+    args: list[Any] = [acts, "aldtf"]
+    for t in tokens:
+        args += [t, "adt"]
+    if positions is not None:
+        args += [positions[0], "a", positions[1], "d"]
+    out_ind = out_ind or "ald" + "".join(new_axes)
+    if meta is None:
+        meta = np.empty((0,) * len(out_ind), dtype=dtype)
+    return da.blockwise(partial(_unwrapped, kernel), out_ind, *args, new_axes=new_axes,
+                        adjust_chunks=None if keep_docs else {"d": 1}, concatenate=False, dtype=dtype, meta=meta,
+                        **kwargs)
+
+
+def _single(block: Any) -> Any:
+    while isinstance(block, list):
+        if len(block) != 1:
+            raise AssertionError(f"expected one block along a contracted axis, got {len(block)}")
+        block = block[0]
+    return block
+
+
+def _unwrapped(kernel: Callable[..., Any], *blocks: Any, **kwargs: Any) -> Any:
+    """Call ``kernel`` on the blocks themselves: with ``concatenate=False`` dask passes the single
+    block of each contracted (tok, feature) axis wrapped in lists. Concatenating instead would
+    copy every sparse block (``sparse.concatenate`` of one block is not free)."""
+    return kernel(*(_single(b) for b in blocks), **kwargs)
+
+
+def group_coords(sel: Selection, by: By) -> tuple[list[str], dict[str, Any]]:
+    """Leading dims and coordinates of a per-(group, layer) result: ``["author", "layer"]`` or ``["layer"]``."""
+    coords: dict[str, Any] = {"layer": ("layer", sel.layers)}
+    if by == "author":
+        coords["author"] = ("author", sel.authors.astype(str))
+        return ["author", "layer"], coords
+    return ["layer"], coords
+
+
+T = Any
+
+
+def over_layer_types(sel: Selection, compute_one: Callable[[str], T], *, squeeze_feature: bool = True) -> T:
+    """Run ``compute_one(layer_type)`` for each selected layer type; stack results along
+    ``layer_type`` (or keep it as a scalar coordinate when one was named), then drop the ``layer`` /
+    ``feature`` dims where the selection named a single one."""
+    results = [compute_one(lt) for lt in sel.layer_types]
+    if sel.layer_type_scalar:
+        out = results[0].assign_coords(layer_type=sel.layer_types[0])
+    else:
+        out = xr.concat(results, dim=pd.Index(list(sel.layer_types), name="layer_type"), coords="minimal",
+                        compat="override", join="override")
+    if sel.layer_scalar and "layer" in out.dims:
+        out = out.isel(layer=0)
+    if squeeze_feature and sel.feature_scalar and "feature" in out.dims:
+        out = out.isel(feature=0)
+    return out

@@ -1,0 +1,262 @@
+"""What makes a feature fire: its top-k activating examples (with token windows and document
+text) and its top tokens (mean activation by token id).
+
+Both are lazy. Top examples are a dask tree reduction of per-block top-k partials (each carries
+the feature's activations in a window around every candidate, so no second pass over the SAE
+data is needed); the window tokens and document texts are then gathered from the ``token`` /
+``text`` blocks by position, one small task per block. Top tokens combine variable-size
+(feature, token id) partials with ``dask.delayed`` — memory grows with the number of distinct
+(feature, token) pairs, so select ``feature=`` on large runs.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+from dask.delayed import Delayed
+
+from saestore.stats import kernels
+from saestore.stats._select import (
+    Selection,
+    StatsError,
+    check_by,
+    doc_array,
+    group_coords,
+    index_arrays,
+    make_selection,
+    over_layer_types,
+    per_block,
+    sae_array,
+    token_array,
+)
+
+__all__ = ["top_examples", "top_tokens"]
+
+
+def _lookup(idx: np.ndarray, table: np.ndarray, fill: Any) -> np.ndarray:
+    out = np.asarray(table)[np.clip(idx, 0, max(len(table) - 1, 0))] if len(table) else np.full(idx.shape, fill)
+    return np.where(idx >= 0, out, fill)
+
+
+def _gather(pos: np.ndarray, block: np.ndarray, a0: int, d0: int, n_docs_sel: int, n_tok: int,
+            window: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Values of a per-doc (``window=None``) or per-token block ``(1, dn[, T])`` at the flat
+    positions ``pos`` that fall inside it: ``(indices into pos.ravel(), values)``."""
+    p = np.asarray(pos).ravel()
+    a, rem = np.divmod(p, n_docs_sel * n_tok)
+    d, t = np.divmod(rem, n_tok)
+    block = np.asarray(block)
+    hit = np.flatnonzero((p >= 0) & (a == a0) & (d >= d0) & (d < d0 + block.shape[1]))
+    dl = d[hit] - d0
+    if window is None:
+        return hit, block[0, dl]
+    tt = t[hit][:, None] + np.arange(-window, window + 1)[None, :]
+    inside = (tt >= 0) & (tt < n_tok)
+    vals = block[0, dl[:, None], np.clip(tt, 0, n_tok - 1)]
+    return hit, np.where(inside, vals, "")
+
+
+def _assemble(pos: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray]], width: int | None, fill: Any,
+              dtype: Any) -> np.ndarray:
+    shape = (pos.size,) if width is None else (pos.size, width)
+    out = np.full(shape, fill, dtype=dtype)
+    for idx, vals in parts:
+        out[idx] = vals
+    return out.reshape(pos.shape if width is None else (*pos.shape, width))
+
+
+def _gathered(pos: da.Array, blocks: da.Array, n_docs_sel: int, n_tok: int, window: int | None, fill: Any,
+              dtype: Any) -> da.Array:
+    """Lazily gather ``blocks`` (per-doc ``(A', D')`` or per-token ``(A', D', T)``) at ``pos``."""
+    pos_one = pos.rechunk(pos.shape).to_delayed().ravel()[0]
+    starts = np.concatenate([[0], np.cumsum(blocks.chunks[1])])
+    parts = []
+    for idx, blk in np.ndenumerate(blocks.to_delayed()):
+        a, c = idx[0], idx[1]
+        parts.append(dask.delayed(_gather)(pos_one, blk, a, int(starts[c]), n_docs_sel, n_tok, window))
+    width = None if window is None else 2 * window + 1
+    result = dask.delayed(_assemble)(pos_one, parts, width, fill, dtype)
+    shape = pos.shape if width is None else (*pos.shape, width)
+    return da.from_delayed(result, shape=shape, dtype=dtype)
+
+
+def top_examples(
+    ds: xr.Dataset,
+    layer_type: str | Sequence[str] | None = None,
+    *,
+    feature: int | Sequence[int] | None = None,
+    k: int = 10,
+    window: int = 5,
+    by: str | None = None,
+    author: str | Sequence[str] | None = None,
+    layer: int | Sequence[int] | None = None,
+    doc: int | slice | Sequence[int] | None = None,
+) -> xr.Dataset:
+    """The ``k`` largest activations of each feature over valid tokens, dims
+    ``[author,] layer, feature, rank[, offset]``:
+
+    * ``value``: the activation (NaN for an empty rank, when the feature fired fewer than k times);
+    * ``example_author``, ``example_doc`` (doc coordinate), ``example_tok``, ``example_doc_id``;
+    * ``tokens`` (``offset = -window … window``): the tokens around it in its document ("" outside);
+    * ``window_acts``: the feature's activation on those tokens (NaN outside the document);
+    * ``text``: the document text.
+
+    Ties are broken by position (author, doc, tok), so every scheduler gives the same examples.
+    """
+    by = check_by(by)
+    if k < 1 or window < 0:
+        raise StatsError(f"need k >= 1 and window >= 0, got k={k}, window={window}")
+    sel = make_selection(ds, layer_type, author=author, layer=layer, doc=doc, feature=feature)
+    n_w = 2 * window + 1
+    merge = partial(kernels.merge_top_k, k=k)
+
+    def one(lt: str) -> xr.Dataset:
+        acts = sae_array(ds, sel, lt)
+        valid = token_array(ds, sel, "valid_mask", acts)
+        n_docs_sel, n_tok = acts.shape[2], acts.shape[3]
+        parts = per_block(kernels.top_k, acts, [valid], positions=index_arrays(sel, acts),
+                          new_axes={"g": sel.n_features, "k": k, "p": 2 + n_w}, dtype=np.float64,
+                          feature_idx=sel.feature_idx, k=k, window=window, n_docs_sel=n_docs_sel)
+        axes = (2,) if by == "author" else (0, 2)
+        best = da.reduction(parts, chunk=merge, combine=merge, aggregate=merge, axis=axes, keepdims=False,
+                            dtype=np.float64, concatenate=True, meta=np.empty((0,) * (parts.ndim - len(axes))))
+        value = best[..., 0]
+        pos = best[..., 1].astype(np.int64)
+        a_pos = da.where(pos >= 0, pos // (n_docs_sel * n_tok), -1)
+        d_pos = da.where(pos >= 0, (pos // n_tok) % n_docs_sel, -1)
+        t_pos = da.where(pos >= 0, pos % n_tok, -1)
+        dims, coords = group_coords(sel, by)
+        coords.update(feature=("feature", sel.features), rank=("rank", np.arange(k)),
+                      offset=("offset", np.arange(-window, window + 1)))
+        dk = [*dims, "feature", "rank"]
+        dw = [*dk, "offset"]
+        tokens = _gathered(pos, token_array(ds, sel, "token", acts), n_docs_sel, n_tok, window, "", object)
+        text = _gathered(pos, doc_array(ds, sel, "text", acts), n_docs_sel, n_tok, None, "", object)
+        doc_id = _gathered(pos, doc_array(ds, sel, "doc_id", acts), n_docs_sel, n_tok, None, -1, np.int64)
+        authors = sel.authors.astype(object)
+        return xr.Dataset({
+            "value": (dk, da.where(pos >= 0, value, np.nan)),
+            "example_author": (dk, a_pos.map_blocks(_lookup, table=authors, fill="", dtype=object)),
+            "example_doc": (dk, d_pos.map_blocks(_lookup, table=sel.docs, fill=-1, dtype=np.int64)),
+            "example_tok": (dk, t_pos),
+            "example_doc_id": (dk, doc_id),
+            "tokens": (dw, tokens),
+            "window_acts": (dw, best[..., 2:]),
+            "text": (dk, text),
+        }, coords=coords).assign_attrs(k=k, window=window)
+
+    return over_layer_types(sel, one)
+
+
+# --- top tokens --------------------------------------------------------------------------------------
+
+
+def _tree(fn: Callable[..., Any], parts: list[Delayed], split_every: int = 8) -> Delayed:
+    parts = list(parts)
+    if len(parts) == 1:
+        return dask.delayed(fn)(parts[0])
+    while len(parts) > 1:
+        parts = [dask.delayed(fn)(*parts[i:i + split_every]) for i in range(0, len(parts), split_every)]
+    return parts[0]
+
+
+TOP_TOKEN_FIELDS: dict[str, tuple[Any, Any]] = {
+    "token_id": (np.int64, -1), "token": (object, ""), "mean": (np.float64, np.nan),
+    "mean_active": (np.float64, np.nan), "sum": (np.float64, np.nan), "n_active": (np.int64, 0),
+    "n_token": (np.int64, 0),
+}
+
+
+Triple = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _final_top_tokens(sums: Triple, counts: Triple, n_feat: int, n: int, min_count: int) -> dict[str, np.ndarray]:
+    """Rank each feature's (token id) partials into ``(F', n)`` arrays of :data:`TOP_TOKEN_FIELDS`."""
+    keys, total, n_active = sums
+    ids, occ, text = counts
+    f = keys >> kernels.TOKEN_SHIFT
+    tid = keys & 0xFFFFFFFF
+    j = np.clip(np.searchsorted(ids, tid), 0, max(ids.size - 1, 0))
+    n_token = occ[j] if ids.size else np.zeros(0, np.int64)
+    ok = n_token >= min_count
+    f, tid, total, n_active, n_token, j = f[ok], tid[ok], total[ok], n_active[ok], n_token[ok], j[ok]
+    mean = total / n_token
+    order = np.lexsort((tid, -mean, f))
+    f_sorted = f[order]
+    rank = np.arange(order.size) - np.searchsorted(f_sorted, np.arange(n_feat))[f_sorted]
+    keep = rank < n
+    idx, ff, rr = order[keep], f_sorted[keep], rank[keep]
+    out = {name: np.full((n_feat, n), fill, dtype=dt) for name, (dt, fill) in TOP_TOKEN_FIELDS.items()}
+    out["token_id"][ff, rr] = tid[idx]
+    out["token"][ff, rr] = text[j[idx]]
+    out["mean"][ff, rr] = mean[idx]
+    out["mean_active"][ff, rr] = total[idx] / n_active[idx]
+    out["sum"][ff, rr] = total[idx]
+    out["n_active"][ff, rr] = n_active[idx]
+    out["n_token"][ff, rr] = n_token[idx]
+    return out
+
+
+def top_tokens(
+    ds: xr.Dataset,
+    layer_type: str | Sequence[str] | None = None,
+    *,
+    feature: int | Sequence[int] | None = None,
+    n: int = 10,
+    min_count: int = 1,
+    by: str | None = None,
+    author: str | Sequence[str] | None = None,
+    layer: int | Sequence[int] | None = None,
+    doc: int | slice | Sequence[int] | None = None,
+) -> xr.Dataset:
+    """Per feature, the ``n`` token ids with the highest mean activation over their valid
+    occurrences (zeros included), among tokens seen at least ``min_count`` times; dims
+    ``[author,] layer, feature, rank``. Variables: ``token_id`` (-1 for an empty rank), ``token``,
+    ``mean`` = sum / n_token, ``mean_active`` = sum / n_active, ``sum``, ``n_active`` (occurrences
+    where the feature fired), ``n_token`` (occurrences). Ties by token id."""
+    by = check_by(by)
+    if n < 1 or min_count < 1:
+        raise StatsError(f"need n >= 1 and min_count >= 1, got n={n}, min_count={min_count}")
+    sel: Selection = make_selection(ds, layer_type, author=author, layer=layer, doc=doc, feature=feature)
+
+    def one(lt: str) -> xr.Dataset:
+        acts = sae_array(ds, sel, lt)
+        xb = acts.to_delayed()
+        vb = token_array(ds, sel, "valid_mask", acts).to_delayed()
+        ib = token_array(ds, sel, "token_id", acts).to_delayed()
+        sb = token_array(ds, sel, "token", acts).to_delayed()
+        n_a, n_l, n_c = xb.shape[:3]
+        groups = [[a] for a in range(n_a)] if by == "author" else [list(range(n_a))]
+        fields: dict[str, list[list[da.Array]]] = {name: [] for name in TOP_TOKEN_FIELDS}
+        for g in groups:
+            counts = _tree(kernels.merge_token_counts,
+                           [dask.delayed(kernels.token_counts)(vb[a, c, 0], ib[a, c, 0], sb[a, c, 0])
+                            for a in g for c in range(n_c)])
+            per_layer: dict[str, list[da.Array]] = {name: [] for name in TOP_TOKEN_FIELDS}
+            for li in range(n_l):
+                sums = _tree(kernels.merge_token_sums,
+                             [dask.delayed(kernels.token_sums)(xb[a, li, c, 0, 0], vb[a, c, 0], ib[a, c, 0],
+                                                               feature_idx=sel.feature_idx)
+                              for a in g for c in range(n_c)])
+                res = dask.delayed(_final_top_tokens)(sums, counts, sel.n_features, n, min_count)
+                for name, (dt, _) in TOP_TOKEN_FIELDS.items():
+                    per_layer[name].append(da.from_delayed(dask.delayed(operator.getitem)(res, name),
+                                                           shape=(sel.n_features, n), dtype=dt))
+            for name in TOP_TOKEN_FIELDS:
+                fields[name].append(da.stack(per_layer[name]))
+        dims, coords = group_coords(sel, by)
+        coords.update(feature=("feature", sel.features), rank=("rank", np.arange(n)))
+        out = {}
+        for name, stacks in fields.items():
+            data = da.stack(stacks) if by == "author" else stacks[0]
+            out[name] = ([*dims, "feature", "rank"], data)
+        return xr.Dataset(out, coords=coords).assign_attrs(min_count=min_count)
+
+    return over_layer_types(sel, one)
