@@ -1,0 +1,683 @@
+"""PyTorch training readers of a run: ordered tokens, shuffled tokens, pooled documents.
+
+Three ``torch.utils.data.IterableDataset`` classes, all reading whole chunks sequentially:
+
+* :class:`TokenDataset` — every valid token of a selection, in order (author, doc, tok);
+* :class:`ShuffledTokenDataset` — the same tokens shuffled: doc-chunks are read whole, in a
+  seeded random order, and their tokens are mixed in a bounded shuffle buffer (whole-chunk reads:
+  saev measured 800 MB/s sequential vs 22 MB/s random reads on HPC scratch). Deterministic given
+  ``seed`` and the epoch (:meth:`~ShuffledTokenDataset.set_epoch`);
+* :class:`DocumentDataset` — one pooled vector per document (``mean``, ``max`` or ``sum`` over its
+  valid tokens), in order or shuffled.
+
+Each dataset yields ready-made batches (:class:`SparseBatch`), so use it with
+``DataLoader(ds, batch_size=None, num_workers=...)``::
+
+    >>> from torch.utils.data import DataLoader                                   # doctest: +SKIP
+    >>> ds = ShuffledTokenDataset("runs/demo/tiny/demo.zarr", layer_type="res", layer=3,
+    ...                           batch_size=4096, seed=0)                        # doctest: +SKIP
+    >>> for epoch in range(3):                                                    # doctest: +SKIP
+    ...     ds.set_epoch(epoch)
+    ...     for batch in DataLoader(ds, batch_size=None, num_workers=4):
+    ...         logits = batch.linear(W_FC, b_C)        # sparse @ dense, never densified
+    ...         loss = F.cross_entropy(logits, batch.author)
+
+**Selection** (every dataset): ``layer_type`` (``"res"`` or a list), ``layer`` (layer numbers; None
+= all), ``author`` (names, in the order given; None = all, run order), ``doc`` (positions within
+each author: int, slice or list; None = all). With several (layer type, layer) *blocks* a row's
+features are the blocks side by side: column ``k * n_features_per_block + f`` is feature ``f`` of block
+``k`` of :attr:`blocks`.
+
+**Batches** are CSR: ``crow_indices`` (B+1), ``col_indices`` and ``values`` (nnz) — rows are tokens
+(or documents), the order in which the codec stores them, so no sort is needed; plain tensors
+travel through DataLoader worker queues and ``pin_memory``. Convert with
+:meth:`SparseBatch.to_sparse_csr`, :meth:`~SparseBatch.to_sparse_coo` or
+:meth:`~SparseBatch.to_dense`, or apply a linear layer with :meth:`SparseBatch.linear`; pass
+``dense=True`` to get ``batch.dense`` built in the worker.
+Labels: ``author`` (int64 index into :attr:`authors`, the selected names), ``doc``, ``tok`` and,
+when asked with ``token_vars``, ``token_id``, ``ce_loss``, ``entropy``.
+
+**Sharding**: the unit of reading is a doc-chunk (one author's ``chunk_docs`` documents: all
+selected SAE chunks of it plus its per-token chunks). Units are dealt to ``world_size × num_workers``
+shards — DDP ranks (``rank``/``world_size``, default ``torch.distributed``'s when it is initialized
+at construction) times DataLoader workers (``get_worker_info``) — so every shard reads a disjoint
+set of chunks and together they cover the selection exactly once. The ordered reader gives each
+shard a contiguous run of units (balanced by token count): each shard's stream is in order, and
+with one rank and ``num_workers=0`` the whole stream is; with workers the DataLoader interleaves
+the shards' batches (every batch carries author/doc/tok). The shuffled reader permutes units with
+``(seed, epoch)`` and deals them to the least-loaded shard. Ranks can get different numbers of
+batches; ``even_batches=True`` makes every rank yield the same number of full batches (DDP hangs
+otherwise), dropping the remainder of the epoch.
+
+Chunks are decoded straight from their bytes (:func:`saestore.reader.read_sparse_chunk`) and never
+densified; dense-format runs (``storage.format == "dense"``) are read chunk by chunk with zarr and
+sparsified.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from torch.utils.data import IterableDataset, get_worker_info
+
+from saestore import protocol
+from saestore.errors import CorruptChunkError, SaestoreError
+from saestore.reader import read_sparse_chunk
+
+__all__ = ["SparseBatch", "TokenDataset", "ShuffledTokenDataset", "DocumentDataset", "TorchReaderError",
+           "POOLS", "TOKEN_VARS"]
+
+POOLS = ("mean", "max", "sum")
+TOKEN_VARS = ("token_id", "ce_loss", "entropy")
+_TOKEN_VAR_DTYPES = {"token_id": np.int64, "ce_loss": np.float32, "entropy": np.float32}
+
+
+class TorchReaderError(SaestoreError, ValueError):
+    """A reader was asked for something the run does not hold, or for impossible parameters."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The batch
+
+
+@dataclass(frozen=True, eq=False)
+class SparseBatch:
+    """B rows (tokens or documents) of sparse features, CSR, with their labels.
+
+    Row ``i`` holds features ``col_indices[crow_indices[i]:crow_indices[i+1]]`` (ascending) with
+    ``values`` at the same positions; every other feature is 0.
+    """
+
+    crow_indices: torch.Tensor
+    """int64 (B+1,)."""
+    col_indices: torch.Tensor
+    """int64 (nnz,)."""
+    values: torch.Tensor
+    """float32 (nnz,)."""
+    n_features: int
+    """columns: len(blocks) × the SAE width."""
+    author: torch.Tensor
+    """int64 (B,): index into the dataset's ``authors``."""
+    doc: torch.Tensor
+    """int64 (B,): the document's position within its author (the run's ``doc`` coordinate)."""
+    tok: torch.Tensor | None = None
+    """int64 (B,): token position (token batches)."""
+    n_tokens: torch.Tensor | None = None
+    """int64 (B,): valid tokens pooled into each row (document batches)."""
+    token_id: torch.Tensor | None = None
+    ce_loss: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    dense: torch.Tensor | None = None
+    """float32 (B, n_features), only with ``dense=True``."""
+
+    def __len__(self) -> int:
+        return int(self.crow_indices.shape[0]) - 1
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.shape[0])
+
+    def row_indices(self) -> torch.Tensor:
+        """int64 (nnz,): the row of each stored value."""
+        counts = self.crow_indices[1:] - self.crow_indices[:-1]
+        return torch.repeat_interleave(torch.arange(len(self), device=counts.device), counts)
+
+    def to_sparse_csr(self) -> torch.Tensor:
+        return torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values,
+                                       size=(len(self), self.n_features), check_invariants=False)
+
+    def to_sparse_coo(self) -> torch.Tensor:
+        idx = torch.stack([self.row_indices(), self.col_indices])
+        return torch.sparse_coo_tensor(idx, self.values, size=(len(self), self.n_features),
+                                       is_coalesced=True, check_invariants=False)
+
+    def to_dense(self) -> torch.Tensor:
+        if self.dense is not None:
+            return self.dense
+        out = torch.zeros((len(self), self.n_features), dtype=self.values.dtype, device=self.values.device)
+        out[self.row_indices(), self.col_indices] = self.values
+        return out
+
+    def linear(self, weight_FO: torch.Tensor, bias_O: torch.Tensor | None = None) -> torch.Tensor:
+        """``X @ weight_FO (+ bias_O)`` without densifying ``X`` (``torch.sparse.mm`` of the COO form;
+        ``batch.dense @ weight_FO`` when the batch carries ``dense``); differentiable in ``weight_FO``
+        and ``bias_O``. ``weight_FO`` is (n_features, out), on the batch's device.
+
+        Forward + backward, 4096 tokens × 16,384 features × 66 nonzeros per token, CPU, 2 threads:
+        150–170 ms for 8–256 outputs with COO, vs 370–380 ms with ``F.embedding_bag`` and 410–630 ms
+        densifying first.
+        """
+        if self.dense is not None:
+            out = self.dense.to(weight_FO.dtype) @ weight_FO
+        else:
+            out = torch.sparse.mm(self.to_sparse_coo().to(weight_FO.dtype), weight_FO)
+        return out if bias_O is None else out + bias_O
+
+    def _map(self, fn: Any) -> SparseBatch:
+        return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SparseBatch:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> SparseBatch:
+        """Called by ``DataLoader(pin_memory=True)``."""
+        return self._map(lambda t: t.pin_memory())
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-side rows (numpy CSR + per-row labels) and the shuffle buffer
+
+
+@dataclass(eq=False)
+class _Rows:
+    crow: np.ndarray  # int64 (n+1,), crow[0] == 0
+    cols: np.ndarray  # int32 (nnz,)
+    vals: np.ndarray  # float32 (nnz,)
+    meta: dict[str, np.ndarray]  # name -> (n,)
+
+    def __len__(self) -> int:
+        return self.crow.size - 1
+
+    @property
+    def nnz(self) -> int:
+        return int(self.crow[-1])
+
+    def slice(self, start: int, stop: int) -> _Rows:
+        a, b = self.crow[start], self.crow[stop]
+        return _Rows(self.crow[start:stop + 1] - a, self.cols[a:b], self.vals[a:b],
+                     {k: v[start:stop] for k, v in self.meta.items()})
+
+    @staticmethod
+    def concat(parts: Sequence[_Rows]) -> _Rows:
+        if len(parts) == 1:
+            return parts[0]
+        offsets = np.cumsum([0] + [p.nnz for p in parts[:-1]])
+        crow = np.concatenate([[0]] + [p.crow[1:] + o for p, o in zip(parts, offsets, strict=True)])
+        return _Rows(crow.astype(np.int64), np.concatenate([p.cols for p in parts]),
+                     np.concatenate([p.vals for p in parts]),
+                     {k: np.concatenate([p.meta[k] for p in parts]) for k in parts[0].meta})
+
+
+def _gather(start: np.ndarray, length: np.ndarray, cols: np.ndarray, vals: np.ndarray,
+            ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR rows ``ids`` of rows stored at ``start[i]`` with ``length[i]`` entries."""
+    s, n = start[ids], length[ids]
+    crow = np.zeros(ids.size + 1, dtype=np.int64)
+    np.cumsum(n, out=crow[1:])
+    flat = np.repeat(s - crow[:-1], n) + np.arange(crow[-1], dtype=np.int64)
+    return crow, cols[flat], vals[flat]
+
+
+class _ShuffleBuffer:
+    """At most ``capacity`` rows waiting to be drawn at random.
+
+    Rows live in growable arrays; drawn rows are only dropped from the ``live`` index, and the
+    storage is compacted (live rows copied into fresh arrays of twice the needed size) when an
+    incoming chunk does not fit, so memory stays within about twice ``capacity`` rows and each
+    stored value is copied O(1) times on average.
+    """
+
+    def __init__(self, capacity: int, meta_dtypes: dict[str, Any]) -> None:
+        self.capacity = capacity
+        self._start = np.zeros(0, np.int64)
+        self._len = np.zeros(0, np.int64)
+        self._cols = np.zeros(0, np.int32)
+        self._vals = np.zeros(0, np.float32)
+        self._meta = {k: np.zeros(0, dt) for k, dt in meta_dtypes.items()}
+        self._n_rows = self._n_nnz = 0
+        self._live = np.zeros(0, np.int64)
+
+    def __len__(self) -> int:
+        return int(self._live.size)
+
+    def add(self, rows: _Rows) -> None:
+        n, nnz = len(rows), rows.nnz
+        assert len(self) + n <= self.capacity, "caller must draw before adding"
+        if self._n_rows + n > self._start.size or self._n_nnz + nnz > self._cols.size:
+            self._compact(n, nnz)
+        r0, z0 = self._n_rows, self._n_nnz
+        self._start[r0:r0 + n] = z0 + rows.crow[:-1]
+        self._len[r0:r0 + n] = np.diff(rows.crow)
+        self._cols[z0:z0 + nnz] = rows.cols
+        self._vals[z0:z0 + nnz] = rows.vals
+        for k, v in self._meta.items():
+            v[r0:r0 + n] = rows.meta[k]
+        self._n_rows, self._n_nnz = r0 + n, z0 + nnz
+        self._live = np.concatenate([self._live, np.arange(r0, r0 + n, dtype=np.int64)])
+
+    def draw(self, k: int, rng: np.random.Generator) -> _Rows:
+        """``k`` rows chosen uniformly without replacement, in random order; they leave the buffer."""
+        pos = rng.choice(len(self), size=k, replace=False)
+        ids = self._live[pos]
+        keep = np.ones(len(self), dtype=bool)
+        keep[pos] = False
+        self._live = self._live[keep]
+        return self._rows(ids)
+
+    def _rows(self, ids: np.ndarray) -> _Rows:
+        crow, cols, vals = _gather(self._start, self._len, self._cols, self._vals, ids)
+        return _Rows(crow, cols, vals, {k: v[ids] for k, v in self._meta.items()})
+
+    def _compact(self, n_add: int, nnz_add: int) -> None:
+        live = self._rows(self._live)
+        n, nnz = len(live), live.nnz
+        row_cap, nnz_cap = 2 * (n + n_add) + 16, 2 * (nnz + nnz_add) + 1024
+        self._start = np.zeros(row_cap, np.int64)
+        self._len = np.zeros(row_cap, np.int64)
+        self._cols = np.zeros(nnz_cap, np.int32)
+        self._vals = np.zeros(nnz_cap, np.float32)
+        self._start[:n], self._len[:n] = live.crow[:-1], np.diff(live.crow)
+        self._cols[:nnz], self._vals[:nnz] = live.cols, live.vals
+        for k in self._meta:
+            self._meta[k] = np.zeros(row_cap, self._meta[k].dtype)
+            self._meta[k][:n] = live.meta[k]
+        self._n_rows, self._n_nnz = n, nnz
+        self._live = np.arange(n, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+
+
+def _as_list(value: Any) -> list[Any]:
+    return [value] if isinstance(value, (str, bytes, int, np.integer)) else list(value)
+
+
+def _positions(name: str, wanted: Any, available: list[Any]) -> list[int]:
+    if wanted is None:
+        return list(range(len(available)))
+    lookup = {v: i for i, v in enumerate(available)}
+    out = []
+    for item in _as_list(wanted):
+        key = type(available[0])(item) if available else item
+        if key not in lookup:
+            raise TorchReaderError(f"{name} {item!r} is not in this run; it has {name}s {available!r}")
+        out.append(lookup[key])
+    if not out or len(set(out)) != len(out):
+        raise TorchReaderError(f"the {name} selection {wanted!r} is empty or names a {name} twice")
+    return out
+
+
+def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is None and world_size is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+    if rank is None or world_size is None:
+        raise TorchReaderError(f"give both rank and world_size or neither, got rank={rank}, world_size={world_size}")
+    if not 0 <= rank < world_size:
+        raise TorchReaderError(f"rank must be in 0…world_size-1, got rank={rank}, world_size={world_size}")
+    return int(rank), int(world_size)
+
+
+class _RunDataset(IterableDataset):
+    """Selection, unit table, sharding and batching shared by the public datasets."""
+
+    _shuffle: bool = False
+    _default_buffer: int = 1 << 16
+
+    def __init__(self, run_path: Any, *, layer_type: str | Sequence[str], layer: int | Sequence[int] | None,
+                 author: str | Sequence[str] | None, doc: int | slice | Sequence[int] | None, batch_size: int,
+                 dense: bool, drop_last: bool, even_batches: bool, rank: int | None, world_size: int | None,
+                 seed: int, buffer_size: int | None) -> None:
+        super().__init__()
+        self.run_path = str(run_path)
+        group = zarr.open_group(self.run_path, mode="r")
+        attrs = protocol.read_attrs(dict(group.attrs), where=self.run_path)
+        self.storage_format: str = attrs.storage.format
+        self.chunk_docs: int = attrs.storage.chunk_docs
+        present = [lt for lt in protocol.LAYER_TYPES if lt in group]
+        layer_types = _as_list(layer_type)
+        for lt in layer_types:
+            if lt not in present:
+                raise TorchReaderError(f"layer type {lt!r} is not in {self.run_path}; it has {', '.join(present)}")
+        run_layers = [int(x) for x in group["layer"][...]]
+        run_authors = [str(a) for a in group["author"][...]]
+        layer_idx = _positions("layer", layer, run_layers)
+        self._author_idx = np.asarray(_positions("author", author, run_authors), dtype=np.int64)
+        self.authors: list[str] = [run_authors[i] for i in self._author_idx]
+        """the selected authors' names; ``batch.author`` indexes this list."""
+        self.blocks: list[tuple[str, int]] = [(lt, run_layers[li]) for lt in layer_types for li in layer_idx]
+        """(layer type, layer) of each block of ``n_features_per_block`` columns, in column order."""
+        self._block_idx = [(lt, li) for lt in layer_types for li in layer_idx]
+        self.n_tok = int(group["tok"].shape[0])
+        self.n_features_per_block = int(group["feature"].shape[0])
+        self.n_features = len(self.blocks) * self.n_features_per_block
+        if self.n_features >= 2**31:
+            raise TorchReaderError(
+                f"{len(self.blocks)} blocks × {self.n_features_per_block} features do not fit int32 column ids")
+        max_docs = int(group["doc"].shape[0])
+        if doc is None:
+            docs = np.arange(max_docs)
+        elif isinstance(doc, slice):
+            docs = np.arange(max_docs)[doc]
+        else:
+            docs = np.asarray(_as_list(doc), dtype=np.int64)
+            if docs.size and (docs.min() < -max_docs or docs.max() >= max_docs):
+                raise TorchReaderError(f"doc positions {doc!r} are out of range 0…{max_docs - 1}")
+            docs = np.where(docs < 0, docs + max_docs, docs)
+        if docs.size == 0 or np.unique(docs).size != docs.size:
+            raise TorchReaderError(f"the doc selection {doc!r} is empty or names a document twice")
+        self._doc_selected = np.zeros(max_docs, dtype=bool)
+        self._doc_selected[docs] = True
+        if batch_size < 1:
+            raise TorchReaderError(f"batch_size must be positive, got {batch_size}")
+        self.batch_size, self.dense, self.drop_last, self.even_batches = batch_size, dense, drop_last, even_batches
+        self.rank, self.world_size = _resolve_rank(rank, world_size)
+        self.seed, self.epoch = int(seed), 0
+        self._n_docs = np.asarray(group["n_docs"][...], dtype=np.int64)
+        self._units = self._unit_table(np.asarray(group["doc_length"][...], dtype=np.int64))
+        self.n_rows = int(self._units[:, 4].sum())
+        """rows (tokens or documents) in the selection: one epoch across all shards."""
+        if self.n_rows == 0:
+            raise TorchReaderError(f"the selection of {self.run_path} holds no valid token")
+        need = batch_size + int(self._units[:, 4].max())
+        if buffer_size is None:
+            buffer_size = max(self._default_buffer, need)
+        if self._shuffle and buffer_size < need:
+            raise TorchReaderError(
+                f"buffer_size={buffer_size} is too small: it must hold one batch ({batch_size}) plus the largest "
+                f"doc-chunk of the selection ({need - batch_size} rows), i.e. at least {need}")
+        self.buffer_size = int(buffer_size)
+        self.peak_buffered_rows = 0
+        """the most rows held by the shuffle buffer while this object was iterated in this process."""
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def __getstate__(self) -> dict[str, Any]:  # zarr handles are reopened in each worker
+        return {**self.__dict__, "_arrays": {}}
+
+    # -- the unit table: one row per non-empty (author, doc-chunk) ----------------------------
+
+    def _doc_rows(self, doc_length_AD: np.ndarray) -> np.ndarray:
+        """Rows each selected document contributes (tokens here; 0 or 1 for documents)."""
+        return doc_length_AD
+
+    def _unit_table(self, doc_length_AD: np.ndarray) -> np.ndarray:
+        """int64 (n_units, 5): author position in the selection, author index, doc-chunk, valid tokens
+        of its selected documents, rows it yields (tokens, or documents)."""
+        cd = self.chunk_docs
+        out = []
+        for pos, a in enumerate(self._author_idx):
+            n_docs = int(self._n_docs[a])
+            selected_D = self._doc_selected[:n_docs]
+            tokens_D = doc_length_AD[a, :n_docs] * selected_D
+            rows_D = self._doc_rows(doc_length_AD[a, :n_docs]) * selected_D
+            for c in range(-(-n_docs // cd)):
+                n_rows = int(rows_D[c * cd:(c + 1) * cd].sum())
+                if n_rows:
+                    out.append((pos, a, c, int(tokens_D[c * cd:(c + 1) * cd].sum()), n_rows))
+        return np.asarray(out, dtype=np.int64).reshape(-1, 5)
+
+    # -- sharding -----------------------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's shuffle (shuffled readers); call before each epoch, before iterating the
+        DataLoader (workers get a copy of the dataset, so use ``persistent_workers=False``)."""
+        self.epoch = int(epoch)
+
+    def _plan(self, n_shards: int) -> list[np.ndarray]:
+        """Unit indices of each shard, in reading order."""
+        rows = self._units[:, 4]
+        if not self._shuffle:
+            before = np.cumsum(rows) - rows
+            shard_of = np.minimum(before * n_shards // max(int(rows.sum()), 1), n_shards - 1)
+            return [np.flatnonzero(shard_of == s) for s in range(n_shards)]
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(rows))
+        heap = [(0, s) for s in range(n_shards)]
+        plan: list[list[int]] = [[] for _ in range(n_shards)]
+        for u in order:
+            load, s = heapq.heappop(heap)
+            plan[s].append(int(u))
+            heapq.heappush(heap, (load + int(rows[u]), s))
+        return [np.asarray(p, dtype=np.int64) for p in plan]
+
+    def _batches_per_shard(self, num_workers: int, plan: list[np.ndarray] | None = None) -> np.ndarray:
+        """int64 (world_size, num_workers): batches each shard yields this epoch."""
+        nw = max(num_workers, 1)
+        plan = self._plan(self.world_size * nw) if plan is None else plan
+        rows = np.asarray([self._units[p, 4].sum() for p in plan], dtype=np.int64)
+        full = rows // self.batch_size
+        if self.even_batches:
+            full = full.reshape(self.world_size, nw)
+            target = int(full.sum(axis=1).min())
+            before = np.cumsum(full, axis=1) - full
+            return np.clip(target - before, 0, full)
+        n = full if self.drop_last else -(-rows // self.batch_size)
+        return n.reshape(self.world_size, nw)
+
+    def n_batches(self, num_workers: int = 0) -> int:
+        """Batches this rank yields in the current epoch with ``num_workers`` DataLoader workers."""
+        return int(self._batches_per_shard(num_workers)[self.rank].sum())
+
+    def __iter__(self) -> Iterator[SparseBatch]:
+        info = get_worker_info()
+        worker, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        shard = self.rank * nw + worker
+        plan = self._plan(self.world_size * nw)
+        limit = int(self._batches_per_shard(nw, plan)[self.rank, worker])
+        rows_iter = self._rows_iter(plan[shard], np.random.default_rng([self.seed, self.epoch, shard]))
+        for i, rows in enumerate(rows_iter):
+            if i >= limit:
+                break
+            yield self._to_batch(rows)
+
+    # -- reading and batching -----------------------------------------------------------------
+
+    def _rows_iter(self, units: np.ndarray, rng: np.random.Generator) -> Iterator[_Rows]:
+        B = self.batch_size
+        if not self._shuffle:
+            carry: _Rows | None = None
+            for u in units:
+                rows = self._read_unit(u)
+                carry = rows if carry is None else _Rows.concat([carry, rows])
+                start = 0
+                while len(carry) - start >= B:
+                    yield carry.slice(start, start + B)
+                    start += B
+                carry = carry.slice(start, len(carry))
+            if carry is not None and len(carry) and not self.drop_last:
+                yield carry
+            return
+        buf: _ShuffleBuffer | None = None
+        for u in units:
+            rows = self._read_unit(u)
+            if buf is None:
+                buf = _ShuffleBuffer(self.buffer_size, {k: v.dtype for k, v in rows.meta.items()})
+            while len(buf) + len(rows) > buf.capacity:
+                yield buf.draw(B, rng)
+            buf.add(rows)
+            self.peak_buffered_rows = max(self.peak_buffered_rows, len(buf))
+        while buf is not None and len(buf) >= B:
+            yield buf.draw(B, rng)
+        if buf is not None and len(buf) and not self.drop_last:
+            yield buf.draw(len(buf), rng)
+
+    def _read_unit(self, u: int) -> _Rows:
+        raise NotImplementedError
+
+    def _array(self, name: str) -> zarr.Array:
+        if name not in self._arrays:
+            self._arrays[name] = zarr.open_array(self.run_path, path=name, mode="r")
+        return self._arrays[name]
+
+    def _read_block(self, lt: str, a: int, li: int, c: int, n_docs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(chunk-local row = doc*n_tok + tok, feature, value) of one SAE chunk, row-major."""
+        if self.storage_format == "sparse":
+            coo = read_sparse_chunk(self.run_path, lt, (a, li, c, 0, 0))
+            d, t, f = coo.coords[2], coo.coords[3], coo.coords[4]
+            return d * self.n_tok + t, f, np.asarray(coo.data, dtype=np.float32)
+        d0 = c * self.chunk_docs
+        x_DTF = self._array(lt)[a, li, d0:d0 + n_docs]
+        d, t, f = np.nonzero(x_DTF)
+        return d * self.n_tok + t, f, x_DTF[d, t, f].astype(np.float32)
+
+    def _read_tokens(self, u: int, token_vars: Sequence[str] = ()) -> _Rows:
+        """The valid tokens of selected documents of unit ``u``, in (doc, tok) order."""
+        pos, a, c, n_expected, _ = (int(x) for x in self._units[u])
+        cd, T = self.chunk_docs, self.n_tok
+        d0 = c * cd
+        n_docs = min(cd, int(self._n_docs[a]) - d0)
+        valid_DT = np.asarray(self._array("valid_mask")[a, d0:d0 + n_docs], dtype=bool)
+        valid_DT &= self._doc_selected[d0:d0 + n_docs, None]
+        rows = np.flatnonzero(valid_DT.ravel())
+        if rows.size != n_expected:
+            raise CorruptChunkError(
+                f"{self.run_path}: author {self.authors[pos]!r} doc-chunk {c} has {rows.size} valid tokens in "
+                f"valid_mask but doc_length says {n_expected}; run `python -m saestore validate`")
+        out_row = np.full(cd * T, -1, dtype=np.int64)
+        out_row[rows] = np.arange(rows.size)
+        r_parts, c_parts, v_parts = [], [], []
+        for k, (lt, li) in enumerate(self._block_idx):
+            r, f, v = self._read_block(lt, a, li, c, n_docs)
+            r = out_row[r]
+            keep = r >= 0
+            r_parts.append(r[keep])
+            c_parts.append(f[keep] + k * self.n_features_per_block)
+            v_parts.append(v[keep])
+        r, f, v = np.concatenate(r_parts), np.concatenate(c_parts), np.concatenate(v_parts)
+        if len(r_parts) > 1:  # each block is row-major; a stable sort by row keeps blocks in column order
+            order = np.argsort(r, kind="stable")
+            r, f, v = r[order], f[order], v[order]
+        crow = np.zeros(rows.size + 1, dtype=np.int64)
+        np.cumsum(np.bincount(r, minlength=rows.size), out=crow[1:])
+        meta = {"author": np.full(rows.size, pos, dtype=np.int64), "doc": d0 + rows // T, "tok": rows % T}
+        for name in token_vars:
+            meta[name] = np.asarray(self._array(name)[a, d0:d0 + n_docs]).ravel()[rows].astype(_TOKEN_VAR_DTYPES[name])
+        return _Rows(crow, f.astype(np.int32), v, meta)
+
+    def _to_batch(self, rows: _Rows) -> SparseBatch:
+        t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in rows.meta.items()}
+        batch = SparseBatch(crow_indices=torch.from_numpy(np.ascontiguousarray(rows.crow, dtype=np.int64)),
+                            col_indices=torch.from_numpy(rows.cols.astype(np.int64)),
+                            values=torch.from_numpy(np.ascontiguousarray(rows.vals, dtype=np.float32)),
+                            n_features=self.n_features, **t)
+        return replace(batch, dense=batch.to_dense()) if self.dense else batch
+
+
+_COMMON_DOC = """
+    Parameters: ``run_path``; the selection ``layer_type``, ``layer``, ``author``, ``doc`` (module
+    docstring); ``batch_size`` rows per batch; ``dense`` also gives ``batch.dense``; ``drop_last``
+    drops each shard's final partial batch; ``even_batches`` gives every rank the same number of
+    full batches (for DDP); ``rank``/``world_size`` (default: ``torch.distributed`` if initialized).
+"""
+
+
+def _token_vars(token_vars: Sequence[str]) -> tuple[str, ...]:
+    bad = set(token_vars) - set(TOKEN_VARS)
+    if bad:
+        raise TorchReaderError(f"token_vars must be a subset of {TOKEN_VARS}, got {sorted(bad)}")
+    return tuple(token_vars)
+
+
+class TokenDataset(_RunDataset):
+    """Every valid token of the selection, in order: author (selection order), doc, tok.
+
+    ``token_vars``: any of ``token_id``, ``ce_loss``, ``entropy`` to put in each batch.
+    """
+
+    __doc__ = (__doc__ or "") + _COMMON_DOC
+
+    def __init__(self, run_path: Any, *, layer_type: str | Sequence[str] = "res",
+                 layer: int | Sequence[int] | None = None, author: str | Sequence[str] | None = None,
+                 doc: int | slice | Sequence[int] | None = None,
+                 batch_size: int = 1024, token_vars: Sequence[str] = (), dense: bool = False, drop_last: bool = False,
+                 even_batches: bool = False, rank: int | None = None, world_size: int | None = None) -> None:
+        self.token_vars = _token_vars(token_vars)
+        super().__init__(run_path, layer_type=layer_type, layer=layer, author=author, doc=doc, batch_size=batch_size,
+                         dense=dense, drop_last=drop_last, even_batches=even_batches, rank=rank,
+                         world_size=world_size, seed=0, buffer_size=None)
+
+    def _read_unit(self, u: int) -> _Rows:
+        return self._read_tokens(u, self.token_vars)
+
+
+class ShuffledTokenDataset(TokenDataset):
+    """The valid tokens of the selection, shuffled; deterministic given ``seed`` and the epoch.
+
+    Each shard reads its doc-chunks whole, in an order drawn from ``(seed, epoch)``, into a shuffle
+    buffer of at most ``buffer_size`` tokens (default ``max(65536, batch_size + largest doc-chunk)``;
+    memory is about twice that many tokens' nonzeros) and draws batches uniformly from it whenever
+    the next chunk would not fit. Call :meth:`set_epoch` before each epoch. The stream depends on
+    ``seed``, epoch, ``batch_size``, ``buffer_size``, ``world_size`` and ``num_workers``.
+    ``token_vars`` as :class:`TokenDataset`.
+    """
+
+    __doc__ = (__doc__ or "") + _COMMON_DOC
+    _shuffle = True
+
+    def __init__(self, run_path: Any, *, layer_type: str | Sequence[str] = "res",
+                 layer: int | Sequence[int] | None = None, author: str | Sequence[str] | None = None,
+                 doc: int | slice | Sequence[int] | None = None,
+                 batch_size: int = 1024, seed: int = 0, buffer_size: int | None = None,
+                 token_vars: Sequence[str] = (), dense: bool = False, drop_last: bool = False,
+                 even_batches: bool = False, rank: int | None = None, world_size: int | None = None) -> None:
+        self.token_vars = _token_vars(token_vars)
+        _RunDataset.__init__(self, run_path, layer_type=layer_type, layer=layer, author=author, doc=doc,
+                             batch_size=batch_size, dense=dense, drop_last=drop_last, even_batches=even_batches,
+                             rank=rank, world_size=world_size, seed=seed, buffer_size=buffer_size)
+
+
+class DocumentDataset(_RunDataset):
+    """One row per selected document with at least one valid token: its features pooled over its
+    valid tokens — ``mean`` (sum / number of valid tokens), ``max`` (largest value, the zeros of
+    tokens where the feature is off included) or ``sum`` — labelled with ``author``, ``doc`` and
+    ``n_tokens``. In order (author, doc), or with ``shuffle=True`` shuffled like
+    :class:`ShuffledTokenDataset` (``buffer_size`` in documents, default 4096).
+    """
+
+    __doc__ = (__doc__ or "") + _COMMON_DOC
+    _default_buffer = 4096
+
+    def __init__(self, run_path: Any, *, pool: str = "mean", layer_type: str | Sequence[str] = "res",
+                 layer: int | Sequence[int] | None = None, author: str | Sequence[str] | None = None,
+                 doc: int | slice | Sequence[int] | None = None, batch_size: int = 64, shuffle: bool = False,
+                 seed: int = 0, buffer_size: int | None = None, dense: bool = False, drop_last: bool = False,
+                 even_batches: bool = False, rank: int | None = None, world_size: int | None = None) -> None:
+        if pool not in POOLS:
+            raise TorchReaderError(f"pool must be one of {POOLS}, got {pool!r}")
+        self.pool = pool
+        self._shuffle = bool(shuffle)
+        super().__init__(run_path, layer_type=layer_type, layer=layer, author=author, doc=doc, batch_size=batch_size,
+                         dense=dense, drop_last=drop_last, even_batches=even_batches, rank=rank,
+                         world_size=world_size, seed=seed, buffer_size=buffer_size)
+
+    def _doc_rows(self, doc_length_AD: np.ndarray) -> np.ndarray:
+        return (doc_length_AD > 0).astype(np.int64)
+
+    def _read_unit(self, u: int) -> _Rows:
+        return _pool(self._read_tokens(u), self.pool, self.n_features)
+
+
+def _pool(tokens: _Rows, pool: str, n_features: int) -> _Rows:
+    """Pool token rows (ordered by doc) into one row per document."""
+    doc_T = tokens.meta["doc"]
+    docs, g_T = np.unique(doc_T, return_inverse=True)
+    n_tokens = np.bincount(g_T, minlength=docs.size)
+    g_nz = np.repeat(g_T, np.diff(tokens.crow))
+    key = g_nz * n_features + tokens.cols
+    uniq, inv = np.unique(key, return_inverse=True)
+    g, col = uniq // n_features, uniq % n_features
+    if pool in ("sum", "mean"):
+        out = np.bincount(inv, weights=tokens.vals.astype(np.float64), minlength=uniq.size)
+        if pool == "mean":
+            out /= n_tokens[g]
+    else:
+        order = np.argsort(inv, kind="stable")
+        starts = np.flatnonzero(np.r_[True, np.diff(inv[order]) != 0])
+        out = np.maximum.reduceat(tokens.vals[order].astype(np.float64), starts) if uniq.size else np.zeros(0)
+        off_somewhere = np.bincount(inv, minlength=uniq.size) < n_tokens[g]
+        out = np.where(off_somewhere, np.maximum(out, 0.0), out)
+    keep = out != 0
+    g, col, out = g[keep], col[keep], out[keep]
+    crow = np.zeros(docs.size + 1, dtype=np.int64)
+    np.cumsum(np.bincount(g, minlength=docs.size), out=crow[1:])
+    author = np.full(docs.size, tokens.meta["author"][0] if len(tokens) else 0, dtype=np.int64)  # one author per unit
+    return _Rows(crow, col.astype(np.int32), out.astype(np.float32),
+                 {"author": author, "doc": docs.astype(np.int64), "n_tokens": n_tokens.astype(np.int64)})
