@@ -66,9 +66,10 @@ class ExtractConfig:
     """dtype of stored activation values (bfloat16 halves the size, rel. error <= 2^-8)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """dtype of the model and SAEs (a 9b model needs 36 GB in float32)."""
-    max_seq_len: int = 512
+    max_seq_len: int | None = None
     """tokens per document input including BOS; n_tok = max_seq_len - 1 tokens are stored, longer
-    documents are truncated (recorded in n_truncated)."""
+    documents are truncated (recorded in n_truncated). Default: 512, or half the context of models with
+    a shorter one (tiny: 128)."""
     chunk_docs: int = 4
     """documents per stored chunk (the unit of progress and resume)."""
     use_error_term: bool = False
@@ -101,7 +102,7 @@ class ExtractConfig:
         for name in ("batch_size", "chunk_docs", "min_docs_per_author"):
             if getattr(self, name) < 1:
                 raise ExtractionConfigError(f"--{name} must be >= 1")
-        if self.max_seq_len < 2:
+        if self.max_seq_len is not None and self.max_seq_len < 2:
             raise ExtractionConfigError("--max_seq_len must be >= 2 (BOS plus one token)")
         if self.resume and self.overwrite:
             raise ExtractionConfigError("--resume and --overwrite exclude each other")
@@ -112,6 +113,8 @@ class ExtractConfig:
 
     @property
     def n_tok(self) -> int:
+        if self.max_seq_len is None:
+            raise ExtractionConfigError("max_seq_len is not resolved yet: call resolve_defaults(cfg)")
         return self.max_seq_len - 1
 
     def semantic(self) -> dict[str, Any]:
@@ -146,6 +149,30 @@ class ExtractConfig:
         from saestore.registry import REGISTRY_FILENAME
 
         return Path(self.registry) if self.registry else Path(self.output_dir) / REGISTRY_FILENAME
+
+
+#: context lengths known without loading anything (prefix of the model name → tokens)
+KNOWN_CONTEXT = {"tiny": 256, "google/gemma-2-": 8192, "gemma-2-": 8192}
+
+
+def model_context(model: str) -> int | None:
+    """The model's context length when known offline, else None (checked later, per batch)."""
+    for prefix, n_ctx in KNOWN_CONTEXT.items():
+        if model == prefix or model.startswith(prefix):
+            return n_ctx
+    return None
+
+
+def resolve_defaults(cfg: ExtractConfig) -> ExtractConfig:
+    """Fill model-dependent defaults (``max_seq_len``) and check them against the model's context."""
+    ctx = model_context(cfg.model)
+    if cfg.max_seq_len is None:
+        return dataclasses.replace(cfg, max_seq_len=min(512, ctx // 2) if ctx else 512)
+    if ctx and cfg.max_seq_len > ctx:
+        raise ExtractionConfigError(
+            f"--max_seq_len {cfg.max_seq_len} exceeds the context of {cfg.model} ({ctx} tokens); "
+            f"pass --max_seq_len {ctx // 2} (leave room for the prompt in the prompted setting)")
+    return cfg
 
 
 def _component(value: str, flag: str) -> str:
@@ -216,4 +243,4 @@ def parse_args(argv: list[str] | None = None) -> ExtractConfig:
     return ExtractConfig(**kw)
 
 
-__all__ = ["ExtractConfig", "DEFAULT_PROMPT", "make_parser", "parse_args"]
+__all__ = ["ExtractConfig", "DEFAULT_PROMPT", "make_parser", "parse_args", "resolve_defaults", "model_context"]
