@@ -26,6 +26,8 @@ __all__ = ["register", "main", "make_parser", "STATS", "compute_stat", "write_re
 
 #: --stat name → (function in saestore.stats, variable to keep or None for the whole Dataset).
 STATS: dict[str, tuple[str, str | None]] = {
+    "doc_loss": ("doc_loss", None),
+    "bits_per_byte": ("bits_per_byte", None),
     "feature_stats": ("feature_stats", None),
     "count": ("feature_stats", "count"),
     "frequency": ("feature_stats", "frequency"),
@@ -117,6 +119,8 @@ def compute_stat(ds: Any, args: argparse.Namespace) -> Any:
     fn: Callable[..., Any] = getattr(stats, fn_name)
     kw: dict[str, Any] = {"author": args.author, "layer": args.layer, "doc": args.doc}
     by = None if args.by == "pooled" else args.by
+    if fn_name in ("doc_loss", "bits_per_byte"):  # token-level metrics: no SAE selection
+        return fn(ds, author=args.author, **({"by": by} if fn_name == "bits_per_byte" else {}))
     if fn_name in _TAKES_BY:  # the others are per author anyway (l0, doc_vectors, specificity)
         kw["by"] = by
     if fn_name in _NO_SELECTION_FEATURE and not args.feature:
