@@ -1,1 +1,9 @@
-"""Benchmarks and the synthetic SAE-like workloads they run on (:mod:`saestore.bench.synthetic`)."""
+"""Benchmarks (``python -m saestore.bench``) and the synthetic SAE-like workloads they run on.
+
+One module per concern: :mod:`~saestore.bench.synthetic` (the generator), :mod:`~saestore.bench.workloads`
+(runs and one-SAE slices), :mod:`~saestore.bench.baselines` (the seed's files, a delphi-style cache),
+one module per section (:mod:`~saestore.bench.sizes`, :mod:`~saestore.bench.write`,
+:mod:`~saestore.bench.stats_speed`, :mod:`~saestore.bench.access`, :mod:`~saestore.bench.extraction`),
+:mod:`~saestore.bench.child` (measured subprocesses), :mod:`~saestore.bench.run` (the driver) and
+:mod:`~saestore.bench.report` (targets, machine, markdown). BENCHMARKS.md holds the last full run.
+"""

@@ -1,0 +1,137 @@
+"""``python -m saestore.bench --quick``: the report is produced and well-formed.
+
+A smoke test: it checks the files, the JSON keys, the markdown tables and that every ratio is a
+finite number; never a timing threshold (the CI machine is shared and noisy). Plus unit checks
+of the baselines the benchmark compares against.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from saestore.bench.baselines import delphi_split_bounds, seed_module
+from saestore.bench.report import LIBRARIES
+from saestore.bench.run import SECTIONS
+
+SECTION_KEYS = {"bytes", "write", "stats", "access", "extract"}
+
+
+@pytest.fixture(scope="module")
+def quick_report(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]:
+    out = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "SAESTORE_CACHE": str(tiny_cache)}
+    res = subprocess.run([sys.executable, "-m", "saestore.bench", "--quick", "--out", str(out)],
+                         capture_output=True, text=True, timeout=900, env=env)
+    assert res.returncode == 0, res.stderr[-4000:]
+    report = json.loads((out / "bench.json").read_text(encoding="utf-8"))
+    return out, report, res.stdout
+
+
+def _ratios(obj, where=""):
+    """Every (path, value) under a "ratios" mapping."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == "ratios" and isinstance(v, dict):
+                yield from ((f"{where}.{k}.{n}", x) for n, x in v.items())
+            else:
+                yield from _ratios(v, f"{where}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _ratios(v, f"{where}[{i}]")
+
+
+@pytest.mark.slow
+def test_report_files_and_keys(quick_report):
+    out, report, stdout = quick_report
+    assert (out / "bench.md").is_file()
+    assert not (out / "work").exists(), "the work folder is removed unless --keep"
+    assert report["schema"] == "saestore.bench/1" and report["mode"] == "quick"
+    assert set(report["sections"]) == SECTION_KEYS == set(SECTIONS)
+    m = report["machine"]
+    for key in ("cpu", "cores", "ram_gib", "python", "libraries", "date", "loadavg_start", "loadavg_end"):
+        assert key in m, key
+    assert set(m["libraries"]) == set(LIBRARIES)
+    assert set(report["sections"]["bytes"]) == {"synthetic", "tiny"}
+    for res in report["sections"]["bytes"].values():
+        keys = {r["key"] for r in res["rows"]}
+        assert {"saestore_sparse_float32", "saestore_sparse_bfloat16", "saestore_sparse_float16",
+                "saestore_dense_float32", "seed_sparse", "seed_dense", "delphi", "bound"} == keys
+        assert res["workload"]["nnz"] > 0 and "whole_run" in res
+    assert len(report["sections"]["stats"]["sizes"]) == 2
+    assert all(s["check"]["agree"] for s in report["sections"]["stats"]["sizes"]), "the three stats paths disagree"
+    assert all(s["result"]["agree"] for s in report["sections"]["access"]["sizes"])
+    assert [r["n_docs_per_author"] for r in report["sections"]["extract"]["runs"]] == [1, 2]
+    assert "targets met" in stdout
+
+
+@pytest.mark.slow
+def test_every_ratio_and_target_is_finite(quick_report):
+    _, report, _ = quick_report
+    ratios = list(_ratios(report))
+    assert len(ratios) > 30
+    bad = [(p, v) for p, v in ratios if not (isinstance(v, float) and math.isfinite(v) and v > 0)]
+    assert not bad, bad
+    assert len(report["targets"]) >= 10
+    for t in report["targets"]:
+        assert set(t) == {"name", "section", "value", "op", "threshold", "basis", "passed", "margin"}
+        assert math.isfinite(t["value"]) and t["value"] > 0 and t["op"] in ("<=", ">=")
+        assert t["passed"] == (t["value"] <= t["threshold"] if t["op"] == "<=" else t["value"] >= t["threshold"])
+
+
+@pytest.mark.slow
+def test_markdown_tables_are_well_formed(quick_report):
+    out, report, _ = quick_report
+    md = (out / "bench.md").read_text(encoding="utf-8")
+    for heading in ("## Targets", "## 1. Bytes per nonzero — synthetic", "## 1. Bytes per nonzero — tiny",
+                    "## 2. Write", "## 3. Statistics", "## 4. Random access", "## 5. Extraction"):
+        assert heading in md, heading
+    tables = [block.splitlines() for block in re.findall(r"(?m)(?:^\|.*\n?)+", md)]
+    assert len(tables) >= 7
+    for t in tables:
+        n = t[0].count("|")
+        assert re.fullmatch(r"\|(---\|)+", t[1]), t[1]
+        assert all(row.count("|") == n for row in t), t[0]
+        assert len(t) > 2
+    target_rows = tables[0][2:]
+    assert len(target_rows) == len(report["targets"])
+    assert all(("PASS" in r) != ("MISS" in r) for r in target_rows)
+
+
+def test_seed_csr_from_nonzeros_equals_the_dense_path(tmp_path):
+    """The large baseline files are built from nonzeros; they must be the seed's exact bytes."""
+    import scipy.sparse
+
+    seed = seed_module()
+    rng = np.random.default_rng(0)
+    dense = (rng.random((3, 7, 50)) < 0.1) * rng.lognormal(size=(3, 7, 50))
+    dense = dense.astype(np.float32)
+    a = seed.csr_from_dense(dense)
+    rows, cols = np.nonzero(dense.reshape(21, 50))
+    b = seed.csr_from_nonzeros(rows, cols, dense.reshape(21, 50)[rows, cols], (21, 50))
+    buf_a, buf_b = io.BytesIO(), io.BytesIO()
+    scipy.sparse.save_npz(buf_a, a)
+    scipy.sparse.save_npz(buf_b, b)
+    assert buf_a.getvalue() == buf_b.getvalue()
+
+
+def test_delphi_split_bounds_cover_every_feature_once():
+    for width, n in [(16384, 5), (1024, 5), (10, 3), (7, 7)]:
+        bounds = delphi_split_bounds(width, n)
+        covered = np.concatenate([np.arange(s, e + 1) for s, e in bounds])
+        assert np.array_equal(covered, np.arange(width)) and len(bounds) <= n
+
+
+def test_cli_rejects_an_unknown_section():
+    res = subprocess.run([sys.executable, "-m", "saestore.bench", "--only", "nowhere"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2 and "invalid choice" in res.stderr
