@@ -300,7 +300,14 @@ def decode_coords(data: bytes | memoryview, shape: tuple[int, ...]) -> tuple[np.
     n_cols = int(shape[-1])
     n_rows = math.prod(shape[:-1])
     _, rows, cols, values = decode_rows(data, n_rows, n_cols)
-    if len(shape) == 1:
-        return cols[None, :], values
-    lead = np.unravel_index(rows, shape[:-1]) if len(shape) > 2 else (rows,)
-    return np.vstack([*lead, cols]), values
+    coords = np.empty((len(shape), values.size), dtype=np.int64)
+    coords[-1] = cols
+    if len(shape) > 1:
+        # leading coordinates are computed once per row, then gathered per nonzero; size-1 axes are 0
+        per_row = np.unravel_index(np.arange(n_rows, dtype=np.int64), shape[:-1])
+        for axis, size in enumerate(shape[:-1]):
+            if size == 1:
+                coords[axis] = 0
+            else:
+                np.take(per_row[axis], rows, out=coords[axis])
+    return coords, values
