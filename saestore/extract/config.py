@@ -216,6 +216,9 @@ def make_parser() -> argparse.ArgumentParser:
     )
     defaults = {f.name: f.default for f in dataclasses.fields(ExtractConfig)}
     p.add_argument("--layers", nargs="+", required=True, help=helps["layers"])
+    p.add_argument("--model", nargs="+", default=[defaults["model"]],
+                   help=helps["model"] + " Several models (or a .txt file listing one per line) make one run "
+                   "each, on the same documents; one model's failure is reported and the others go on.")
     p.add_argument("--layer_types", nargs="+", choices=["res", "mlp", "att"], help=helps["layer_types"])
     p.add_argument("--exclude_authors", nargs="*", default=[], help=helps["exclude_authors"])
     choices: dict[str, list[str]] = {
@@ -223,7 +226,7 @@ def make_parser() -> argparse.ArgumentParser:
         "value_dtype": ["float32", "bfloat16", "float16"], "dtype": ["float32", "bfloat16", "float16"],
     }
     for f in dataclasses.fields(ExtractConfig):
-        if f.name in ("layers", "layer_types", "exclude_authors"):
+        if f.name in ("layers", "layer_types", "exclude_authors", "model"):
             continue
         default = defaults[f.name]
         if isinstance(default, bool):
@@ -234,13 +237,39 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> ExtractConfig:
-    ns = make_parser().parse_args(argv)
-    kw = vars(ns)
+def _models(values: list[str]) -> list[str]:
+    """Model names from ``--model``: names, local folders, or ``.txt`` files listing one per line."""
+    out: list[str] = []
+    for v in values:
+        path = Path(v).expanduser()
+        if path.is_file() and path.suffix in (".txt", ".list"):
+            lines = [ln.split("#", 1)[0].strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+            out += [ln for ln in lines if ln]
+        else:
+            out.append(v)
+    if not out:
+        raise ExtractionConfigError("--model names no model")
+    if len(set(out)) != len(out):
+        raise ExtractionConfigError(f"--model lists a model twice: {out}")
+    return out
+
+
+def parse_all(argv: list[str] | None = None) -> list[ExtractConfig]:
+    """One configuration per model named by ``--model``."""
+    kw = vars(make_parser().parse_args(argv))
     kw["layers"] = _int_list(kw["layers"])
     kw["layer_types"] = tuple(kw["layer_types"]) if kw["layer_types"] else None
     kw["exclude_authors"] = tuple(kw["exclude_authors"] or ())
-    return ExtractConfig(**kw)
+    models = _models(kw.pop("model"))
+    return [ExtractConfig(model=m, **kw) for m in models]
 
 
-__all__ = ["ExtractConfig", "DEFAULT_PROMPT", "make_parser", "parse_args", "resolve_defaults", "model_context"]
+def parse_args(argv: list[str] | None = None) -> ExtractConfig:
+    """The configuration of a one-model command line."""
+    configs = parse_all(argv)
+    if len(configs) != 1:
+        raise ExtractionConfigError(f"expected one model, got {len(configs)}")
+    return configs[0]
+
+
+__all__ = ["ExtractConfig", "DEFAULT_PROMPT", "make_parser", "parse_args", "parse_all", "resolve_defaults", "model_context"]
