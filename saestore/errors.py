@@ -49,3 +49,9 @@ class DatasetError(SaestoreError, ValueError):
 
 class WorkerFailedError(SaestoreError):
     """One or more extraction workers failed; the message names the authors left unfinished."""
+
+
+class StoreWriteError(SaestoreError):
+    """Writing to a run store failed (disk full, permissions, an I/O error). The message names what
+    was being written; every doc-chunk whose progress marker is set is intact, so rerunning the same
+    command once writes succeed again finishes the run."""

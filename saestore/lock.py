@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import fcntl
 import json
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 from types import TracebackType
 
@@ -15,22 +18,15 @@ from saestore.errors import RunLockedError
 log = logging.getLogger(__name__)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 class RunLock:
-    """Exclusive, stale-aware lock of a run path (local filesystems).
+    """Exclusive lock of a run path (local filesystems), released by the kernel when its holder dies.
 
-    A lock held by a live process raises :class:`RunLockedError` naming the holder; a lock whose
-    process is gone (same host, pid not alive) is taken over. Remote URLs are not locked (object
-    stores have no exclusive create); a warning says so.
+    The lock file ``<run path>.lock`` holds the holder's JSON ``{host, pid, started_at}`` and is held
+    with an exclusive ``flock(2)`` for as long as the holder runs. A second writer gets
+    :class:`RunLockedError` naming the holder. A process that dies, even by SIGKILL, releases its
+    ``flock``; the next writer takes the lock over (its file names the dead holder until then).
+    Taking over needs no liveness guess, so two processes can never both win a stale lock. Remote
+    URLs are not locked (object stores have no locks); a warning says so.
     """
 
     def __init__(self, run_path: str | Path) -> None:
@@ -38,15 +34,17 @@ class RunLock:
         self.local = "://" not in self.run_path
         self.path = Path(self.run_path.rstrip("/") + ".lock") if self.local else None
         self.held = False
+        self._fd: int | None = None
 
     def holder(self) -> dict | None:
-        """The current holder's JSON, or None if unlocked or unreadable."""
+        """The current (or last) holder's JSON, or None if unlocked or unreadable."""
         if self.path is None:
             return None
         try:
-            return json.loads(self.path.read_text(encoding="utf-8"))
+            data = json.loads(self.path.read_text(encoding="utf-8"))
         except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
             return None
+        return data if isinstance(data, dict) else None
 
     def acquire(self) -> RunLock:
         if self.path is None:
@@ -55,37 +53,50 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = {"host": socket.gethostname(), "pid": os.getpid(),
               "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-        for _ in range(3):
+        for _ in range(20):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                held = self.holder()
-                if held is None or (held.get("host") == me["host"] and not _pid_alive(int(held.get("pid", -1)))):
-                    log.warning("taking over stale lock %s (holder %s)", self.path, held)
-                    stale = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
-                    try:
-                        os.replace(self.path, stale)
-                        stale.unlink()
-                    except FileNotFoundError:
-                        pass  # another process took it over first; retry
-                    continue
-                raise RunLockedError(
-                    f"run {self.run_path} is being written by pid {held.get('pid')} on host {held.get('host')} "
-                    f"since {held.get('started_at')}; wait for it to finish, or if that process is gone for good, "
-                    f"delete {self.path}"
-                ) from None
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(me, f)
-            self.held = True
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise RunLockedError(f"cannot lock {self.path}: {e}") from e
+                raise RunLockedError(self._held_message()) from None
+            try:  # a holder that released unlinked the file we opened: lock the new one instead
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            previous = self.holder()
+            if previous:
+                log.warning("taking over the lock %s of a process that is gone (%s)", self.path, _fmt(previous))
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode("utf-8"), 0)
+            self._fd, self.held = fd, True
             return self
         raise RunLockedError(f"could not acquire {self.path}: it keeps changing hands")
 
-    def release(self) -> None:
-        if self.held and self.path is not None:
+    def _held_message(self) -> str:
+        held = None
+        for _ in range(50):  # the new holder writes its name right after locking
             held = self.holder()
-            if held and held.get("pid") == os.getpid():
-                self.path.unlink(missing_ok=True)
-            self.held = False
+            if held:
+                break
+            time.sleep(0.01)
+        who = _fmt(held) if held else "another process (it has not written its name yet)"
+        return (f"run {self.run_path} is being written by {who}; wait for it to finish, or stop that process. "
+                f"(The lock {self.path} is released when its holder exits, even if it is killed.)")
+
+    def release(self) -> None:
+        if self.held and self._fd is not None:
+            try:
+                self.path.unlink(missing_ok=True)  # while still locked: waiters re-check the file they locked
+            finally:
+                os.close(self._fd)
+                self._fd, self.held = None, False
+        self.held = False
 
     def __enter__(self) -> RunLock:
         return self.acquire()
@@ -93,3 +104,7 @@ class RunLock:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.release()
+
+
+def _fmt(holder: dict) -> str:
+    return f"pid {holder.get('pid')} on host {holder.get('host')} since {holder.get('started_at')}"

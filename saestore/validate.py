@@ -2,9 +2,12 @@
 
 Checks: the root attributes (schema, version, layout); every array's presence, dimension names,
 data type, chunk shape, fill value and codec chain; every stored chunk's checksum and
-decodability; and every progress marker against its chunks (valid-token and nonzero counts must
-match what the chunks hold, so a missing or replaced chunk file is caught). ``--repair`` clears the
-markers of bad doc-chunks, so ``extract --resume`` recomputes exactly those.
+decodability; every progress marker against its chunks (valid-token and nonzero counts must
+match what the chunks hold, so a missing or replaced chunk file is caught; SAE chunks that store no
+value are named as the likely missing ones); and, for every written doc-chunk, the padding rules of
+§2.5 on its per-token and per-document chunks (a missing chunk file reads as its fill value, which
+breaks them wherever the doc-chunk has tokens). ``--repair`` clears the markers of bad doc-chunks,
+so rerunning the extraction recomputes exactly those.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +81,14 @@ def _check_layout(group: zarr.Group, attrs: protocol.RunAttrs, where: str) -> li
         if name not in group:
             problems.append(Problem(kind="layout", where=name, message="coordinate array is missing"))
     for spec in specs:
-        if spec.name not in group:
+        try:
+            arr = group[spec.name] if spec.name in group else None
+        except (ValueError, TypeError, KeyError) as e:  # metadata zarr cannot parse (e.g. a bad codec entry)
+            problems.append(Problem(kind="layout", where=spec.name, message=f"unreadable metadata: {e}"))
+            continue
+        if arr is None:
             problems.append(Problem(kind="layout", where=spec.name, message="variable is missing"))
             continue
-        arr = group[spec.name]
         meta = arr.metadata.to_dict()
         if tuple(meta.get("dimension_names") or ()) != spec.dims:
             problems.append(Problem(kind="layout", where=spec.name,
@@ -119,6 +126,35 @@ def _grid(arr: zarr.Array) -> list[tuple[int, ...]]:
     return [tuple(int(i) for i in idx) for idx in np.ndindex(*counts)]
 
 
+def _token_problems(group: zarr.Group, a: int, c: int, cd: int, n_docs: int) -> list[str]:
+    """PROTOCOL.md §2.5 on one written doc-chunk's per-token and per-document chunks. A chunk file that
+    is missing reads as its fill value, which breaks these rules wherever the doc-chunk has tokens."""
+    tok = {name: group[name].blocks[(a, c, 0)] for name in ("valid_mask", "token_id", "token", "ce_loss", "entropy")}
+    doc = {name: group[name].blocks[(a, c)] for name in ("text", "doc_id", "doc_length", "n_truncated")}
+    valid = tok["valid_mask"].astype(bool)
+    exists = np.arange(valid.shape[0]) < n_docs - c * cd
+    out = []
+
+    def check(ok: np.ndarray, name: str, rule: str) -> None:
+        if not ok.all():
+            out.append(f"{name} breaks '{rule}' at {int((~ok).sum())} position(s) (its chunk file may be missing "
+                       "or replaced)")
+
+    check((tok["token_id"] >= 0) == valid, "token_id", "-1 exactly at padding")
+    check(np.isnan(tok["ce_loss"]) == ~valid, "ce_loss", "NaN exactly at padding")
+    check(np.isnan(tok["entropy"]) == ~valid, "entropy", "NaN exactly at padding")
+    check(np.asarray(tok["token"][~valid] == "", dtype=bool), "token", "empty at padding")
+    if valid.any() and (tok["token"][valid] == "").all():
+        out.append("token is empty at every valid token (its chunk file may be missing or replaced)")
+    check(doc["doc_length"] == valid.sum(axis=-1), "doc_length", "the number of valid tokens")
+    check((doc["doc_id"] >= 0) == exists, "doc_id", "-1 exactly for missing documents")
+    empty_text = np.asarray(doc["text"] == "", dtype=bool)
+    check(np.where(exists, ~(empty_text & (doc["doc_length"] > 0)), empty_text), "text",
+          "empty exactly for missing documents")
+    check(exists | (doc["n_truncated"] == 0), "n_truncated", "0 for missing documents")
+    return out
+
+
 def validate_run(path: str | Path, *, repair: bool = False) -> Report:
     """Check a run; with ``repair``, clear the progress markers of every bad doc-chunk."""
     path = str(path)
@@ -132,12 +168,20 @@ def validate_run(path: str | Path, *, repair: bool = False) -> Report:
     report.problems += _check_layout(group, attrs, path)
     if report.problems:
         return report
-    authors = [str(a) for a in group["author"][...]]
-    layers = [int(x) for x in group["layer"][...]]
+    try:
+        authors = [str(a) for a in group["author"][...]]
+        layers = [int(x) for x in group["layer"][...]]
+        group["n_docs"][...]
+    except (ValueError, RuntimeError) as e:  # a corrupt coordinate: nothing can be named, nor recomputed
+        report.problems.append(Problem(kind="layout", where="author, layer, n_docs", message=(
+            f"unreadable: {type(e).__name__}: {e}. Re-extraction cannot repair the run's coordinates: "
+            "recreate it (extract ... --overwrite)")))
+        return report
     cd = attrs.storage.chunk_docs
     # decode every chunk; per (author, doc-chunk): nonzeros and valid tokens actually stored
     nnz: dict[tuple[int, int], int] = defaultdict(int)
     n_valid: dict[tuple[int, int], int] = defaultdict(int)
+    empty: dict[tuple[int, int], list[str]] = defaultdict(list)  # SAE chunks storing no value
     bad: set[tuple[int, int]] = set()
     progress_shape = zarr.open_array(path, path=protocol.PROGRESS_PATH, mode="r").shape
     for name in [*(lt for lt in protocol.LAYER_TYPES if lt in attrs.saes), *(v.name for v in protocol.VARIABLES)]:
@@ -168,27 +212,54 @@ def validate_run(path: str | Path, *, repair: bool = False) -> Report:
             report.n_chunks_checked += 1
             if name in protocol.LAYER_TYPES:
                 nnz[(a, c)] += count
-    progress = zarr.open_array(path, path=protocol.PROGRESS_PATH, mode="r")[...]
+                if count == 0:
+                    empty[(a, c)].append(f"{name} layer {layers[coords[1]]} (chunk {'/'.join(map(str, coords))})")
+    progress_arr = zarr.open_array(path, path=protocol.PROGRESS_PATH, mode="r")
+    try:
+        progress = progress_arr[...]
+    except (ValueError, RuntimeError):  # a marker chunk is corrupt: read them one by one below
+        progress = None
     n_docs = group["n_docs"][...]
     for a, author in enumerate(authors):
         for c in range(math.ceil(int(n_docs[a]) / cd)):
-            done, marked_valid, marked_nnz, _ = (int(x) for x in progress[a, c])
+            try:
+                marker = progress[a, c] if progress is not None else progress_arr[a, c]
+            except (ValueError, RuntimeError) as e:
+                report.problems.append(Problem(
+                    kind="marker", where=f"author {author!r} doc-chunk {c}", author_idx=a, doc_chunk=c,
+                    message=f"progress marker chunk {protocol.PROGRESS_PATH}/c/{a}/{c}/0 is unreadable: "
+                            f"{type(e).__name__}: {e}"))
+                bad.add((a, c))
+                continue
+            done, marked_valid, marked_nnz, _ = (int(x) for x in marker)
             if not done:
                 continue
             report.n_markers_checked += 1
             if (a, c) in bad:
                 continue
             if marked_valid != n_valid[(a, c)] or marked_nnz != nnz[(a, c)]:
+                suspects = f"; chunks storing no value: {', '.join(empty[(a, c)])}" if empty[(a, c)] else ""
                 report.problems.append(Problem(
                     kind="marker", where=f"author {author!r} doc-chunk {c}", author_idx=a, doc_chunk=c,
                     message=f"marker says {marked_valid} valid tokens and {marked_nnz} nonzeros, chunks hold "
-                            f"{n_valid[(a, c)]} and {nnz[(a, c)]} (a chunk file is missing or was replaced)"))
+                            f"{n_valid[(a, c)]} and {nnz[(a, c)]} (a chunk file is missing or was replaced)"
+                            + suspects))
+                bad.add((a, c))
+                continue
+            for message in _token_problems(group, a, c, cd, int(n_docs[a])):
+                report.problems.append(Problem(kind="chunk", where=f"author {author!r} doc-chunk {c}",
+                                               author_idx=a, doc_chunk=c, message=message))
                 bad.add((a, c))
     if repair and bad:
         from saestore.lock import RunLock
         from saestore.writer import finalize_run
 
         with RunLock(path):  # no extraction may run while markers change
+            # first say so: a repair killed half-way must not leave a run that claims to be complete
+            group = zarr.open_group(path, mode="r+", use_consolidated=False)
+            group.attrs[protocol.ATTRS_KEY] = replace(
+                attrs, status="failed", failed_authors=sorted({authors[a] for a, _ in bad})).to_json()
+            zarr.consolidate_metadata(path)
             writable = zarr.open_array(path, path=protocol.PROGRESS_PATH, mode="r+")
             report.repaired = []
             for a, c in sorted(bad):

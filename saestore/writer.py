@@ -18,10 +18,12 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import math
+import os
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +34,17 @@ from zarr.core.array_spec import ArrayConfig
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from saestore import protocol, sparse_coo
+from saestore import faults, protocol, sparse_coo
 from saestore.codec import SparseCOOCodec
-from saestore.errors import ConfigMismatchError, ProtocolError, SaestoreError
+from saestore.errors import ConfigMismatchError, CorruptChunkError, ProtocolError, SaestoreError, StoreWriteError
 from saestore.protocol import RunAttrs, StorageInfo
 
 log = logging.getLogger(__name__)
 
 SPARSE_ZSTD_LEVEL = 3
 DENSE_ZSTD_LEVEL = 1
+#: a local run is built at ``{path}{CREATING_SUFFIX}`` and renamed to ``{path}`` once complete
+CREATING_SUFFIX = ".creating"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,6 +193,15 @@ def create_run(
             return _reopen(path, layout, attrs)
     elif mode == "resume":
         raise SaestoreError(f"--resume: no run at {path}; drop --resume to start it")
+    # A local store is built next to its path and renamed into place when complete, so a process
+    # killed while creating it leaves no half-made run at `path` (which a rerun could not resume).
+    # The caller holds the run lock, so a leftover build folder is a dead process's: remove it.
+    final_path, local = path, "://" not in path
+    if local:
+        path = path.rstrip("/") + CREATING_SUFFIX
+        if Path(path).exists():
+            log.warning("removing %s, left by a creation that was interrupted", path)
+            shutil.rmtree(path)
 
     group = zarr.open_group(path, mode="w-", zarr_format=3)
     cd = layout.storage.chunk_docs
@@ -198,6 +211,7 @@ def create_run(
         arr = group.create_array(name, shape=values.shape, dtype=dtype, chunks=values.shape,
                                  dimension_names=[name], fill_value=None if dtype is str else 0)
         arr[...] = values
+        faults.point("create_array")
 
     coord("author", np.array(layout.authors, dtype=object), str)
     coord("layer", np.array(layout.layers, dtype=np.int64), "int64")
@@ -214,12 +228,14 @@ def create_run(
         group.create_array(lt, shape=shapes[spec.dims], chunks=chunks[spec.dims], dtype=_sae_dtype(layout.storage),
                            fill_value=0.0, dimension_names=list(spec.dims),
                            attributes={"long_name": spec.meaning}, **_sae_codecs(layout.storage))
+        faults.point("create_array")
     for spec in protocol.VARIABLES:
         dtype = str if spec.dtype == "string" else spec.dtype
         group.create_array(spec.name, shape=shapes[spec.dims], chunks=chunks[spec.dims], dtype=dtype,
                            fill_value=_fill(spec), dimension_names=list(spec.dims),
                            compressors=[ZstdCodec(level=3), Crc32cCodec()],
                            attributes={"long_name": spec.meaning})
+        faults.point("create_array")
     group["n_docs"][...] = np.array(layout.n_docs, dtype=np.int32)
     progress = zarr.open_group(path, mode="a", path=protocol.PROGRESS_PATH.rsplit("/", 1)[0])
     progress.create_array(protocol.PROGRESS_PATH.rsplit("/", 1)[1], shape=(A, layout.n_chunks_max, len(protocol.PROGRESS_FIELDS)),
@@ -229,8 +245,11 @@ def create_run(
     attrs = replace(attrs, status="running", created_at=_now(), finalized_at=None,
                     library_versions=protocol.library_versions())
     protocol.validate_json(attrs.to_json(), "run_attributes")
+    faults.point("create_array")
     group.attrs[protocol.ATTRS_KEY] = attrs.to_json()
     zarr.consolidate_metadata(path)
+    if local:
+        os.rename(path, final_path)  # atomic: the run appears complete or not at all
     return attrs
 
 
@@ -248,7 +267,11 @@ def _reopen(path: str, layout: RunLayout, attrs: RunAttrs) -> RunAttrs:
             f"{path} holds a run with a different configuration (differs in: {', '.join(changed)}); "
             "rerun with the same arguments to resume, choose another --run_name, or pass --overwrite"
         )
-    stored = read_layout(group)
+    try:
+        stored = read_layout(group)
+    except (ValueError, TypeError, KeyError) as e:  # array metadata that zarr or a codec refuses
+        raise ProtocolError(f"{path} has array metadata saestore cannot read ({e}); pass --overwrite to recreate "
+                            "the run") from e
     if stored != layout:
         raise ConfigMismatchError(
             f"{path} has the same configuration but another layout (the dataset changed?); pass --overwrite"
@@ -256,6 +279,7 @@ def _reopen(path: str, layout: RunLayout, attrs: RunAttrs) -> RunAttrs:
     new = replace(old, status="running", finalized_at=None, failed_authors=[])
     group = zarr.open_group(path, mode="r+", use_consolidated=False)
     group.attrs[protocol.ATTRS_KEY] = new.to_json()
+    faults.point("reopen")
     zarr.consolidate_metadata(path)
     log.info("resuming %s", path)
     return new
@@ -279,7 +303,16 @@ def read_layout(group: zarr.Group) -> RunLayout:
 def read_progress(path: str | Path) -> np.ndarray:
     """The progress markers as an int64 array (author, doc_chunk, field)."""
     arr = zarr.open_array(str(path), path=protocol.PROGRESS_PATH, mode="r")
-    return arr[...]
+    return _read_markers(arr, ..., str(path))
+
+
+def _read_markers(arr: zarr.Array, selection: Any, path: str) -> np.ndarray:
+    try:
+        return arr[selection]
+    except (ValueError, RuntimeError) as e:  # crc32c or zstd refused a marker chunk
+        raise CorruptChunkError(
+            f"progress markers of {path} are unreadable ({e}); run `python -m saestore validate {path} --repair`, "
+            "then the extraction again") from e
 
 
 def finalize_run(path: str | Path, *, failed_authors: Sequence[str] = ()) -> RunAttrs:
@@ -293,6 +326,7 @@ def finalize_run(path: str | Path, *, failed_authors: Sequence[str] = ()) -> Run
     attrs = protocol.read_attrs(dict(group.attrs), where=path)
     attrs = replace(attrs, status="failed" if failed else "complete", finalized_at=_now(), failed_authors=failed)
     group.attrs[protocol.ATTRS_KEY] = attrs.to_json()
+    faults.point("finalize_attrs")
     zarr.consolidate_metadata(path)
     return attrs
 
@@ -311,11 +345,15 @@ class RunWriter:
 
     def done_chunks(self, author_idx: int) -> set[int]:
         """Doc-chunks of this author whose progress marker is set."""
-        marks = self.progress[author_idx, :, 0]
+        marks = _read_markers(self.progress, (author_idx, slice(None), 0), self.path)
         return {int(c) for c in np.flatnonzero(marks == 1)}
 
     def write_chunk(self, author_idx: int, chunk_idx: int, data: ChunkData) -> None:
-        """Write every payload of one (author, doc-chunk), then its progress marker."""
+        """Write every payload of one (author, doc-chunk), then its progress marker.
+
+        A failing write (disk full, I/O error) raises :class:`StoreWriteError` naming the payload;
+        that doc-chunk is left without a marker, and every doc-chunk with a marker is untouched.
+        """
         layout = self.layout
         docs = layout.chunk_docs_range(author_idx, chunk_idx)
         n_d, n_t = len(docs), layout.n_tok
@@ -324,14 +362,16 @@ class RunWriter:
         if data.valid_DT.shape != (n_d, n_t):
             raise SaestoreError(f"chunk data covers {data.valid_DT.shape}, expected {(n_d, n_t)}")
         nnz = 0
+        steps: list[tuple[str, Callable[[], None]]] = []
         for (lt, layer), acts in data.acts.items():
             li = layout.layers.index(layer)
             if isinstance(acts, SparseActs):
                 nnz += acts.nnz
-                self._write_sae_sparse(lt, author_idx, li, chunk_idx, acts)
+                steps.append((f"{lt} layer {layer}", partial(self._write_sae_sparse, lt, author_idx, li, chunk_idx, acts)))
             else:
                 nnz += int(np.count_nonzero(acts))
-                self._write_sae_dense(lt, author_idx, li, chunk_idx, np.asarray(acts))
+                steps.append((f"{lt} layer {layer}",
+                              partial(self._write_sae_dense, lt, author_idx, li, chunk_idx, np.asarray(acts))))
         # per-token and per-document variables cover the chunk up to the array edge (no partial writes)
         cd = layout.storage.chunk_docs
         start = chunk_idx * cd
@@ -348,9 +388,25 @@ class RunWriter:
             dtype = object if spec.dtype == "string" else spec.dtype
             full = np.full((span, *arr.shape[2:]), _fill(spec), dtype=dtype)
             full[:n_d] = values
-            arr[author_idx, start:stop] = full
+            steps.append((name, partial(arr.__setitem__, (author_idx, slice(start, stop)), full)))
         n_valid = int(np.count_nonzero(data.valid_DT))
-        self.progress[author_idx, chunk_idx] = np.array([1, n_valid, nnz, time.time_ns()], dtype=np.int64)
+        for what, write in steps:
+            self._guarded(what, author_idx, chunk_idx, write)
+            faults.point("payload")
+        faults.point("before_marker")
+        marker = np.array([1, n_valid, nnz, time.time_ns()], dtype=np.int64)
+        self._guarded("progress marker", author_idx, chunk_idx,
+                      partial(self.progress.__setitem__, (author_idx, chunk_idx), marker))
+        faults.point("after_marker")
+
+    def _guarded(self, what: str, author_idx: int, chunk_idx: int, write: Callable[[], None]) -> None:
+        try:
+            write()
+        except OSError as e:
+            raise StoreWriteError(
+                f"writing {what} of author {self.layout.authors[author_idx]!r} doc-chunk {chunk_idx} to {self.path} "
+                f"failed: {e} (every doc-chunk with a progress marker is intact)"
+            ) from e
 
     def _chunk_key(self, arr: zarr.Array, coords: tuple[int, ...]) -> str:
         return f"{arr.store_path.path}/{arr.metadata.encode_chunk_key(coords)}"

@@ -11,15 +11,17 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import sqlite3
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from saestore import protocol
-from saestore.errors import SaestoreError, WorkerFailedError
-from saestore.extract.config import ExtractConfig, parse_args
+from saestore import faults, protocol
+from saestore.errors import SaestoreError, StoreWriteError, WorkerFailedError
+from saestore.extract.config import ExtractConfig, parse_all, resolve_defaults
 from saestore.extract.worker import AuthorWork, WorkerStats, run_worker
 from saestore.lock import RunLock
 from saestore.registry import Registry
@@ -119,10 +121,28 @@ def _du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
+def _exit_with(coordinator: int) -> None:
+    """Stop this worker as soon as its coordinator is gone (even killed by SIGKILL, which no cleanup
+    sees): the rerun that takes the run's lock over must be the run's only writer."""
+
+    def watch() -> None:
+        while os.getppid() == coordinator:
+            time.sleep(0.5)
+        log.error("the coordinator (pid %d) is gone: this worker stops", coordinator)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="saestore-coordinator-watch", daemon=True).start()
+
+
 def _worker_entry(path: str, cfg: ExtractConfig, specs: list[Any], work: list[AuthorWork], device: str,
-                  rank: int, n_threads: int, queue: Any) -> None:
+                  rank: int, n_threads: int, queue: Any, coordinator: int) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker{rank} %(levelname)s %(message)s")
-    stats = run_worker(path, cfg, specs, work, device, rank, n_threads)
+    _exit_with(coordinator)
+    try:
+        stats = run_worker(path, cfg, specs, work, device, rank, n_threads)
+    except SaestoreError as e:  # e.g. an SAE that does not fit the model: tell the coordinator why
+        log.error("worker %d failed: %s", rank, e)
+        stats = WorkerStats(failed={w.author: f"{type(e).__name__}: {e}" for w in work})
     queue.put((rank, stats.to_json()))
 
 
@@ -154,7 +174,7 @@ def run_local(path: str, cfg: ExtractConfig, specs: list[Any], work: list[Author
             log.info("worker %d (%s) has no author: %d workers for %d authors", rank, device, len(devices), len(work))
             continue
         p = ctx.Process(target=_worker_entry, args=(path, cfg, specs, share, device, rank,
-                                                    threads if device == "cpu" else 0, queue),
+                                                    threads if device == "cpu" else 0, queue, os.getpid()),
                         name=f"saestore-worker-{rank}")
         p.start()
         procs.append((rank, p, share))
@@ -208,6 +228,7 @@ def _check_l0(stats: WorkerStats, attrs: protocol.RunAttrs) -> None:
 def extract(cfg: ExtractConfig) -> int:
     """Run an extraction; returns the process exit code (0 complete, 1 failed authors)."""
     t0 = time.perf_counter()
+    cfg = resolve_defaults(cfg)
     specs, by_author, layout, attrs = plan(cfg)
     path = cfg.run_path()
     work = [AuthorWork(author_idx=i, author=a, docs=tuple(by_author[a])) for i, a in enumerate(layout.authors)]
@@ -220,32 +241,79 @@ def extract(cfg: ExtractConfig) -> int:
     registry = Registry(cfg.registry_path())
     mode = "overwrite" if cfg.overwrite else "resume" if cfg.resume else "auto"
     with RunLock(path):
+        faults.point("lock")
         attrs = create_run(path, layout, attrs, mode=mode)
         registry.start(path=str(path), run_name=path.name.removesuffix(".zarr"), model=cfg.model,
                        dataset=cfg.dataset_name, category=cfg.category_name, config_hash=attrs.config_hash,
                        config=attrs.config, authors=list(layout.authors), n_docs=sum(layout.n_docs))
+        faults.point("created")
         log.info("extracting %d authors, %d documents into %s on %s", len(layout.authors), sum(layout.n_docs),
                  path, ", ".join(devices))
         error = None
         try:
             stats = run_local(str(path), cfg, specs, work, devices)
         except BaseException as e:  # noqa: BLE001 - record the failure, finalize, re-raise
-            stats, error = WorkerStats(failed={a: repr(e) for a in layout.authors}), e
-        final = finalize_run(path, failed_authors=sorted(stats.failed))
+            stats, error = WorkerStats(failed={a: f"{type(e).__name__}: {e}" for a in layout.authors}), e
+        faults.point("workers_done")
+        try:
+            final = finalize_run(path, failed_authors=sorted(stats.failed))
+        except (OSError, SaestoreError) as e:  # cannot write (disk full?) or read (corrupt markers): say so
+            _finish_registry(registry, path, "failed", list(layout.authors), t0, f"{type(e).__name__}: {e}")
+            if not isinstance(e, OSError):
+                raise
+            cause = _first_failure(stats)
+            raise StoreWriteError(
+                (f"{cause}; then " if cause else "") + f"finalizing {path} failed: {type(e).__name__}: {e}. Fix the "
+                "cause (free space?) and rerun the same command: doc-chunks with a progress marker are kept"
+            ) from (error or e)
+        faults.point("finalized")
         wall = time.perf_counter() - t0
-        progress = read_progress(path)
-        registry.finish(str(path), status=final.status, failed_authors=final.failed_authors,
-                        n_tokens=int(progress[..., 1].sum()), n_nonzero=int(progress[..., 2].sum()),
-                        bytes=_du(path), wall_s=wall, error=repr(error) if error else
-                        "; ".join(f"{a}: {m}" for a, m in sorted(stats.failed.items())) or None)
+        _finish_registry(registry, path, final.status, final.failed_authors, t0, repr(error) if error else
+                         "; ".join(f"{a}: {m}" for a, m in sorted(stats.failed.items())) or None)
         if error is not None:
             raise error
     _check_l0(stats, final)
     print(_summary(path, layout, final, stats, wall), flush=True)
     if final.failed_authors:
+        cause = _first_failure(stats)
         raise WorkerFailedError(
-            f"{len(final.failed_authors)} author(s) not finished: {', '.join(final.failed_authors)}; "
-            "rerun the same command to finish them")
+            f"{len(final.failed_authors)} author(s) not finished: {', '.join(final.failed_authors)}."
+            + (f" First error: {cause}." if cause else "") + " Rerun the same command to finish them once the cause "
+            "is fixed")
+    return 0
+
+
+def _first_failure(stats: WorkerStats) -> str | None:
+    """The first recorded failure (authors in order) for one-line messages, naming its author."""
+    return next((m if repr(a) in m else f"{a!r}: {m}" for a, m in sorted(stats.failed.items())), None)
+
+
+def _finish_registry(registry: Registry, path: Path, status: str, failed_authors: list[str], t0: float,
+                     error: str | None) -> None:
+    """Record the outcome in the registry; a registry that cannot be written is logged, not fatal."""
+    try:
+        progress = read_progress(path)
+        registry.finish(str(path), status=status, failed_authors=failed_authors,
+                        n_tokens=int(progress[..., 1].sum()), n_nonzero=int(progress[..., 2].sum()),
+                        bytes=_du(path), wall_s=time.perf_counter() - t0, error=error)
+    except (OSError, sqlite3.Error, SaestoreError) as e:
+        log.error("could not record the outcome of %s in the registry %s: %s", path, registry.path, e)
+
+
+def extract_many(configs: list[ExtractConfig]) -> int:
+    """One run per model, on the same document selection; a failing model does not stop the others."""
+    failures: dict[str, str] = {}
+    for cfg in configs:
+        log.info("model %s (%d of %d)", cfg.model, configs.index(cfg) + 1, len(configs))
+        try:
+            extract(cfg)
+        except SaestoreError as e:
+            failures[cfg.model] = f"{type(e).__name__}: {e}"
+            log.error("model %s failed: %s", cfg.model, e)
+    done = [c.model for c in configs if c.model not in failures]
+    print(f"models done: {', '.join(done) or 'none'}", flush=True)
+    if failures:
+        raise WorkerFailedError("; ".join(f"{m}: {msg}" for m, msg in failures.items()))
     return 0
 
 
@@ -254,8 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "huggingface_hub", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        cfg = parse_args(argv)
-        return extract(cfg)
+        configs = parse_all(argv)
+        if len(configs) > 1:
+            return extract_many(configs)
+        return extract(configs[0])
     except WorkerFailedError as e:
         print(f"saestore.extract: error: {e}", file=sys.stderr)
         return 1

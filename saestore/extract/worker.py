@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from saestore.errors import SaestoreError
+from saestore import faults
+from saestore.errors import SaestoreError, StoreWriteError
 from saestore.extract.config import ExtractConfig
 from saestore.extract.data import Document
 from saestore.extract.metrics import token_metrics
@@ -107,6 +108,10 @@ class Extractor:
     def run_batch(self, prompt: list[int], docs: Sequence[Document]) -> list[_DocResult]:
         """Forward one batch of one author's documents; return per-document sparse results on the host."""
         n_tok, p_len = self.cfg.n_tok, len(prompt)
+        if p_len >= self.n_ctx:
+            raise SaestoreError(
+                f"the prompt alone ({p_len} tokens with BOS) fills the model context {self.n_ctx}: shorten "
+                "--prompt_template, or the author's name")
         if p_len + n_tok > self.n_ctx:
             raise SaestoreError(
                 f"prompt ({p_len} tokens) + max_seq_len - 1 ({n_tok}) exceeds the model context {self.n_ctx}; "
@@ -128,6 +133,7 @@ class Extractor:
         logits, cache = self.model.run_with_cache_with_saes(
             input_ids, saes=self.saes, attention_mask=mask, use_error_term=self.cfg.use_error_term,
             names_filter=lambda name: name.endswith("hook_sae_acts_post"))
+        faults.point("forward")
         if not torch.isfinite(logits).all():
             raise SaestoreError(
                 f"the model produced NaN/inf logits on documents {[d.doc_id for d in docs]}; "
@@ -261,9 +267,14 @@ def run_worker(path: str, cfg: ExtractConfig, specs: Sequence[SAESpec], work: Se
         pbar = tqdm(total=total, desc=f"worker {rank} [{device}]", unit="doc", position=rank, leave=True,
                     dynamic_ncols=True)
     try:
-        for w in work:
+        for i, w in enumerate(work):
             try:
                 extract_author(ex, writer, w, stats, pbar)
+            except StoreWriteError as e:  # the store cannot be written: the other authors would fail alike
+                log.error("worker %d: stopping: %s", rank, e)
+                for rest in work[i:]:
+                    stats.failed[rest.author] = f"{type(e).__name__}: {e}"
+                break
             except (SaestoreError, RuntimeError, ValueError, OSError) as e:
                 log.error("worker %d: author %r failed: %s", rank, w.author, e)
                 stats.failed[w.author] = f"{type(e).__name__}: {e}"

@@ -1,0 +1,539 @@
+"""Bad input, table-driven: every case gets what a user would expect, a clear typed error or a
+recorded, documented handling. ``CASES`` is the table (its keys are the test ids); the handling of
+each case is in its docstring. Also: nothing executes from data (no pickle/eval/exec, weights and
+arrays loaded without pickle, attribute and codec JSON validated before use).
+
+Extractions run in this process (``main(argv)``, one torch thread) on a small JSON-lines corpus
+built from the demo corpus plus the bad rows, shared by the cases that only look at its result.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+import saestore
+from saestore import protocol
+from saestore.errors import ProtocolError, ProtocolVersionError
+from saestore.extract.corpus import demo_corpus
+
+N_TOK = 23
+ARGS = ["--model", "tiny", "--layers", "1", "--layer_types", "res", "--sae_features_width", "1k",
+        "--max_seq_len", str(N_TOK + 1), "--chunk_docs", "2", "--batch_size", "4", "--devices", "cpu", "--quiet",
+        "--min_length_doc", "3"]
+NAMES = {"slash": "a/b", "dotdot": "..", "control": "ctl\tname\x07\x1b[31m\x00end", "long": "L" * 1000,
+         "dup": "dup", "dup_ws": "Dup ", "unicode": "émoji ✨"}
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """One torch thread per extraction (the CLI takes cpu_count // workers; two threads spin on a
+    shared 2-core machine). Restored after: other tests' float results depend on the thread count."""
+    import torch
+
+    real, threads = os.cpu_count, torch.get_num_threads()
+    os.cpu_count = lambda: 1
+    try:
+        yield
+    finally:
+        os.cpu_count = real
+        torch.set_num_threads(threads)
+
+
+def extract(out: Path, dataset: Path | None, *args: str) -> tuple[int, str, str]:
+    """``python -m saestore.extract`` in this process: (exit code, stderr, log text)."""
+    from saestore.extract.launch import main
+
+    data = ["--dataset_name", "AuthorMix", "--dataset_path", str(dataset)] if dataset else ["--dataset_name", "demo"]
+    err, logs = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(logs)
+    logger = logging.getLogger("saestore")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with _one_thread(), contextlib.redirect_stderr(err):
+            code = main([*ARGS, *data, "--output_dir", str(out), *args])
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return code, err.getvalue(), logs.getvalue()
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    """The shared corpus: two short documents per odd author name, plus every bad row."""
+    out = tmp_path_factory.mktemp("bad_input")
+    texts = [d["text"] for d in demo_corpus(6)]
+    rows = []
+    for i, name in enumerate(NAMES.values()):
+        rows += [{"style": name, "text": texts[2 * i][:80]}, {"style": name, "text": texts[2 * i + 1][:60]}]
+    rows += [
+        {"style": "dup", "text": "Anchor the harbor at dawn"},  # a later row of an earlier author
+        {"style": "a/b", "text": ""}, {"style": "a/b", "text": "  \n\t "}, {"style": "..", "text": None},
+        {"style": "a/b", "text": texts[20]},  # far longer than max_seq_len
+        {"style": "shorty", "text": "hi there"},  # below --min_length_doc: the author is left with nothing
+        {"style": "   ", "text": texts[21][:50]}, {"style": None, "text": texts[22][:50]},  # no author
+        {"style": 42, "text": 12345.5}, {"style": 7, "text": "seven is a number"},  # not strings
+        {"style": "émoji ✨", "text": "naïve café — 東京 🚀 ok ẞ"},
+    ]
+    dataset = _jsonl(out / "bad.jsonl", rows)
+    return {"out": out, "dataset": dataset, "rows": rows}
+
+
+@pytest.fixture(scope="module")
+def data_run(corpus, tiny_cache) -> dict:
+    code, err, logs = extract(corpus["out"], corpus["dataset"], "--run_name", "data")
+    assert code == 0, err + logs
+    path = corpus["out"] / "AuthorMix" / "tiny" / "data.zarr"
+    ds = xr.open_zarr(path)
+    return {**corpus, "path": path, "ds": ds, "logs": logs,
+            "authors": [str(a) for a in ds.author.values]}
+
+
+def _docs(run: dict, author: str) -> list[str]:
+    ds = run["ds"]
+    a = run["authors"].index(author)
+    return [str(t) for t in ds.text.values[a, : int(ds.n_docs.values[a])]]
+
+
+def _refused(code: int, err: str, *words: str) -> None:
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("saestore.extract: error:"), err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+# --------------------------------------------------------------------------------------------
+# the cases
+# --------------------------------------------------------------------------------------------
+
+def case_empty_texts(request):
+    """Empty texts are dropped before extraction and counted in the log."""
+    run = request.getfixturevalue("data_run")
+    assert "" not in _docs(run, "a/b")
+    assert "dropped 3 empty documents" in run["logs"]
+
+
+def case_whitespace_only_texts(request):
+    """Whitespace-only texts count as empty: dropped and counted."""
+    run = request.getfixturevalue("data_run")
+    assert all(t.strip() for a in run["authors"] for t in _docs(run, a))
+
+
+def case_missing_text_values(request):
+    """A null text is an empty text: dropped."""
+    run = request.getfixturevalue("data_run")
+    assert len(_docs(run, "..")) == 2
+
+
+def case_non_utf8_bytes_in_file(request):
+    """A file that is not UTF-8: DatasetError naming the file and the byte, with the fix; nothing written."""
+    out = request.getfixturevalue("tmp_path")
+    for name, raw in [("latin1.csv", "style,text\nann,café naïve text here\n".encode("latin-1")),
+                      ("bad.jsonl", b'{"style": "ann", "text": "hello \xff\xfe world here"}\n')]:
+        (out / name).write_bytes(raw)
+        code, err, _ = extract(out, out / name, "--run_name", "x")
+        _refused(code, err, name, "not UTF-8", "iconv")
+    assert not list(out.rglob("*.zarr")) and not (out / "saestore_runs.sqlite").exists()
+
+
+def _verbatim(request, key: str) -> None:
+    run = request.getfixturevalue("data_run")
+    name = NAMES[key]
+    assert name in run["authors"]  # a coordinate value, byte for byte
+    assert _docs(run, name)[0] == [r for r in run["rows"] if r["style"] == name][0]["text"]
+    files = [p.relative_to(run["out"]).as_posix() for p in run["out"].rglob("*")]
+    assert all(name not in f for f in files if key != "dup")  # never a path (PROTOCOL.md §2.1)
+    assert all(f.startswith(("AuthorMix", "bad.jsonl", "saestore_runs")) for f in files)
+
+
+def case_author_name_with_slash(request):
+    """'a/b' is stored verbatim as an author coordinate; no path is derived from it."""
+    _verbatim(request, "slash")
+
+
+def case_author_name_dotdot(request):
+    """'..' likewise: a value, never a path."""
+    _verbatim(request, "dotdot")
+
+
+def case_author_name_control_characters(request):
+    """Tab, BEL, ESC and NUL in a name survive verbatim (and in a fresh xr.open_zarr)."""
+    _verbatim(request, "control")
+
+
+def case_author_name_very_long(request):
+    """A 1000-character name is stored verbatim."""
+    _verbatim(request, "long")
+
+
+def case_author_name_unicode(request):
+    """Non-ASCII names and texts round-trip exactly (UTF-8)."""
+    _verbatim(request, "unicode")
+    assert "naïve café — 東京 🚀 ok ẞ" in _docs(request.getfixturevalue("data_run"), "émoji ✨")
+
+
+def case_author_name_duplicate_rows(request):
+    """Rows with the same author name are one author; its documents keep source order (doc_id)."""
+    run = request.getfixturevalue("data_run")
+    a = run["authors"].index("dup")
+    assert _docs(run, "dup")[2] == "Anchor the harbor at dawn"
+    ids = run["ds"].doc_id.values[a, :3]
+    assert list(ids) == sorted(ids)
+
+
+def case_author_names_differing_in_case_or_space(request):
+    """'dup' and 'Dup ' are two authors: names are taken verbatim, never normalized or merged."""
+    run = request.getfixturevalue("data_run")
+    assert {"dup", "Dup "} <= set(run["authors"]) and len(set(run["authors"])) == len(run["authors"])
+
+
+def case_author_name_empty_or_missing(request):
+    """Rows without an author (null, '', whitespace) are skipped and counted in the log."""
+    run = request.getfixturevalue("data_run")
+    assert "skipped 2 rows" in run["logs"] and not any(not a.strip() for a in run["authors"])
+
+
+def case_non_string_values(request):
+    """Numbers in the author or text column are read as their text ('7'); '12345.5' is one word, too short."""
+    run = request.getfixturevalue("data_run")
+    assert "7" in run["authors"] and "42" not in run["authors"]
+    assert _docs(run, "7") == ["seven is a number"]
+
+
+def case_document_longer_than_max_seq_len(request):
+    """Truncated to its first max_seq_len - 1 tokens; the dropped count is in n_truncated."""
+    from transformers import AutoTokenizer
+
+    from saestore.extract.tiny import build_tiny_bundle
+
+    run = request.getfixturevalue("data_run")
+    ds = run["ds"]
+    tok = AutoTokenizer.from_pretrained(build_tiny_bundle() / "tokenizer")
+    long_text = [r["text"] for r in run["rows"] if r["style"] == "a/b"][-1]
+    assert len(tok(long_text, add_special_tokens=False)["input_ids"]) > 4 * N_TOK
+    n_truncated = 0
+    for a, author in enumerate(run["authors"]):
+        for d, text in enumerate(_docs(run, author)):
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            assert int(ds.doc_length.values[a, d]) == min(len(ids), N_TOK)
+            assert int(ds.n_truncated.values[a, d]) == max(0, len(ids) - N_TOK)
+            np.testing.assert_array_equal(ds.token_id.values[a, d, : min(len(ids), N_TOK)], ids[:N_TOK])
+            n_truncated += len(ids) > N_TOK
+    assert n_truncated >= 1
+
+
+def case_document_shorter_than_minimum(request):
+    """Below --min_length_doc words: dropped; an author left with no document is dropped, and logged."""
+    run = request.getfixturevalue("data_run")
+    assert "shorty" not in run["authors"] and "dropped author 'shorty'" in run["logs"]
+
+
+def case_empty_dataset_file(request):
+    """An empty file, or a header without rows: DatasetError 'has no rows'; nothing written."""
+    out = request.getfixturevalue("tmp_path")
+    for name, raw in [("empty.jsonl", b""), ("header.csv", b"style,text\n")]:
+        (out / name).write_bytes(raw)
+        code, err, _ = extract(out, out / name, "--run_name", "x")
+        _refused(code, err, "has no rows")
+    assert not list(out.rglob("*.zarr"))
+
+
+def case_every_document_filtered_out(request):
+    """Nothing left after the filters: DatasetError saying how many were read and why they went."""
+    out = request.getfixturevalue("tmp_path")
+    data = _jsonl(out / "d.jsonl", [{"style": "ann", "text": ""}, {"style": "bob", "text": "too short"}])
+    code, err, _ = extract(out, data, "--run_name", "x")
+    _refused(code, err, "no documents left", "2 read", "1 empty")
+
+
+@pytest.fixture(scope="module")
+def one_author_two_workers(corpus, tiny_cache) -> dict:
+    data = _jsonl(corpus["out"] / "one.jsonl", [{"style": "solo", "text": t["text"][:70]} for t in demo_corpus(3)[:3]])
+    code, err, logs = extract(corpus["out"], data, "--run_name", "one", "--devices", "cpu:2")
+    return {"code": code, "err": err, "logs": logs, "path": corpus["out"] / "AuthorMix" / "tiny" / "one.zarr"}
+
+
+def case_one_author_only(request):
+    """A corpus of one author is a run of one author."""
+    run = request.getfixturevalue("one_author_two_workers")
+    assert run["code"] == 0, run["err"]
+    ds = xr.open_zarr(run["path"])
+    assert list(ds.author.values) == ["solo"] and ds.attrs["saestore"]["status"] == "complete"
+
+
+def case_more_workers_than_authors(request):
+    """Workers without an author do nothing (logged); the run completes."""
+    run = request.getfixturevalue("one_author_two_workers")
+    assert run["code"] == 0, run["err"]
+    assert "worker 1 (cpu) has no author: 2 workers for 1 authors" in run["logs"]
+
+
+def case_sae_d_in_mismatch(request):
+    """An SAE whose d_in is not the hook's width: ExtractionConfigError naming both widths (exit 2);
+    no chunk is computed and the run is recorded as failed."""
+    import torch
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    out = request.getfixturevalue("tmp_path")
+    request.getfixturevalue("tiny_cache")
+    folder = out / "saes" / "res" / "layer_1" / "width_1k"
+    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=32, d_sae=1024, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_post")))
+    with torch.no_grad():
+        sae.W_enc.normal_()
+    sae.save_model(folder)
+    code, err, _ = extract(out, None, "--sae_path", str(out / "saes"), "--n_docs_per_author", "2", "--run_name", "x")
+    _refused(code, err, "d_in 32", "width 64", "blocks.1.hook_resid_post")
+    path = out / "demo" / "tiny" / "x.zarr"
+    assert not (zarr.open_array(str(path), path=protocol.PROGRESS_PATH)[...] != 0).any()
+
+
+def _poisoned(request, value: float) -> None:
+    from saestore.extract import models
+
+    out = request.getfixturevalue("tmp_path")
+    request.getfixturevalue("tiny_cache")
+    real = models.load_model
+
+    def load_poisoned(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.blocks[0].hook_resid_post.add_perma_hook(lambda x, hook: x + value)
+        return model
+
+    mp = request.getfixturevalue("monkeypatch")
+    mp.setattr(models, "load_model", load_poisoned)
+    code, err, _ = extract(out, None, "--n_docs_per_author", "2", "--exclude_authors", "lawyer", "gardener",
+                           "--run_name", "x")
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1, err
+    assert "3 author(s) not finished" in lines[0] and "NaN/inf logits" in lines[0] and "--dtype float32" in lines[0]
+    path = out / "demo" / "tiny" / "x.zarr"
+    assert xr.open_zarr(path).attrs["saestore"]["failed_authors"] == ["astronomer", "chef", "sailor"]
+    assert not (zarr.open_array(str(path), path=protocol.PROGRESS_PATH)[...] != 0).any()  # nothing marked done
+    assert not list((path / "res").rglob("c/*"))  # nothing stored
+
+
+def case_model_output_nan(request):
+    """NaN in the model: every author fails with 'NaN/inf logits ... try --dtype float32' (exit 1);
+    nothing is stored, nothing is marked done."""
+    _poisoned(request, float("nan"))
+
+
+def case_model_output_inf(request):
+    """inf in the model: the same."""
+    _poisoned(request, float("inf"))
+
+
+def case_prompt_longer_than_model_context(request):
+    """A name so long that the prompted setting cannot fit the model context: that author fails
+    with a message saying so; the others are extracted."""
+    out = request.getfixturevalue("tmp_path")
+    request.getfixturevalue("tiny_cache")
+    data = _jsonl(out / "d.jsonl", [{"style": "ok", "text": "Anchor the harbor at dawn today"},
+                                    {"style": "word " * 300, "text": "Anchor the harbor at dawn today"}])
+    code, err, _ = extract(out, data, "--setting", "prompted", "--run_name", "x")
+    assert code == 1 and "prompt alone" in err and "fills the model context 256" in err, err
+    ds = xr.open_zarr(out / "AuthorMix" / "tiny" / "x.zarr")
+    assert ds.attrs["saestore"]["failed_authors"] == ["word " * 300]
+    assert int(ds.doc_length.sel(author="ok").values[0]) > 0
+
+
+def _stored_copy(request, name: str) -> tuple[dict, Path]:
+    run = request.getfixturevalue("data_run")
+    path = run["out"] / "AuthorMix" / "tiny" / f"{name}.zarr"
+    shutil.copytree(run["path"], path)
+    return run, path
+
+
+def _edit_attrs(path: Path, edit: Callable[[dict], None]) -> None:
+    meta = json.loads((path / "zarr.json").read_text())
+    edit(meta["attributes"]["saestore"])
+    (path / "zarr.json").write_text(json.dumps(meta))
+
+
+def _refused_store(request, run: dict, path: Path, error: type, *words: str) -> None:
+    from saestore.reader import open_run
+    from saestore.validate import validate_run
+
+    before = _tree(path)
+    with pytest.raises(error) as e:
+        open_run(path)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+    assert not validate_run(path).ok
+    code, err, _ = extract(run["out"], run["dataset"], "--run_name", path.name.removesuffix(".zarr"))
+    _refused(code, err, *words)
+    assert _tree(path) == before  # refused before anything was written
+
+
+def case_store_of_newer_major_version(request):
+    """A store written by protocol 2.x: ProtocolVersionError naming both versions, from open_run,
+    validate and extract; the store is left untouched."""
+    run, path = _stored_copy(request, "newer")
+    _edit_attrs(path, lambda a: a.update(protocol_version="2.0"))
+    _refused_store(request, run, path, ProtocolVersionError, "protocol 2.0", "major version 1")
+
+
+def case_store_of_another_layout(request):
+    """A Zarr store that is not a saestore run at the run path: ProtocolError ('not a saestore run';
+    --overwrite replaces it); untouched."""
+    run = request.getfixturevalue("data_run")
+    path = run["out"] / "AuthorMix" / "tiny" / "other.zarr"
+    xr.Dataset({"x": ("t", np.arange(3))}).to_zarr(path, zarr_format=3)
+    _refused_store(request, run, path, ProtocolError, "not a saestore run")
+
+
+def case_store_with_invalid_root_attributes(request):
+    """Root attributes that break schema/run_attributes.schema.json: ProtocolError naming the field."""
+    run, path = _stored_copy(request, "invalid")
+    _edit_attrs(path, lambda a: a.update(status="exploded"))
+    _refused_store(request, run, path, ProtocolError, "run_attributes JSON is invalid at status")
+
+
+def case_codec_entry_with_unknown_configuration_key(request):
+    """A sparse_coo codec entry with a key it does not define is refused before any chunk is
+    decoded: by open_run (ValueError naming the key), validate, and extract (ProtocolError)."""
+    from saestore.reader import open_run
+    from saestore.validate import validate_run
+
+    run, path = _stored_copy(request, "codec")
+    for f in (path / "res" / "zarr.json", path / "zarr.json"):
+        meta = json.loads(f.read_text())
+        node = meta if f.parent.name == "res" else meta["consolidated_metadata"]["metadata"]["res"]
+        node["codecs"][0]["configuration"]["exec"] = "import os"
+        f.write_text(json.dumps(meta))
+    before = _tree(path)
+    with pytest.raises(ValueError, match=r"unknown configuration keys \['exec'\]"):
+        open_run(path)
+    report = validate_run(path)
+    assert not report.ok and "unknown configuration keys" in report.format()
+    code, err, _ = extract(run["out"], run["dataset"], "--run_name", "codec")
+    _refused(code, err, "unknown configuration keys", "--overwrite")
+    assert _tree(path) == before
+
+
+CASES: dict[str, Callable] = {
+    name.removeprefix("case_").replace("_", "-"): fn for name, fn in globals().items() if name.startswith("case_")
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_bad_input(case, request):
+    CASES[case](request)
+
+
+def test_table_lists_every_case_the_issue_names():
+    named = {"empty-texts", "whitespace-only-texts", "non-utf8-bytes-in-file", "author-name-with-slash",
+             "author-name-dotdot", "author-name-control-characters", "author-name-very-long",
+             "author-name-duplicate-rows", "document-longer-than-max-seq-len", "document-shorter-than-minimum",
+             "one-author-only", "more-workers-than-authors", "sae-d-in-mismatch", "model-output-nan",
+             "model-output-inf", "store-of-newer-major-version", "store-of-another-layout"}
+    assert named <= set(CASES), named - set(CASES)
+    assert all(fn.__doc__ for fn in CASES.values())
+
+
+# --------------------------------------------------------------------------------------------
+# nothing executes from data
+# --------------------------------------------------------------------------------------------
+
+PACKAGE = Path(saestore.__file__).resolve().parent
+UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "marshal", "shelve", "jsonpickle"}
+
+
+def _call_name(node: ast.Call) -> str:
+    f = node.func
+    parts = []
+    while isinstance(f, ast.Attribute):
+        parts.append(f.attr)
+        f = f.value
+    if isinstance(f, ast.Name):
+        parts.append(f.id)
+    return ".".join(reversed(parts))
+
+
+def _kw(node: ast.Call, name: str) -> object:
+    for k in node.keywords:
+        if k.arg == name:
+            return k.value.value if isinstance(k.value, ast.Constant) else "<expr>"
+    return None
+
+
+def _unsafe(tree: ast.AST, where: str) -> list[str]:
+    """Every way ``tree`` could turn data into code: pickle-family imports, eval/exec/compile/
+    __import__, torch.load without weights_only=True, np.load with allow_pickle, yaml.load,
+    trust_remote_code."""
+    findings = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            bad = [n for n in names if n.split(".")[0] in UNSAFE_MODULES]
+            if bad:
+                findings.append(f"{where}:{node.lineno} imports {bad}")
+        elif isinstance(node, ast.Call):
+            name = _call_name(node)
+            if name in ("eval", "exec", "compile", "__import__", "builtins.eval", "builtins.exec"):
+                findings.append(f"{where}:{node.lineno} calls {name}()")
+            elif name.endswith("torch.load") and _kw(node, "weights_only") is not True:
+                findings.append(f"{where}:{node.lineno} torch.load without weights_only=True")
+            elif name in ("np.load", "numpy.load") and _kw(node, "allow_pickle") not in (None, False):
+                findings.append(f"{where}:{node.lineno} np.load with allow_pickle")
+            elif name in ("yaml.load", "yaml.unsafe_load", "yaml.full_load"):
+                findings.append(f"{where}:{node.lineno} {name}")
+            if _kw(node, "trust_remote_code") not in (None, False):
+                findings.append(f"{where}:{node.lineno} trust_remote_code")
+    return findings
+
+
+def test_nothing_in_the_package_deserializes_code():
+    """The whole package passes the scan (and the scan catches what it should: module.eval() of
+    torch is not the builtin)."""
+    planted = ast.parse("import pickle\nfrom dill import loads\nx = eval('1')\ntorch.load(f)\n"
+                        "torch.load(f, weights_only=True)\nnp.load(f, allow_pickle=True)\nnp.load(f, allow_pickle=False)\n"
+                        "model.eval()\nAutoModel.from_pretrained(p, trust_remote_code=True)\nyaml.load(s)\n")
+    assert len(_unsafe(planted, "planted")) == 7
+    files = sorted(PACKAGE.rglob("*.py"))
+    assert len(files) > 10
+    findings = [f for path in files for f in _unsafe(ast.parse(path.read_text(encoding="utf-8")),
+                                                      path.relative_to(PACKAGE.parent).as_posix())]
+    assert not findings, "\n".join(findings)
+
+
+def test_attribute_and_codec_json_are_validated_against_schema_before_use():
+    """open_run validates the root attributes against schema/ (ProtocolError) and the codec refuses
+    configuration keys it does not define, before anything is read with them."""
+    from saestore.codec import SparseCOOCodec
+
+    example = json.loads((PACKAGE.parent / "schema" / "examples" / "run_attributes.json").read_text())
+    protocol.read_attrs({"saestore": example})
+    for field, value in [("config_hash", "md5:abc"), ("storage", {"format": "pickle", "value_dtype": "float32",
+                                                                  "chunk_docs": 4}), ("saes", "not a mapping")]:
+        with pytest.raises(ProtocolError, match=field):
+            protocol.read_attrs({"saestore": {**example, field: value}})
+    with pytest.raises(ValueError, match="unknown configuration keys"):
+        SparseCOOCodec.from_dict({"name": "saestore.sparse_coo", "configuration": {"value_dtype": "float32", "x": 1}})
+    with pytest.raises(ValueError, match="value_dtype"):
+        SparseCOOCodec.from_dict({"name": "saestore.sparse_coo", "configuration": {"value_dtype": "object"}})
