@@ -59,6 +59,36 @@ def _describe(arr: zarr.Array, coords: tuple[int, ...], path: str) -> str:
     return f"{arr.store_path.path}[{', '.join(parts)}] (chunk {'/'.join(map(str, coords))}) in {path}"
 
 
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def zstd_content_size(frame: np.ndarray | bytes) -> int | None:
+    """Content size a zstd frame header declares (RFC 8878 §3.1.1.1), or None when absent/unparsable."""
+    head = bytes(frame[:18])
+    if len(head) < 5 or head[:4] != _ZSTD_MAGIC:
+        return None
+    fhd = head[4]
+    fcs_flag, single, did_flag = fhd >> 6, (fhd >> 5) & 1, fhd & 3
+    pos = 5 + (0 if single else 1) + (0, 1, 2, 4)[did_flag]
+    size = (1 if single else 0, 2, 4, 8)[fcs_flag]
+    if size == 0 or len(head) < pos + size:
+        return None
+    value = int.from_bytes(head[pos : pos + size], "little")
+    return value + 256 if size == 2 else value
+
+
+def _check_zstd_claim(buf: Any, codec: Any, chunk_shape: tuple[int, ...]) -> None:
+    """Refuse a zstd frame that claims more than the largest sparse_coo chunk of this shape, before
+    numcodecs allocates what the header claims (a crafted chunk could claim 2^62 bytes)."""
+    if type(codec).__name__ != "ZstdCodec":
+        return
+    claimed = zstd_content_size(buf.as_numpy_array())
+    n_cols, n_rows = chunk_shape[-1], math.prod(chunk_shape[:-1])
+    largest = sparse_coo.HEADER_SIZE + 4 * n_rows + n_rows * n_cols * (sparse_coo.index_width(n_cols) + 4)
+    if claimed is not None and claimed > largest:
+        raise CorruptChunkError(f"zstd frame claims {claimed} bytes, more than the largest possible chunk ({largest})")
+
+
 def read_sparse_chunk(path: str, name: str, coords: tuple[int, ...]) -> sparse.COO:
     """Decode one stored chunk of a sparse variable into ``sparse.COO`` of the full chunk shape."""
     arr = _open_array(path, name)
@@ -72,9 +102,10 @@ def read_sparse_chunk(path: str, name: str, coords: tuple[int, ...]) -> sparse.C
     spec = arr.metadata.get_chunk_spec(coords, ArrayConfig.from_dict({}), prototype)
     try:
         for codec in reversed(arr.metadata.codecs[1:]):
+            _check_zstd_claim(buf, codec, chunk_shape)
             buf = codec._decode_sync(buf, spec)
         idx, values = sparse_coo.decode_coords(buf.as_numpy_array(), chunk_shape)
-    except (CorruptChunkError, ValueError, RuntimeError) as e:
+    except (CorruptChunkError, ValueError, RuntimeError, MemoryError) as e:
         raise CorruptChunkError(f"cannot decode {_describe(arr, coords, path)}: {e}. "
                                 "Run `python -m saestore validate RUN --repair`, then extract --resume") from e
     return sparse.COO(idx, values.astype(np.dtype(spec.dtype.to_native_dtype()), copy=False), shape=chunk_shape,

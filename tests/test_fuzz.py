@@ -323,11 +323,6 @@ def test_mutated_chunk_files_decode_correctly_or_raise_typed_error_bounded(tmp_p
           f"max {out.max_seconds * 1e3:.2f} ms, max {out.max_ratio:.2f} of the allocation bound")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap: numcodecs' Zstd.decode allocates the content size a zstd frame header claims before "
-    "decompressing; a crafted chunk file with a valid crc32c can claim 2**62 bytes (MemoryError, not "
-    "CorruptChunkError) or a few GiB (allocated). Fix: read_sparse_chunk should check the frame's content "
-    "size against the largest sparse_coo chunk of the chunk shape before zstd runs (saestore/reader.py)"))
 def test_zstd_frame_claiming_a_huge_size_is_refused_cheaply(tmp_path):
     path, arr, files = _store(tmp_path)
     frame = files[0][:-4]
