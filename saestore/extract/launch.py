@@ -162,7 +162,9 @@ def run_local(path: str, cfg: ExtractConfig, specs: list[Any], work: list[Author
               devices: list[str]) -> WorkerStats:
     """One worker per device: in this process for a single device, else spawned processes."""
     n_cpu = sum(d == "cpu" for d in devices)
-    threads = max(1, (os.cpu_count() or 1) // max(1, n_cpu))
+    # torch threads per CPU worker: $OMP_NUM_THREADS when set (on a busy machine 1 can be fastest), else
+    # the cores shared out between the CPU workers
+    threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // max(1, n_cpu))
     shares = [work[i :: len(devices)] for i in range(len(devices))]
     if len(devices) == 1:
         return run_worker(path, cfg, specs, shares[0], devices[0], 0, threads if n_cpu else None)
