@@ -21,7 +21,7 @@ from saestore.errors import ProtocolError, ProtocolVersionError
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION: Final = "1.0"
+PROTOCOL_VERSION: Final = "1.1"
 LAYOUT: Final = "saestore.run"
 ATTRS_KEY: Final = "saestore"  # the root attribute holding RunAttrs
 PROGRESS_PATH: Final = "_saestore/progress"
@@ -31,6 +31,15 @@ LAYER_TYPES: Final = ("res", "mlp", "att")
 SAE_DIMS: Final = ("author", "layer", "doc", "tok", "feature")
 TOKEN_DIMS: Final = ("author", "doc", "tok")
 DOC_DIMS: Final = ("author", "doc")
+SAE_TOKEN_DIMS: Final = ("author", "layer", "doc", "tok")
+SAE_DOC_DIMS: Final = ("author", "layer", "doc")
+#: per-token reconstruction metrics stored for every SAE (PROTOCOL.md §2.6), as ``{layer_type}_{field}``
+QUALITY_FIELDS: Final = {
+    "sq_error": "squared L2 error ||x - x_hat||^2 of the SAE input x and its reconstruction x_hat",
+    "sq_norm": "squared L2 norm ||x||^2 of the SAE input",
+    "sq_centered": "||x - mean_doc(x)||^2: squared distance of the SAE input from its document mean",
+    "cos": "cosine similarity of x and x_hat",
+}
 COORDS: Final = ("author", "layer", "doc", "tok", "feature")
 STATUSES: Final = ("running", "complete", "failed")
 STORAGE_FORMATS: Final = ("sparse", "dense")
@@ -77,6 +86,22 @@ def sae_variable(layer_type: str) -> VariableSpec:
     """The SAE activation variable of one layer type (``res``, ``mlp`` or ``att``)."""
     return VariableSpec(name=layer_type, dims=SAE_DIMS, dtype="float32", fill_value=0.0,
                         meaning=f"{layer_type} SAE feature activations (hook_sae_acts_post)")
+
+
+def quality_variables(layer_types: tuple[str, ...], loss_recovered: bool) -> tuple[VariableSpec, ...]:
+    """Reconstruction-quality variables (always) and loss-recovered variables (``--loss_recovered``)."""
+    out = [VariableSpec(name=f"{lt}_{field}", dims=SAE_TOKEN_DIMS, dtype="float32", fill_value="NaN",
+                        meaning=f"{lt} SAE: {meaning}; NaN at padding")
+           for lt in layer_types for field, meaning in QUALITY_FIELDS.items()]
+    if loss_recovered:
+        out.append(VariableSpec(name="ce_clean", dims=DOC_DIMS, dtype="float32", fill_value="NaN",
+                                meaning="mean CE (nats) over the document's stored tokens, clean model, no SAE"))
+        for lt in layer_types:
+            out += [VariableSpec(name=f"{lt}_ce_spliced", dims=SAE_DOC_DIMS, dtype="float32", fill_value="NaN",
+                                 meaning=f"mean CE with this {lt} SAE alone spliced in (no error term)"),
+                    VariableSpec(name=f"{lt}_ce_zero", dims=SAE_DOC_DIMS, dtype="float32", fill_value="NaN",
+                                 meaning=f"mean CE with this {lt} site zero-ablated")]
+    return tuple(out)
 
 
 def canonical_json(obj: Any) -> str:

@@ -22,7 +22,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,8 @@ class RunLayout:
     layers: tuple[int, ...]
     n_features: int
     storage: StorageInfo
+    loss_recovered: bool = False
+    """whether the per-document loss-recovered variables exist (PROTOCOL.md §2.6)."""
 
     def __post_init__(self) -> None:
         if not self.authors:
@@ -131,6 +133,10 @@ class ChunkData:
     n_truncated_D: np.ndarray
     acts: Mapping[tuple[str, int], SparseActs | np.ndarray]
     """(layer type, layer) → nonzeros, or a dense (D, T, F) array."""
+    per_sae: Mapping[tuple[str, int], np.ndarray] = field(default_factory=dict)
+    """(variable, layer) → (D, T) or (D,) values of a variable with a ``layer`` dim (§2.6)."""
+    per_doc: Mapping[str, np.ndarray] = field(default_factory=dict)
+    """variable → (D,) values of another (author, doc) variable (§2.6: ``ce_clean``)."""
 
 
 def _sae_codecs(storage: StorageInfo) -> dict[str, Any]:
@@ -229,7 +235,9 @@ def create_run(
                            fill_value=0.0, dimension_names=list(spec.dims),
                            attributes={"long_name": spec.meaning}, **_sae_codecs(layout.storage))
         faults.point("create_array")
-    for spec in protocol.VARIABLES:
+    shapes[protocol.SAE_TOKEN_DIMS], chunks[protocol.SAE_TOKEN_DIMS] = (A, L, D, T), (1, 1, cd, T)
+    shapes[protocol.SAE_DOC_DIMS], chunks[protocol.SAE_DOC_DIMS] = (A, L, D), (1, 1, cd)
+    for spec in (*protocol.VARIABLES, *protocol.quality_variables(layout.layer_types, layout.loss_recovered)):
         dtype = str if spec.dtype == "string" else spec.dtype
         group.create_array(spec.name, shape=shapes[spec.dims], chunks=chunks[spec.dims], dtype=dtype,
                            fill_value=_fill(spec), dimension_names=list(spec.dims),
@@ -297,6 +305,7 @@ def read_layout(group: zarr.Group) -> RunLayout:
         layers=tuple(int(x) for x in group["layer"][...]),
         n_features=int(group["feature"].shape[0]),
         storage=attrs.storage,
+        loss_recovered="ce_clean" in group,
     )
 
 
@@ -338,8 +347,10 @@ class RunWriter:
         self.path = str(path)
         self.group = zarr.open_group(self.path, mode="r+", use_consolidated=False)
         self.layout = read_layout(self.group)
+        self.extra_specs = {v.name: v for v in protocol.quality_variables(self.layout.layer_types,
+                                                                           self.layout.loss_recovered)}
         self.arrays = {name: self.group[name] for name in
-                       [*self.layout.layer_types, *(v.name for v in protocol.VARIABLES)]}
+                       [*self.layout.layer_types, *(v.name for v in protocol.VARIABLES), *self.extra_specs]}
         self.progress = zarr.open_array(self.path, path=protocol.PROGRESS_PATH, mode="r+")
         self._prototype = default_buffer_prototype()
 
@@ -389,6 +400,16 @@ class RunWriter:
             full = np.full((span, *arr.shape[2:]), _fill(spec), dtype=dtype)
             full[:n_d] = values
             steps.append((name, partial(arr.__setitem__, (author_idx, slice(start, stop)), full)))
+        extras = [((name, None), values) for name, values in data.per_doc.items()]
+        extras += [((name, layer), values) for (name, layer), values in data.per_sae.items()]
+        for (name, layer), values in extras:
+            if name not in self.extra_specs:
+                raise SaestoreError(f"{name} is not a variable of this run (PROTOCOL.md §2.6)")
+            arr, spec = self.arrays[name], self.extra_specs[name]
+            index = (author_idx,) if layer is None else (author_idx, layout.layers.index(layer))
+            full = np.full((span, *arr.shape[len(index) + 1:]), _fill(spec), dtype=spec.dtype)
+            full[:n_d] = values
+            steps.append((name, partial(arr.__setitem__, (*index, slice(start, stop)), full)))
         n_valid = int(np.count_nonzero(data.valid_DT))
         for what, write in steps:
             self._guarded(what, author_idx, chunk_idx, write)

@@ -57,6 +57,15 @@ def _reference(model, saes, prompt: list[int], doc_ids: list[int], use_error_ter
                                                    use_error_term=use_error_term)
     p = len(prompt)
     acts = {key: cache[f"{spec.hook_name}.hook_sae_acts_post"][0, p:].numpy() for key, (spec, _) in saes.items()}
+    quality = {}
+    for (lt, layer), (spec, _) in saes.items():  # PROTOCOL.md §2.6, computed here in float64
+        x = cache[f"{spec.hook_name}.hook_sae_input"][0, p:].flatten(1).double()
+        xhat = cache[f"{spec.hook_name}.hook_sae_recons"][0, p:].flatten(1).double()
+        quality[(f"{lt}_sq_error", layer)] = ((x - xhat) ** 2).sum(-1).numpy()
+        quality[(f"{lt}_sq_norm", layer)] = (x**2).sum(-1).numpy()
+        quality[(f"{lt}_sq_centered", layer)] = ((x - x.mean(0)) ** 2).sum(-1).numpy()
+        quality[(f"{lt}_cos", layer)] = ((x * xhat).sum(-1) / (x.norm(dim=-1) * xhat.norm(dim=-1))).numpy()
+    acts["quality"] = quality
     # entropy through torch.distributions, CE by log-softmax in float64 (the worker uses float32)
     lsm = torch.log_softmax(logits[0].double(), -1)
     ce = -lsm[p - 1 : -1].gather(-1, ids[0, p:, None]).squeeze(-1).numpy()
@@ -85,6 +94,10 @@ def test_values_match_direct_run_with_cache_with_saes(runs, model_and_saes, kind
             np.testing.assert_array_equal(ds.token_id.values[a, d, :n], doc_ids)
             assert ds.valid_mask.values[a, d, :n].all() and not ds.valid_mask.values[a, d, n:].any()
             acts, ce, ent = _reference(model, saes, prompt, doc_ids, attrs["use_error_term"])
+            for (name, layer), want in acts.pop("quality").items():
+                got = ds[name].sel(layer=layer).values[a, d]
+                np.testing.assert_allclose(got[:n], want, rtol=2e-4, atol=2e-4, err_msg=f"{name} {layer}")
+                assert np.isnan(got[n:]).all()
             for (lt, layer), want in acts.items():
                 got = ds[lt].sel(layer=layer).isel(author=a, doc=d).data
                 got = got.compute().todense() if kind == "sparse" else np.asarray(got)
@@ -240,3 +253,39 @@ def test_several_models_each_get_a_run_and_a_failure_does_not_stop_the_others(tm
     assert xr.open_zarr(tmp_path / "demo" / "tiny" / "multi.zarr").attrs["saestore"]["status"] == "complete"
     db = sqlite3.connect(tmp_path / "saestore_runs.sqlite")
     assert db.execute("SELECT model, status FROM runs").fetchall() == [("tiny", "complete")]
+
+
+def test_loss_recovered_matches_direct_forward_passes(tmp_path, tiny_cache, model_and_saes):
+    model, all_saes = model_and_saes
+    argv = [*BASE, "--output_dir", str(tmp_path), "--layer_types", "res", "--devices", "cpu", "--n_docs_per_author",
+            "2", "--run_name", "lr", "--loss_recovered"]
+    assert main(argv) == 0
+    ds = xr.open_zarr(tmp_path / "demo" / "tiny" / "lr.zarr")
+    tok = model.tokenizer
+    spec, sae = all_saes[("res", 3)]
+
+    def mean_ce(logits, ids):
+        lsm = torch.log_softmax(logits[0].double(), -1)
+        return float(-lsm[:-1].gather(-1, ids[0, 1:, None]).mean())
+
+    def zero(act, hook):
+        return torch.zeros_like(act)
+
+    with torch.inference_mode():
+        for a in range(ds.sizes["author"]):
+            n = int(ds.doc_length.values[a, 0])
+            ids = torch.tensor([[tok.bos_token_id, *ds.token_id.values[a, 0, :n].tolist()]])
+            clean = mean_ce(model(ids), ids)
+            spliced = mean_ce(model.run_with_saes(ids, saes=[sae], use_error_term=False), ids)
+            zeroed = mean_ce(model.run_with_hooks(ids, fwd_hooks=[(spec.hook_name, zero)]), ids)
+            assert float(ds.ce_clean.values[a, 0]) == pytest.approx(clean, rel=1e-4)
+            assert float(ds.res_ce_spliced.sel(layer=3).values[a, 0]) == pytest.approx(spliced, rel=1e-4)
+            assert float(ds.res_ce_zero.sel(layer=3).values[a, 0]) == pytest.approx(zeroed, rel=1e-4)
+    import saestore.stats as st
+
+    lr = st.loss_recovered(ds, "res").compute()
+    manual = (ds.res_ce_zero.mean("doc") - ds.res_ce_spliced.mean("doc")) / (
+        ds.res_ce_zero.mean("doc") - ds.ce_clean.mean("doc"))
+    np.testing.assert_allclose(lr.loss_recovered.values, manual.values, rtol=1e-5)
+    q = st.reconstruction_quality(ds, "res").compute()
+    assert (q.fvu > 0).all() and (q.cos > 0).all() and (q.l0 > 0).all() and (q.fraction_alive <= 1).all()

@@ -106,3 +106,15 @@ def test_progress_and_layout_constants_documented():
     fields_table = _table("The root attribute `saestore` MUST", "Pickle and any other")
     documented = {n.strip().strip("`") for r in fields_table for n in r[0].split(",")}
     assert documented == {f.name for f in dataclasses.fields(protocol.RunAttrs)}
+
+
+def test_quality_table_matches_code():
+    rows = _table("<!-- quality:begin -->", "<!-- quality:end -->")
+    documented = {r[0].strip("`"): (tuple(d.strip() for d in r[1].split(",")), r[2], r[3]) for r in rows}
+    code = {v.name.replace("res_", "T_"): v for v in protocol.quality_variables(("res",), loss_recovered=True)}
+    assert set(documented) == set(code)
+    for name, spec in code.items():
+        dims, dtype, fill = documented[name]
+        assert (dims, dtype) == (spec.dims, spec.dtype), name
+        assert fill == spec.fill_value == "NaN", name
+    assert {f"T_{f}" for f in protocol.QUALITY_FIELDS} <= set(documented)

@@ -75,6 +75,9 @@ class ExtractConfig:
     use_error_term: bool = False
     """splice SAEs with the error term (clean-model activations and logits, ~2x SAE cost). The seed
     splices every SAE without it (false)."""
+    loss_recovered: bool = False
+    """also compute, per document, CE of the clean model, with each SAE spliced alone and with its site
+    zero-ablated (1 + 2 x SAEs extra forward passes), for the loss-recovered fraction."""
     devices: str | None = None
     """cuda:0,cuda:1 | cpu | cpu:2 (two CPU workers); default: every visible GPU, else one CPU worker."""
     output_dir: str = "runs"

@@ -91,7 +91,7 @@ def plan(cfg: ExtractConfig) -> tuple[list[Any], dict[str, list[Any]], RunLayout
     storage = protocol.StorageInfo(format=cfg.storage_format, value_dtype=cfg.value_dtype, chunk_docs=cfg.chunk_docs)
     layout = RunLayout(authors=authors, n_docs=tuple(len(by_author[a]) for a in authors), n_tok=cfg.n_tok,
                        layer_types=used_types, layers=tuple(sorted(cfg.layers)), n_features=widths.pop(),
-                       storage=storage)
+                       storage=storage, loss_recovered=cfg.loss_recovered)
     config = cfg.semantic()
     attrs = protocol.RunAttrs(
         protocol_version=protocol.PROTOCOL_VERSION, layout=protocol.LAYOUT, status="running",

@@ -22,6 +22,7 @@ from saestore.errors import SaestoreError, StoreWriteError
 from saestore.extract.config import ExtractConfig
 from saestore.extract.data import Document
 from saestore.extract.metrics import token_metrics
+from saestore.extract.quality import loss_recovered_ce, recon_metrics
 from saestore.extract.models import SAESpec
 from saestore.writer import ChunkData, RunWriter, SparseActs
 
@@ -65,6 +66,7 @@ class _DocResult:
     entropy: np.ndarray
     n_truncated: int
     acts: dict[tuple[str, int], tuple[np.ndarray, np.ndarray, np.ndarray]]  # (tok, feature, value)
+    quality: dict[tuple[str, int | None], np.ndarray | float] = field(default_factory=dict)  # §2.6 variables
 
 
 class Extractor:
@@ -132,7 +134,7 @@ class Extractor:
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         logits, cache = self.model.run_with_cache_with_saes(
             input_ids, saes=self.saes, attention_mask=mask, use_error_term=self.cfg.use_error_term,
-            names_filter=lambda name: name.endswith("hook_sae_acts_post"))
+            names_filter=lambda name: name.endswith(("hook_sae_acts_post", "hook_sae_input", "hook_sae_recons")))
         faults.point("forward")
         if not torch.isfinite(logits).all():
             raise SaestoreError(
@@ -156,10 +158,28 @@ class Extractor:
             for b in range(B):
                 s, e = bounds[b], bounds[b + 1]
                 per_doc_acts[b][(spec.layer_type, spec.layer)] = (nz[s:e, 1], nz[s:e, 2], vals[s:e])
+        per_doc_quality: list[dict] = [{} for _ in docs]
+        for spec in self.specs:
+            window = slice(p_len, p_len + width)
+            metrics = recon_metrics(cache[f"{spec.hook_name}.hook_sae_input"][:, window],
+                                    cache[f"{spec.hook_name}.hook_sae_recons"][:, window], valid)
+            for field_name, values in metrics.items():
+                values = values.cpu().numpy()
+                for b in range(B):
+                    per_doc_quality[b][(f"{spec.layer_type}_{field_name}", spec.layer)] = values[b, : len(doc_ids[b])]
+        if self.cfg.loss_recovered:
+            clean, per_sae = loss_recovered_ce(self.model, self.saes, [s.hook_name for s in self.specs], input_ids,
+                                               mask, p_len, width, valid)
+            for b in range(B):
+                per_doc_quality[b][("ce_clean", None)] = float(clean[b])
+                for spec, (spliced, zeroed) in zip(self.specs, per_sae, strict=True):
+                    per_doc_quality[b][(f"{spec.layer_type}_ce_spliced", spec.layer)] = float(spliced[b])
+                    per_doc_quality[b][(f"{spec.layer_type}_ce_zero", spec.layer)] = float(zeroed[b])
         ce_np, ent_np = ce.cpu().numpy(), ent.cpu().numpy()
         return [
             _DocResult(token_ids=np.asarray(doc_ids[b], dtype=np.int32), ce=ce_np[b, : len(doc_ids[b])],
-                       entropy=ent_np[b, : len(doc_ids[b])], n_truncated=truncated[b], acts=per_doc_acts[b])
+                       entropy=ent_np[b, : len(doc_ids[b])], n_truncated=truncated[b], acts=per_doc_acts[b],
+                       quality=per_doc_quality[b])
             for b in range(B)
         ]
 
@@ -195,7 +215,26 @@ class Extractor:
             token_id_DT=token_id, token_DT=token, valid_DT=valid, ce_loss_DT=ce, entropy_DT=ent,
             text_D=[d.text for d in docs], doc_id_D=np.array([d.doc_id for d in docs], np.int64),
             doc_length_D=valid.sum(axis=1).astype(np.int32),
-            n_truncated_D=np.array([r.n_truncated for r in results], np.int32), acts=acts)
+            n_truncated_D=np.array([r.n_truncated for r in results], np.int32), acts=acts,
+            **self._quality_arrays(results))
+
+    def _quality_arrays(self, results: Sequence[_DocResult]) -> dict[str, dict[Any, np.ndarray]]:
+        """§2.6 variables of a doc-chunk as ChunkData's ``per_sae`` ((name, layer) → (D, T) or (D,)) and
+        ``per_doc`` (name → (D,))."""
+        per_sae: dict[Any, np.ndarray] = {}
+        per_doc: dict[Any, np.ndarray] = {}
+        for (name, layer), value in results[0].quality.items():
+            if isinstance(value, np.ndarray):
+                arr = np.full((len(results), self.cfg.n_tok), np.nan, np.float32)
+                for d, r in enumerate(results):
+                    arr[d, : r.quality[(name, layer)].size] = r.quality[(name, layer)]
+            else:
+                arr = np.array([r.quality[(name, layer)] for r in results], np.float32)
+            if layer is None:
+                per_doc[name] = arr
+            else:
+                per_sae[(name, layer)] = arr
+        return {"per_sae": per_sae, "per_doc": per_doc}
 
 
 def _groups(writer: RunWriter, work: AuthorWork, batch_size: int) -> Iterator[tuple[int, list[int], list[Document]]]:

@@ -38,6 +38,7 @@ from saestore.stats.core import (
 )
 from saestore.stats.examples import top_examples, top_tokens
 from saestore.stats.loss import bits_per_byte, doc_loss
+from saestore.stats.quality import loss_recovered, reconstruction_quality
 from saestore.stats.relations import (
     author_specificity,
     cooccurrence,
@@ -52,6 +53,6 @@ __all__ = [
     "feature_stats", "activation_count", "frequency", "activation_sum", "activation_mean", "activation_max",
     "dead_features", "dense_features", "log_bins", "histogram", "quantiles", "quantiles_from_histogram",
     "l0", "l0_histogram", "l0_summary", "n_valid_tokens",
-    "top_examples", "top_tokens", "doc_loss", "bits_per_byte",
+    "top_examples", "top_tokens", "doc_loss", "bits_per_byte", "reconstruction_quality", "loss_recovered",
     "doc_vectors", "author_specificity", "top_author_features", "cooccurrence", "metric_by_activity",
 ]

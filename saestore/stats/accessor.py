@@ -13,7 +13,7 @@ from typing import Any
 
 import xarray as xr
 
-from saestore.stats import core, examples, loss, relations
+from saestore.stats import core, examples, loss, quality, relations
 
 __all__ = ["SaeAccessor", "METHODS"]
 
@@ -21,12 +21,12 @@ METHODS: tuple[str, ...] = (
     "feature_stats", "activation_count", "frequency", "activation_sum", "activation_mean", "activation_max",
     "dead_features", "dense_features", "histogram", "quantiles", "l0", "l0_histogram", "l0_summary",
     "n_valid_tokens", "top_examples", "top_tokens", "doc_vectors", "author_specificity", "top_author_features",
-    "cooccurrence", "metric_by_activity", "doc_loss", "bits_per_byte",
+    "cooccurrence", "metric_by_activity", "doc_loss", "bits_per_byte", "reconstruction_quality", "loss_recovered",
 )
 
 
 def _function(name: str) -> Callable[..., Any]:
-    for module in (core, examples, relations, loss):
+    for module in (core, examples, relations, loss, quality):
         if hasattr(module, name):
             return getattr(module, name)
     raise AttributeError(name)

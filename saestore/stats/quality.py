@@ -1,0 +1,63 @@
+"""SAE quality from the §2.6 variables: reconstruction metrics next to L0 and fraction alive, and
+loss recovered (see :mod:`saestore.extract.quality` for the definitions)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import xarray as xr
+
+from saestore.stats.core import feature_stats
+
+__all__ = ["reconstruction_quality", "loss_recovered"]
+
+
+def _select(ds: xr.Dataset, author: Any, layer: Any) -> xr.Dataset:
+    if author is not None:
+        ds = ds.sel(author=[author] if isinstance(author, str) else list(author))
+    if layer is not None:
+        ds = ds.sel(layer=[layer] if isinstance(layer, int) else list(layer))
+    return ds
+
+
+def reconstruction_quality(ds: xr.Dataset, layer_type: str = "res", *, by: str | None = "author",
+                           author: Any = None, layer: Any = None) -> xr.Dataset:
+    """Per ``[author,] layer``: ``mse`` (mean ‖x − x̂‖²), ``normalized_mse`` (Σ sq_error / Σ sq_norm),
+    ``fvu`` (Σ sq_error / Σ sq_centered, variance within documents left unexplained), ``cos`` (mean
+    cosine), ``l0`` (mean active features per token), ``fraction_alive`` and ``n_tokens``."""
+    sub = _select(ds, author, layer)
+    valid = sub["valid_mask"]
+    dims = ("doc", "tok") if by == "author" else ("author", "doc", "tok")
+
+    def total(field: str) -> xr.DataArray:
+        return sub[f"{layer_type}_{field}"].where(valid, 0.0).sum(dims, dtype="f8")
+
+    n = valid.sum(dims, dtype="i8")
+    sq_error = total("sq_error")
+    fs = feature_stats(ds, layer_type, by=by, author=author, layer=layer)
+    return xr.Dataset({
+        "mse": sq_error / n,
+        "normalized_mse": sq_error / total("sq_norm"),
+        "fvu": sq_error / total("sq_centered"),
+        "cos": total("cos") / n,
+        "l0": fs["count"].sum("feature") / fs["n_valid"],
+        "fraction_alive": (fs["count"] > 0).mean("feature"),
+        "n_tokens": n,
+    })
+
+
+def loss_recovered(ds: xr.Dataset, layer_type: str = "res", *, by: str | None = "author", author: Any = None,
+                   layer: Any = None) -> xr.Dataset:
+    """Mean per-document CE of the clean, SAE-spliced and zero-ablated model and the loss-recovered
+    fraction ``(ce_zero − ce_spliced) / (ce_zero − ce_clean)``, per ``[author,] layer`` (runs made with
+    ``--loss_recovered``)."""
+    sub = _select(ds, author, layer)
+    if "ce_clean" not in sub:
+        raise KeyError("this run has no loss-recovered variables: extract with --loss_recovered")
+    dims = ("doc",) if by == "author" else ("author", "doc")
+    has = sub["doc_length"] > 0
+    clean = sub["ce_clean"].where(has).mean(dims)
+    spliced = sub[f"{layer_type}_ce_spliced"].where(has).mean(dims)
+    zero = sub[f"{layer_type}_ce_zero"].where(has).mean(dims)
+    return xr.Dataset({"ce_clean": clean, "ce_spliced": spliced, "ce_zero": zero,
+                       "loss_recovered": (zero - spliced) / (zero - clean)})
