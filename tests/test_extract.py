@@ -289,3 +289,14 @@ def test_loss_recovered_matches_direct_forward_passes(tmp_path, tiny_cache, mode
     np.testing.assert_allclose(lr.loss_recovered.values, manual.values, rtol=1e-5)
     q = st.reconstruction_quality(ds, "res").compute()
     assert (q.fvu > 0).all() and (q.cos > 0).all() and (q.l0 > 0).all() and (q.fraction_alive <= 1).all()
+
+
+def test_model_dtype_is_applied_and_recorded(tmp_path, tiny_cache):
+    argv = [*BASE, "--output_dir", str(tmp_path), "--layer_types", "res", "--devices", "cpu", "--n_docs_per_author",
+            "1", "--run_name", "bf16", "--dtype", "bfloat16", "--use_error_term"]
+    assert main(argv) == 0
+    ds = xr.open_zarr(tmp_path / "demo" / "tiny" / "bf16.zarr")
+    assert ds.attrs["saestore"]["config"]["dtype"] == "bfloat16"
+    valid = ds.valid_mask.values
+    assert np.isfinite(ds.ce_loss.values[valid]).all() and np.isfinite(ds.res.values).all()
+    assert (ds.res.values[:, :, :, :, :].sum(-1)[:, 0][valid] > 0).mean() > 0.9  # features still fire
