@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from run_factory import synthetic_attrs
 from saestore import protocol
 from saestore.writer import ChunkData, RunLayout, RunWriter, SparseActs, create_run, finalize_run
 
@@ -43,15 +44,7 @@ def make_layout(storage_format: str = "sparse") -> RunLayout:
 
 
 def make_attrs(layout: RunLayout) -> protocol.RunAttrs:
-    config = {"model": "synthetic-stats", "seed": 7}
-    sae = protocol.SAEInfo(release=None, sae_id=None, path="/nowhere", hook_name="blocks.1.hook_resid_post",
-                           width=N_FEAT, expected_l0=5.0, architecture="jumprelu")
-    return protocol.RunAttrs(
-        protocol_version=protocol.PROTOCOL_VERSION, layout=protocol.LAYOUT, status="running",
-        created_at="2026-01-01T00:00:00+00:00", finalized_at=None, config=config,
-        config_hash=protocol.config_hash(config), model="synthetic-stats", setting="baseline", prompt_template=None,
-        use_error_term=False, storage=layout.storage,
-        saes={lt: {str(layer): sae for layer in LAYERS} for lt in LAYER_TYPES})
+    return synthetic_attrs(layout, {"model": "synthetic-stats", "seed": 7}, expected_l0=5.0)
 
 
 def _density(rng: np.random.Generator, author: int) -> np.ndarray:

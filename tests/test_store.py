@@ -14,6 +14,7 @@ import pytest
 import xarray as xr
 import zarr
 
+from run_factory import synthetic_attrs
 from saestore import protocol
 from saestore.errors import ConfigMismatchError, CorruptChunkError, ProtocolError, ProtocolVersionError, RunLockedError
 from saestore.lock import RunLock
@@ -32,15 +33,7 @@ def make_layout(storage_format: str = "sparse", value_dtype: str = "float32") ->
 
 
 def make_attrs(layout: RunLayout, config: dict | None = None) -> protocol.RunAttrs:
-    config = config or {"model": "synthetic", "seed": 0}
-    sae = protocol.SAEInfo(release=None, sae_id=None, path="/nowhere", hook_name="blocks.1.hook_resid_post",
-                           width=N_FEAT, expected_l0=4.0, architecture="jumprelu")
-    return protocol.RunAttrs(
-        protocol_version=protocol.PROTOCOL_VERSION, layout=protocol.LAYOUT, status="running",
-        created_at="2026-01-01T00:00:00+00:00", finalized_at=None, config=config,
-        config_hash=protocol.config_hash(config), model="synthetic", setting="baseline", prompt_template=None,
-        use_error_term=False, storage=layout.storage,
-        saes={lt: {str(layer): sae for layer in LAYERS} for lt in LAYER_TYPES})
+    return synthetic_attrs(layout, config or {"model": "synthetic", "seed": 0})
 
 
 def chunk_payload(layout: RunLayout, a: int, c: int) -> ChunkData:

@@ -12,6 +12,7 @@ import torch
 import xarray as xr
 from torch.utils.data import DataLoader
 
+from run_factory import synthetic_attrs
 from saestore import protocol
 from saestore.torch import DocumentDataset, ShuffledTokenDataset, SparseBatch, TokenDataset, TorchReaderError
 from saestore.writer import ChunkData, RunLayout, RunWriter, SparseActs, create_run, finalize_run
@@ -25,15 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _attrs(layout: RunLayout) -> protocol.RunAttrs:
-    config = {"model": "synthetic", "storage": layout.storage.format}
-    sae = protocol.SAEInfo(release=None, sae_id=None, path="/nowhere", hook_name="blocks.1.hook_resid_post",
-                           width=N_FEAT, expected_l0=4.0, architecture="jumprelu")
-    return protocol.RunAttrs(
-        protocol_version=protocol.PROTOCOL_VERSION, layout=protocol.LAYOUT, status="running",
-        created_at="2026-01-01T00:00:00+00:00", finalized_at=None, config=config,
-        config_hash=protocol.config_hash(config), model="synthetic", setting="baseline", prompt_template=None,
-        use_error_term=False, storage=layout.storage,
-        saes={lt: {str(layer): sae for layer in LAYERS} for lt in LAYER_TYPES})
+    return synthetic_attrs(layout, {"model": "synthetic", "storage": layout.storage.format})
 
 
 def _payload(layout: RunLayout, a: int, c: int) -> ChunkData:
