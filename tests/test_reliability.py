@@ -215,9 +215,13 @@ def assert_marked_chunks_match(path: Path, ref: Path) -> int:
     done = progress[..., 0] == 1
     np.testing.assert_array_equal(progress[done][:, :3], read_progress(ref)[done][:, :3])
     want, got = _files(ref), _files(path)
+    layered: dict[str, bool] = {}
     for key, data in want.items():
         parts = key.split("/")  # var/c/author/... : SAE (a, layer, c, 0, 0), token (a, c, 0), doc (a, c)
-        if parts[0] in ("res", "mlp", "att"):
+        if parts[1] == "c" and parts[0] not in layered:
+            dims = zarr.open_array(str(ref), path=parts[0], mode="r").metadata.dimension_names or ()
+            layered[parts[0]] = tuple(dims[:2]) == ("author", "layer")
+        if layered.get(parts[0]):  # SAE variables and the §2.6 quality variables: (a, layer, c, ...)
             a, c = int(parts[2]), int(parts[4])
         elif parts[1] == "c" and len(parts) >= 4 and parts[0] not in protocol.COORDS and parts[0] != "n_docs":
             a, c = int(parts[2]), int(parts[3])
