@@ -196,7 +196,8 @@ class RunAttrs:
 
 SCHEMA_DIR: Final = Path(__file__).resolve().parent / "schema"
 SCHEMAS: Final = {"run_attributes": "run_attributes.schema.json",
-                  "sparse_coo_codec": "sparse_coo.codec.schema.json"}
+                  "sparse_coo_codec": "sparse_coo.codec.schema.json",
+                  "variables": "variables.schema.json"}
 
 
 @cache

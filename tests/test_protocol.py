@@ -118,3 +118,21 @@ def test_quality_table_matches_code():
         assert (dims, dtype) == (spec.dims, spec.dtype), name
         assert fill == spec.fill_value == "NaN", name
     assert {f"T_{f}" for f in protocol.QUALITY_FIELDS} <= set(documented)
+
+
+def test_variables_json_is_valid_and_matches_code():
+    data = json.loads((SCHEMA / "variables.json").read_text(encoding="utf-8"))
+    protocol.validate_json(data, "variables")
+    assert data["protocol_version"] == protocol.PROTOCOL_VERSION
+    listed = {v["name"]: v for v in data["variables"]}
+    code = [protocol.sae_variable("T"), *protocol.VARIABLES,
+            *(protocol.VariableSpec(name=v.name.replace("res_", "T_"), dims=v.dims, dtype=v.dtype,
+                                    fill_value=v.fill_value, meaning=v.meaning)
+              for v in protocol.quality_variables(("res",), loss_recovered=True))]
+    assert set(listed) == {v.name for v in code}
+    for v in code:
+        assert (tuple(listed[v.name]["dims"]), listed[v.name]["dtype"], listed[v.name]["fill_value"]) == \
+            (v.dims, v.dtype, v.fill_value), v.name
+    since_11 = {v["name"] for v in data["variables"] if v["since"] == "1.1"}
+    documented = {r[0].strip("`") for r in _table("<!-- quality:begin -->", "<!-- quality:end -->")}
+    assert since_11 == documented
