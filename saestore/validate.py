@@ -184,15 +184,18 @@ def validate_run(path: str | Path, *, repair: bool = False) -> Report:
     empty: dict[tuple[int, int], list[str]] = defaultdict(list)  # SAE chunks storing no value
     bad: set[tuple[int, int]] = set()
     progress_shape = zarr.open_array(path, path=protocol.PROGRESS_PATH, mode="r").shape
-    for name in [*(lt for lt in protocol.LAYER_TYPES if lt in attrs.saes), *(v.name for v in protocol.VARIABLES)]:
+    layer_types = tuple(lt for lt in protocol.LAYER_TYPES if lt in attrs.saes)
+    quality = [v.name for v in protocol.quality_variables(layer_types, "ce_clean" in group) if v.name in group]
+    for name in [*layer_types, *(v.name for v in protocol.VARIABLES), *quality]:
         arr = group[name]
         sparse_var = name in protocol.LAYER_TYPES and is_sparse_variable(arr)
+        layered = tuple(arr.metadata.dimension_names[:2]) == ("author", "layer")
         for coords in _grid(arr):
             a = coords[0] if arr.metadata.dimension_names[0] == "author" else None
-            c = coords[2] if name in protocol.LAYER_TYPES else (coords[1] if len(coords) > 1 else None)
+            c = coords[2] if layered else (coords[1] if len(coords) > 1 else None)
             where = f"{name} chunk {'/'.join(map(str, coords))}"
             if a is not None:
-                where += f" (author {authors[a]!r}" + (f", layer {layers[coords[1]]}" if name in protocol.LAYER_TYPES else "") \
+                where += f" (author {authors[a]!r}" + (f", layer {layers[coords[1]]}" if layered else "") \
                          + (f", doc-chunk {c})" if c is not None else ")")
             try:
                 if sparse_var:
