@@ -21,7 +21,7 @@ from saestore.extract.config import ExtractConfig
 from saestore.extract.worker import AuthorWork, run_worker
 from saestore.lock import RunLock
 from saestore.registry import Registry
-from saestore.writer import RunLayout, create_run, finalize_run, read_progress
+from saestore.writer import RunLayout, create_run, finalize_run
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def extract_distributed(cfg: ExtractConfig, specs: list[Any], layout: RunLayout,
     import torch
     import torch.distributed as dist
 
-    from saestore.extract.launch import _du, _merge, _summary
+    from saestore.extract.launch import _finish_registry, _merge, _start_registry, _summary
 
     rank, world, local = rank_info()
     if not dist.is_initialized():
@@ -54,9 +54,7 @@ def extract_distributed(cfg: ExtractConfig, specs: list[Any], layout: RunLayout,
             lock.acquire()
             mode = "overwrite" if cfg.overwrite else "resume" if cfg.resume else "auto"
             attrs = create_run(path, layout, attrs, mode=mode)
-            registry.start(path=str(path), run_name=path.name.removesuffix(".zarr"), model=cfg.model,
-                           dataset=cfg.dataset_name, category=cfg.category_name, config_hash=attrs.config_hash,
-                           config=attrs.config, authors=list(layout.authors), n_docs=sum(layout.n_docs))
+            _start_registry(registry, cfg, path, attrs, layout)
             status[0] = "ok"
         except SaestoreError as e:
             status[0] = f"{type(e).__name__}: {e}"
@@ -77,11 +75,8 @@ def extract_distributed(cfg: ExtractConfig, specs: list[Any], layout: RunLayout,
         total = _merge(gathered)  # type: ignore[arg-type]
         final = finalize_run(path, failed_authors=sorted(total.failed))
         wall = time.perf_counter() - t0
-        progress = read_progress(path)
-        registry.finish(str(path), status=final.status, failed_authors=final.failed_authors,  # type: ignore[union-attr]
-                        n_tokens=int(progress[..., 1].sum()), n_nonzero=int(progress[..., 2].sum()),
-                        bytes=_du(path), wall_s=wall,
-                        error="; ".join(f"{a}: {m}" for a, m in sorted(total.failed.items())) or None)
+        _finish_registry(registry, path, final.status, final.failed_authors, t0,  # type: ignore[arg-type]
+                         "; ".join(f"{a}: {m}" for a, m in sorted(total.failed.items())) or None)
         lock.release()
         print(_summary(path, layout, final, total, wall), flush=True)
         code = 1 if final.failed_authors else 0

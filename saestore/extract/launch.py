@@ -245,9 +245,7 @@ def extract(cfg: ExtractConfig) -> int:
     with RunLock(path):
         faults.point("lock")
         attrs = create_run(path, layout, attrs, mode=mode)
-        registry.start(path=str(path), run_name=path.name.removesuffix(".zarr"), model=cfg.model,
-                       dataset=cfg.dataset_name, category=cfg.category_name, config_hash=attrs.config_hash,
-                       config=attrs.config, authors=list(layout.authors), n_docs=sum(layout.n_docs))
+        _start_registry(registry, cfg, path, attrs, layout)
         faults.point("created")
         log.info("extracting %d authors, %d documents into %s on %s", len(layout.authors), sum(layout.n_docs),
                  path, ", ".join(devices))
@@ -288,6 +286,14 @@ def extract(cfg: ExtractConfig) -> int:
 def _first_failure(stats: WorkerStats) -> str | None:
     """The first recorded failure (authors in order) for one-line messages, naming its author."""
     return next((m if repr(a) in m else f"{a!r}: {m}" for a, m in sorted(stats.failed.items())), None)
+
+
+def _start_registry(registry: Registry, cfg: ExtractConfig, path: Path, attrs: protocol.RunAttrs,
+                    layout: RunLayout) -> None:
+    """Record the run as running (after the store exists, before any worker starts)."""
+    registry.start(path=str(path), run_name=path.name.removesuffix(".zarr"), model=cfg.model,
+                   dataset=cfg.dataset_name, category=cfg.category_name, config_hash=attrs.config_hash,
+                   config=attrs.config, authors=list(layout.authors), n_docs=sum(layout.n_docs))
 
 
 def _finish_registry(registry: Registry, path: Path, status: str, failed_authors: list[str], t0: float,

@@ -662,7 +662,6 @@ def load_model(name: str, device: str, dtype: str = "float32"):
 
 
 def _load_tiny(device: str, dtype: str):
-    import torch
     from safetensors.torch import load_file
     from sae_lens import HookedSAETransformer
     from transformers import AutoTokenizer
