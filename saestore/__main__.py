@@ -85,6 +85,13 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["extract"]:
+        from saestore.extras import MissingExtraError, require
+
+        try:
+            require("extract", what="python -m saestore extract")
+        except MissingExtraError as e:
+            print(f"saestore extract: error: {e}", file=sys.stderr)
+            return 2
         from saestore.extract.launch import main as extract_main
 
         return extract_main(argv[1:])

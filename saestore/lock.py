@@ -52,7 +52,7 @@ class RunLock:
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = {"host": socket.gethostname(), "pid": os.getpid(),
-              "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+              "started_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
         for _ in range(20):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:

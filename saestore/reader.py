@@ -8,7 +8,7 @@ dense chunk is ever built. Every other variable is exactly what ``xr.open_zarr``
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +17,10 @@ import numpy as np
 import sparse
 import xarray as xr
 import zarr
-from zarr.core.array_spec import ArrayConfig
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
+from dask.base import tokenize
 
-from saestore import protocol, sparse_coo
-from saestore.codec import CODEC_NAME
+from saestore import chunkio, protocol, sparse_coo
+from saestore.codec import SparseCOOCodec
 from saestore.errors import CorruptChunkError
 
 __all__ = ["open_run", "is_sparse_variable", "SparseChunkSource", "read_sparse_chunk"]
@@ -30,86 +28,39 @@ __all__ = ["open_run", "is_sparse_variable", "SparseChunkSource", "read_sparse_c
 
 def is_sparse_variable(arr: zarr.Array) -> bool:
     """True when the array's serializer is ``saestore.sparse_coo``."""
-    codecs = arr.metadata.to_dict().get("codecs", [])
-    return bool(codecs) and codecs[0].get("name") == CODEC_NAME
+    return arr.metadata.zarr_format == 3 and isinstance(arr.serializer, SparseCOOCodec)
 
 
-@lru_cache(maxsize=64)
-def _open_array(path: str, name: str) -> zarr.Array:
-    return zarr.open_array(path, path=name, mode="r")
-
-
-def _describe(arr: zarr.Array, coords: tuple[int, ...], path: str) -> str:
-    """'res[author='x', layer=3, doc-chunk 2]' for error messages, best effort."""
+def _describe(arr: zarr.Array, coords: tuple[int, ...]) -> str:
+    """'res[author='x', layer=3, doc-chunk 2] (chunk ...) in STORE' for error messages, best effort."""
     dims = arr.metadata.dimension_names or ()
+    store = arr.store_path.store
     parts = []
     for dim, c in zip(dims, coords, strict=False):
-        if dim == "author":
+        if dim in ("author", "layer"):
             try:
-                parts.append(f"author={str(_open_array(path, 'author')[c])!r}")
-            except Exception:  # noqa: BLE001 - naming is best effort inside an error path
-                parts.append(f"author #{c}")
-        elif dim == "layer":
-            try:
-                parts.append(f"layer={int(_open_array(path, 'layer')[c])}")
-            except Exception:  # noqa: BLE001
-                parts.append(f"layer #{c}")
+                value = zarr.open_array(store, path=dim, mode="r")[c]
+                parts.append(f"author={str(value)!r}" if dim == "author" else f"layer={int(value)}")
+            except Exception:
+                parts.append(f"{dim} #{c}")
         elif dim == "doc":
             parts.append(f"doc-chunk {c}")
-    return f"{arr.store_path.path}[{', '.join(parts)}] (chunk {'/'.join(map(str, coords))}) in {path}"
+    return f"{arr.store_path.path}[{', '.join(parts)}] (chunk {'/'.join(map(str, coords))}) in {store}"
 
 
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-
-
-def zstd_content_size(frame: np.ndarray | bytes) -> int | None:
-    """Content size a zstd frame header declares (RFC 8878 §3.1.1.1), or None when absent/unparsable."""
-    head = bytes(frame[:18])
-    if len(head) < 5 or head[:4] != _ZSTD_MAGIC:
-        return None
-    fhd = head[4]
-    fcs_flag, single, did_flag = fhd >> 6, (fhd >> 5) & 1, fhd & 3
-    pos = 5 + (0 if single else 1) + (0, 1, 2, 4)[did_flag]
-    size = (1 if single else 0, 2, 4, 8)[fcs_flag]
-    if size == 0 or len(head) < pos + size:
-        return None
-    value = int.from_bytes(head[pos : pos + size], "little")
-    return value + 256 if size == 2 else value
-
-
-def _check_zstd_claim(buf: Any, codec: Any, chunk_shape: tuple[int, ...]) -> None:
-    """Refuse a zstd frame that claims more than the largest sparse_coo chunk of this shape, before
-    numcodecs allocates what the header claims (a crafted chunk could claim 2^62 bytes)."""
-    if type(codec).__name__ != "ZstdCodec":
-        return
-    claimed = zstd_content_size(buf.as_numpy_array())
-    n_cols, n_rows = chunk_shape[-1], math.prod(chunk_shape[:-1])
-    largest = sparse_coo.HEADER_SIZE + 4 * n_rows + n_rows * n_cols * (sparse_coo.index_width(n_cols) + 4)
-    if claimed is not None and claimed > largest:
-        raise CorruptChunkError(f"zstd frame claims {claimed} bytes, more than the largest possible chunk ({largest})")
-
-
-def read_sparse_chunk(path: str, name: str, coords: tuple[int, ...]) -> sparse.COO:
+def read_sparse_chunk(arr: zarr.Array, coords: tuple[int, ...]) -> sparse.COO:
     """Decode one stored chunk of a sparse variable into ``sparse.COO`` of the full chunk shape."""
-    arr = _open_array(path, name)
-    chunk_shape = tuple(arr.metadata.chunk_grid.chunk_shape)
-    key = f"{arr.store_path.path}/{arr.metadata.encode_chunk_key(coords)}"
-    prototype = default_buffer_prototype()
-    buf = sync(arr.store_path.store.get(key, prototype=prototype))
-    if buf is None:  # never written: all fill (0.0)
-        return sparse.COO(np.zeros((len(chunk_shape), 0), dtype=np.int64), np.zeros(0, dtype=np.float32),
-                          shape=chunk_shape)
-    spec = arr.metadata.get_chunk_spec(coords, ArrayConfig.from_dict({}), prototype)
+    shape = chunkio.chunk_shape(arr)
+    dtype = np.dtype(arr.dtype)
     try:
-        for codec in reversed(arr.metadata.codecs[1:]):
-            _check_zstd_claim(buf, codec, chunk_shape)
-            buf = codec._decode_sync(buf, spec)
-        idx, values = sparse_coo.decode_coords(buf.as_numpy_array(), chunk_shape)
+        raw = chunkio.read_chunk(arr, coords)
+        if raw is None:  # never written: all fill (0.0)
+            return sparse.COO(np.zeros((len(shape), 0), dtype=np.int64), np.zeros(0, dtype=dtype), shape=shape)
+        idx, values = sparse_coo.decode_coords(raw, shape)
     except (CorruptChunkError, ValueError, RuntimeError, MemoryError) as e:
-        raise CorruptChunkError(f"cannot decode {_describe(arr, coords, path)}: {e}. "
+        raise CorruptChunkError(f"cannot decode {_describe(arr, tuple(coords))}: {e}. "
                                 "Run `python -m saestore validate RUN --repair`, then extract --resume") from e
-    return sparse.COO(idx, values.astype(np.dtype(spec.dtype.to_native_dtype()), copy=False), shape=chunk_shape,
-                      has_duplicates=False, sorted=True)
+    return sparse.COO(idx, values.astype(dtype, copy=False), shape=shape, has_duplicates=False, sorted=True)
 
 
 def _crop(block: sparse.COO, region: tuple[slice, ...]) -> sparse.COO:
@@ -127,22 +78,34 @@ def _crop(block: sparse.COO, region: tuple[slice, ...]) -> sparse.COO:
 class SparseChunkSource:
     """Array-like for ``da.from_array``: chunk-aligned ``__getitem__`` returns ``sparse.COO``.
 
-    Holds only the store path and variable name, so it pickles cheaply to dask.distributed workers.
+    Opens its array once, on first use in each process; pickles as the store path and variable
+    name only, so it ships cheaply to dask.distributed workers. Each :func:`open_run` makes new
+    sources, so a run overwritten at the same path is never read through stale metadata.
     """
 
     def __init__(self, path: str, name: str) -> None:
-        arr = _open_array(path, name)
         self.path, self.name = path, name
+        self._arr: zarr.Array | None = None
+        arr = self.array
         self.shape = tuple(arr.shape)
         self.dtype = np.dtype(arr.dtype)
         self.ndim = len(self.shape)
-        self.chunks = tuple(arr.metadata.chunk_grid.chunk_shape)
+        self.chunks = chunkio.chunk_shape(arr)
+
+    @property
+    def array(self) -> zarr.Array:
+        if self._arr is None:
+            self._arr = zarr.open_array(self.path, path=self.name, mode="r")
+        return self._arr
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_arr": None}
 
     def __getitem__(self, key: tuple[slice, ...]) -> sparse.COO:
         key = key if isinstance(key, tuple) else (key,)
         starts = [s.start or 0 for s in key]
         coords = tuple(st // c for st, c in zip(starts, self.chunks, strict=True))
-        block = read_sparse_chunk(self.path, self.name, coords)
+        block = read_sparse_chunk(self.array, coords)
         local = tuple(
             slice(st - i * c, (s.stop if s.stop is not None else dim) - i * c)
             for s, st, i, c, dim in zip(key, starts, coords, self.chunks, self.shape, strict=True)
@@ -152,7 +115,19 @@ class SparseChunkSource:
         return _crop(block, local)
 
 
-def _sparse_dask(path: str, name: str) -> da.Array:
+def store_token(path: str) -> str:
+    """A token of what a run holds now: its root attributes and every progress marker (each marker
+    carries its write time, so any doc-chunk written, redone or repaired changes the token, and an
+    overwritten run has new attributes)."""
+    group = zarr.open_group(path, mode="r")
+    try:
+        markers: Any = np.asarray(group[protocol.PROGRESS_PATH][...]) if protocol.PROGRESS_PATH in group else None
+    except (ValueError, RuntimeError, OSError):  # a damaged marker (validate names it): a name never reused
+        markers = uuid.uuid4().hex
+    return tokenize(path, dict(group.attrs), markers)
+
+
+def _sparse_dask(path: str, name: str, token: str) -> da.Array:
     src = SparseChunkSource(path, name)
     chunks = tuple(
         tuple(min(c, dim - i * c) for i in range(math.ceil(dim / c))) if dim else (0,)
@@ -160,7 +135,7 @@ def _sparse_dask(path: str, name: str) -> da.Array:
     )
     meta = sparse.COO.from_numpy(np.zeros((0,) * src.ndim, dtype=src.dtype))
     return da.from_array(src, chunks=chunks, meta=meta, asarray=False, fancy=False,
-                         name=f"saestore-{name}-{abs(hash((path, name)))}")
+                         name=f"saestore-{name}-{tokenize(token, name, src.array.metadata.to_dict())}")
 
 
 def open_run(path: str | Path, *, sparse_variables: bool = True, check: bool = True, **open_kwargs: Any) -> xr.Dataset:
@@ -178,9 +153,10 @@ def open_run(path: str | Path, *, sparse_variables: bool = True, check: bool = T
     if not sparse_variables:
         return ds
     group = zarr.open_group(path, mode="r")
+    token = store_token(path)
     for name in list(ds.data_vars):
         arr = group[name]
         if isinstance(arr, zarr.Array) and is_sparse_variable(arr):
             var = ds[name]
-            ds[name] = xr.Variable(var.dims, _sparse_dask(path, name), attrs=var.attrs, encoding=var.encoding)
+            ds[name] = xr.Variable(var.dims, _sparse_dask(path, name, token), attrs=var.attrs, encoding=var.encoding)
     return ds

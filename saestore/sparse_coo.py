@@ -60,6 +60,13 @@ class Header:
         return HEADER_SIZE + COUNT_DTYPE.itemsize * self.n_rows + self.nnz * (self.index_width + value_width)
 
 
+def max_chunk_size(n_rows: int, n_cols: int) -> int:
+    """The largest valid encoding of an ``n_rows`` x ``n_cols`` chunk, in bytes: every value stored,
+    in the widest value type (a chunk is self-describing, so any value type may appear)."""
+    widest = max(VALUE_DTYPES, key=lambda name: VALUE_DTYPES[name][1])
+    return Header(widest, index_width(n_cols), n_rows, n_cols, n_rows * n_cols).payload_size()
+
+
 def _shuffle(a: np.ndarray) -> bytes:
     width = a.dtype.itemsize
     if width == 1 or a.size == 0:

@@ -61,14 +61,18 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-import numpy as np
-import torch
-import zarr
-from torch.utils.data import IterableDataset, get_worker_info
+from saestore.extras import require
 
-from saestore import protocol
-from saestore.errors import CorruptChunkError, SaestoreError
-from saestore.reader import read_sparse_chunk
+require("torch")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import zarr  # noqa: E402
+from torch.utils.data import IterableDataset, get_worker_info  # noqa: E402
+
+from saestore import protocol  # noqa: E402
+from saestore.errors import CorruptChunkError, SaestoreError  # noqa: E402
+from saestore.reader import read_sparse_chunk  # noqa: E402
 
 __all__ = ["SparseBatch", "TokenDataset", "ShuffledTokenDataset", "DocumentDataset", "TorchReaderError",
            "POOLS", "TOKEN_VARS"]
@@ -510,7 +514,7 @@ class _RunDataset(IterableDataset):
     def _read_block(self, lt: str, a: int, li: int, c: int, n_docs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(chunk-local row = doc*n_tok + tok, feature, value) of one SAE chunk, row-major."""
         if self.storage_format == "sparse":
-            coo = read_sparse_chunk(self.run_path, lt, (a, li, c, 0, 0))
+            coo = read_sparse_chunk(self._array(lt), (a, li, c, 0, 0))
             d, t, f = coo.coords[2], coo.coords[3], coo.coords[4]
             return d * self.n_tok + t, f, np.asarray(coo.data, dtype=np.float32)
         d0 = c * self.chunk_docs

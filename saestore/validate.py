@@ -126,11 +126,18 @@ def _grid(arr: zarr.Array) -> list[tuple[int, ...]]:
     return [tuple(int(i) for i in idx) for idx in np.ndindex(*counts)]
 
 
+def _block(arr: zarr.Array, coords: tuple[int, ...], keep: int) -> np.ndarray:
+    """Chunk ``coords`` of ``arr`` as its last ``keep`` axes (zarr 3.1 drops the axes an integer block
+    index selects, zarr >= 3.2 keeps them with length 1)."""
+    block = np.asarray(arr.blocks[coords])
+    return block.reshape(block.shape[-keep:])
+
+
 def _token_problems(group: zarr.Group, a: int, c: int, cd: int, n_docs: int) -> list[str]:
     """PROTOCOL.md §2.5 on one written doc-chunk's per-token and per-document chunks. A chunk file that
     is missing reads as its fill value, which breaks these rules wherever the doc-chunk has tokens."""
-    tok = {name: group[name].blocks[(a, c, 0)] for name in ("valid_mask", "token_id", "token", "ce_loss", "entropy")}
-    doc = {name: group[name].blocks[(a, c)] for name in ("text", "doc_id", "doc_length", "n_truncated")}
+    tok = {name: _block(group[name], (a, c, 0), 2) for name in ("valid_mask", "token_id", "token", "ce_loss", "entropy")}
+    doc = {name: _block(group[name], (a, c), 1) for name in ("text", "doc_id", "doc_length", "n_truncated")}
     valid = tok["valid_mask"].astype(bool)
     exists = np.arange(valid.shape[0]) < n_docs - c * cd
     out = []
@@ -199,14 +206,14 @@ def validate_run(path: str | Path, *, repair: bool = False) -> Report:
                          + (f", doc-chunk {c})" if c is not None else ")")
             try:
                 if sparse_var:
-                    block = read_sparse_chunk(path, name, coords)
+                    block = read_sparse_chunk(arr, coords)
                     count = int(block.nnz)
                 else:
                     block = arr.blocks[coords]
                     count = int(np.count_nonzero(block)) if name in protocol.LAYER_TYPES else 0
                     if name == "valid_mask":
                         n_valid[(a, c)] += int(np.count_nonzero(block))
-            except Exception as e:  # noqa: BLE001 - any decode failure is a finding, reported with its cause
+            except Exception as e:
                 report.problems.append(Problem(kind="chunk", where=where, message=f"{type(e).__name__}: {e}",
                                                author_idx=a, doc_chunk=c))
                 if a is not None and c is not None and c < progress_shape[1]:

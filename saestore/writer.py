@@ -30,11 +30,8 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
-from zarr.core.array_spec import ArrayConfig
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
 
-from saestore import faults, protocol, sparse_coo
+from saestore import chunkio, faults, protocol, sparse_coo
 from saestore.codec import SparseCOOCodec
 from saestore.errors import ConfigMismatchError, CorruptChunkError, ProtocolError, SaestoreError, StoreWriteError
 from saestore.protocol import RunAttrs, StorageInfo
@@ -155,7 +152,7 @@ def _sae_dtype(storage: StorageInfo) -> str:
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def _fill(spec: protocol.VariableSpec) -> Any:
@@ -352,7 +349,6 @@ class RunWriter:
         self.arrays = {name: self.group[name] for name in
                        [*self.layout.layer_types, *(v.name for v in protocol.VARIABLES), *self.extra_specs]}
         self.progress = zarr.open_array(self.path, path=protocol.PROGRESS_PATH, mode="r+")
-        self._prototype = default_buffer_prototype()
 
     def done_chunks(self, author_idx: int) -> set[int]:
         """Doc-chunks of this author whose progress marker is set."""
@@ -429,9 +425,6 @@ class RunWriter:
                 f"failed: {e} (every doc-chunk with a progress marker is intact)"
             ) from e
 
-    def _chunk_key(self, arr: zarr.Array, coords: tuple[int, ...]) -> str:
-        return f"{arr.store_path.path}/{arr.metadata.encode_chunk_key(coords)}"
-
     def _write_sae_sparse(self, lt: str, a: int, li: int, c: int, acts: SparseActs) -> None:
         arr = self.arrays[lt]
         cd, n_t, n_f = self.layout.storage.chunk_docs, self.layout.n_tok, self.layout.n_features
@@ -439,17 +432,10 @@ class RunWriter:
         rows = np.asarray(acts.doc, dtype=np.int64) * n_t + np.asarray(acts.tok, dtype=np.int64)
         raw = sparse_coo.encode_rows(cd * n_t, n_f, rows, acts.feature, acts.values,
                                      self.layout.storage.value_dtype)
-        key = self._chunk_key(arr, coords)
-        store = arr.store_path.store
-        header = sparse_coo.read_header(raw)
-        if header.nnz == 0:  # like zarr with write_empty_chunks=False: an all-fill chunk is absent
-            sync(store.delete(key))
-            return
-        spec = arr.metadata.get_chunk_spec(coords, ArrayConfig.from_dict({}), self._prototype)
-        buf = self._prototype.buffer.from_bytes(raw)
-        for codec in arr.metadata.codecs[1:]:
-            buf = codec._encode_sync(buf, spec)
-        sync(store.set(key, buf))
+        if sparse_coo.read_header(raw).nnz == 0:  # like zarr with write_empty_chunks=False: absent
+            chunkio.delete_chunk(arr, coords)
+        else:
+            chunkio.write_chunk(arr, coords, raw)
 
     def _write_sae_dense(self, lt: str, a: int, li: int, c: int, acts_DTF: np.ndarray) -> None:
         arr = self.arrays[lt]

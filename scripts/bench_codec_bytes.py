@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -35,11 +36,9 @@ import numpy as np
 import zarr
 from numcodecs import Zstd
 from zarr.codecs import Crc32cCodec, ZstdCodec
-from zarr.core.array_spec import ArrayConfig
-from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import MemoryStore
 
-from saestore import sparse_coo
+from saestore import chunkio, sparse_coo
 from saestore.bench.synthetic import SyntheticChunk, index_entropy_bound_bits, synthetic_sae_chunk
 from saestore.codec import SparseCOOCodec
 from saestore.writer import DENSE_ZSTD_LEVEL, SPARSE_ZSTD_LEVEL
@@ -80,19 +79,13 @@ def sparse_chain(chunk: SyntheticChunk, value_dtype: str, repeat: int, verify: b
     arr = zarr.create_array(MemoryStore(), shape=shape, chunks=shape, dtype="float32", fill_value=0.0,
                             serializer=SparseCOOCodec(value_dtype=value_dtype),
                             compressors=[ZstdCodec(level=SPARSE_ZSTD_LEVEL), Crc32cCodec()])
-    prototype = default_buffer_prototype()
-    spec = arr.metadata.get_chunk_spec((0, 0, 0), ArrayConfig.from_dict({}), prototype)
-    byte_codecs = arr.metadata.codecs[1:]
     rows = chunk.rows()
 
     def encode_raw() -> bytes:
         return sparse_coo.encode_rows(n_rows, n_cols, rows, chunk.feature, chunk.values, value_dtype)
 
     def encode_chain() -> Any:
-        buf = prototype.buffer.from_bytes(encode_raw())
-        for codec in byte_codecs:
-            buf = codec._encode_sync(buf, spec)
-        return buf
+        return chunkio.encode_bytes(arr, (0, 0, 0), encode_raw())
 
     t_raw, raw = best_time(encode_raw, repeat)
     t_chain, stored = best_time(encode_chain, repeat)
@@ -101,10 +94,7 @@ def sparse_chain(chunk: SyntheticChunk, value_dtype: str, repeat: int, verify: b
         return sparse_coo.decode_coords(raw, shape)
 
     def decode_chain() -> tuple[np.ndarray, np.ndarray]:
-        buf = stored
-        for codec in reversed(byte_codecs):
-            buf = codec._decode_sync(buf, spec)
-        return sparse_coo.decode_coords(buf.as_numpy_array(), shape)
+        return sparse_coo.decode_coords(chunkio.decode_bytes(arr, (0, 0, 0), stored), shape)
 
     t_draw, _ = best_time(decode_raw, repeat)
     t_dchain, (coords, values) = best_time(decode_chain, repeat)
@@ -137,7 +127,7 @@ def baselines(chunk: SyntheticChunk, repeat: int) -> list[Row]:
 
     dense = chunk.to_dense()
     zstd_dense = Zstd(level=DENSE_ZSTD_LEVEL)
-    t, enc = best_time(lambda: zstd_dense.encode(dense), max(1, repeat // 2))
+    t, enc = best_time(partial(zstd_dense.encode, dense), max(1, repeat // 2))
     out.append(Row(name=f"dense float32 → zstd-{DENSE_ZSTD_LEVEL} → crc32c", n_bytes=len(enc) + 4,
                    bytes_per_nnz=(len(enc) + 4) / nnz, chain_encode_nnz_per_s=nnz / t))
     del dense, enc

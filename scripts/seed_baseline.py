@@ -63,7 +63,7 @@ def read_meta(stem: Path | str) -> dict[str, Any]:
     """Load the seed's metadata object (the benchmark only reads files it wrote itself)."""
     stem = Path(stem)
     with open(stem.with_name(stem.name + META_SUFFIX), "rb") as f:
-        return pickle.load(f)  # noqa: S301 - baseline only: files written by this module
+        return pickle.load(f)
 
 
 def save_sparse(csr: scipy.sparse.csr_matrix, meta: Mapping[str, Any], stem: Path | str) -> list[Path]:

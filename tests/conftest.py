@@ -13,6 +13,17 @@ from pathlib import Path
 
 import pytest
 
+from needs import MARKERS, skip_reason
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip tests marked with an extra (``@pytest.mark.extract``, ``@pytest.mark.torch``) that is absent."""
+    reasons = {marker: skip_reason(marker) for marker in MARKERS}
+    for item in items:
+        for marker, reason in reasons.items():
+            if reason and item.get_closest_marker(marker):
+                item.add_marker(pytest.mark.skip(reason=reason))
+
 
 @pytest.fixture(scope="session", autouse=True)
 def saestore_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from run_factory import synthetic_attrs
 from saestore import protocol
 from saestore.writer import ChunkData, RunLayout, RunWriter, SparseActs, create_run, finalize_run
+
+from run_factory import synthetic_attrs
 
 AUTHORS = ("a/b", "zoë", "c")
 N_DOCS = (5, 3, 4)

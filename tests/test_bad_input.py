@@ -441,6 +441,7 @@ CASES: dict[str, Callable] = {
 
 
 @pytest.mark.slow
+@pytest.mark.extract
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_bad_input(case, request):
     CASES[case](request)

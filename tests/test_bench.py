@@ -51,6 +51,7 @@ def _ratios(obj, where=""):
 
 
 @pytest.mark.slow
+@pytest.mark.extract
 def test_report_files_and_keys(quick_report):
     out, report, stdout = quick_report
     assert (out / "bench.md").is_file()
@@ -75,6 +76,7 @@ def test_report_files_and_keys(quick_report):
 
 
 @pytest.mark.slow
+@pytest.mark.extract
 def test_every_ratio_and_target_is_finite(quick_report):
     _, report, _ = quick_report
     ratios = list(_ratios(report))
@@ -89,6 +91,7 @@ def test_every_ratio_and_target_is_finite(quick_report):
 
 
 @pytest.mark.slow
+@pytest.mark.extract
 def test_markdown_tables_are_well_formed(quick_report):
     out, report, _ = quick_report
     md = (out / "bench.md").read_text(encoding="utf-8")

@@ -27,12 +27,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from zarr.codecs import Crc32cCodec, ZstdCodec
-from zarr.core.array_spec import ArrayConfig
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
 from zarr.storage import MemoryStore
 
-from saestore import protocol, sparse_coo
+from saestore import chunkio, protocol, sparse_coo
 from saestore.codec import CODEC_NAME, SparseCOOCodec, SparseCOONumcodec
 from saestore.errors import CodecEncodeError, CorruptChunkError, ProtocolError
 
@@ -560,15 +557,8 @@ def _zarr_array(shape, chunks, *, dtype="float32", value_dtype="float32", store=
 
 def _raw_chunk(arr: zarr.Array, coords: tuple[int, ...]) -> bytes | None:
     """The sparse_coo bytes of one stored chunk (after undoing crc32c and zstd), or None if absent."""
-    prototype = default_buffer_prototype()
-    key = f"{arr.store_path.path}/{arr.metadata.encode_chunk_key(coords)}".lstrip("/")
-    buf = sync(arr.store_path.store.get(key, prototype=prototype))
-    if buf is None:
-        return None
-    spec = arr.metadata.get_chunk_spec(coords, ArrayConfig.from_dict({}), prototype)
-    for codec in reversed(arr.metadata.codecs[1:]):
-        buf = codec._decode_sync(buf, spec)
-    return bytes(buf.as_numpy_array())
+    raw = chunkio.read_chunk(arr, coords)
+    return None if raw is None else bytes(raw)
 
 
 @st.composite
@@ -650,21 +640,12 @@ def test_zarr_surfaces_corrupt_payloads_as_corrupt_chunk_error():
     """A payload that passes crc32c and zstd but breaks the format reaches the user as CorruptChunkError."""
     arr = _zarr_array((3, 5), (3, 5))
     arr[...] = SMALL
-    prototype = default_buffer_prototype()
-    spec = arr.metadata.get_chunk_spec((0, 0), ArrayConfig.from_dict({}), prototype)
     one = _f32_bits(1.0)
     bad = pack_chunk(n_rows=3, n_cols=5, counts=[2, 0, 0], deltas=[1, 0], value_bits=[one, one])
-    buf = prototype.buffer.from_bytes(bad)
-    for codec in arr.metadata.codecs[1:]:
-        buf = codec._encode_sync(buf, spec)
-    key = f"{arr.store_path.path}/{arr.metadata.encode_chunk_key((0, 0))}".lstrip("/")
-    sync(arr.store_path.store.set(key, buf))
+    chunkio.write_chunk(arr, (0, 0), bad)
     with pytest.raises(CorruptChunkError, match="strictly increasing"):
         arr[...]
-    other_shape = prototype.buffer.from_bytes(sparse_coo.encode_dense(np.ones((5, 3), np.float32)))
-    for codec in arr.metadata.codecs[1:]:
-        other_shape = codec._encode_sync(other_shape, spec)
-    sync(arr.store_path.store.set(key, other_shape))
+    chunkio.write_chunk(arr, (0, 0), sparse_coo.encode_dense(np.ones((5, 3), np.float32)))
     with pytest.raises(CorruptChunkError, match="expected 3x5"):
         arr[...]
 

@@ -13,6 +13,8 @@ from saestore.errors import DatasetError
 from saestore.extract.corpus import DEMO_AUTHOR_VOCAB, DEMO_COMMON_WORDS, demo_corpus
 from saestore.extract.data import Document, load_documents, select_documents
 
+pytestmark = pytest.mark.extract  # load_documents reads through `datasets`
+
 AUTHORMIX_ROWS = [
     {"style": "obama", "text": "Yes we can, and we will, together.", "extra": 1},
     {"style": "woolf", "text": "Mrs Dalloway said she would buy the flowers herself.", "extra": 2},

@@ -11,12 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from needs import module_needs
 
-from saestore.errors import ExtractionConfigError  # noqa: E402
-from saestore.extract import tiny  # noqa: E402
-from saestore.extract.corpus import DEMO_AUTHOR_VOCAB, demo_corpus  # noqa: E402
-from saestore.extract.models import (  # noqa: E402
+module_needs("extract")
+
+import torch
+
+from saestore.errors import ExtractionConfigError
+from saestore.extract import tiny
+from saestore.extract.corpus import DEMO_AUTHOR_VOCAB, demo_corpus
+from saestore.extract.models import (
     SAESpec,
     check_sae_matches_model,
     load_model,

@@ -5,8 +5,13 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
-import nbformat
 import pytest
+
+from needs import module_needs
+
+module_needs("extract")
+
+import nbformat
 from nbclient import NotebookClient
 
 import saestore

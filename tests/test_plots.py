@@ -6,14 +6,15 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import pytest  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from PIL import Image  # noqa: E402
+import pytest
+from matplotlib.figure import Figure
+from PIL import Image
 
-import saestore  # noqa: E402
-import saestore.stats as st  # noqa: E402
-from saestore import plots  # noqa: E402
-from stats_fixtures import write_run  # noqa: E402
+import saestore
+import saestore.stats as st
+from saestore import plots
+
+from stats_fixtures import write_run
 
 
 @pytest.fixture(scope="module")

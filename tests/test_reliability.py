@@ -36,6 +36,8 @@ from saestore import protocol
 from saestore.errors import CorruptChunkError
 from saestore.writer import CREATING_SUFFIX, read_progress
 
+pytestmark = pytest.mark.extract
+
 #: small on purpose: 3 authors x 5 documents, 3 doc-chunks (2, 2, 1 documents) per author, batches
 #: of 4 documents spanning two doc-chunks, two SAE layers; 6 forward passes, 9 doc-chunks.
 ARGS = ["--model", "tiny", "--dataset_name", "demo", "--layers", "1", "3", "--layer_types", "res",
@@ -123,7 +125,7 @@ def _child(argv: list[str], fault: str | None, cache: str, log_path: str,
     try:
         with contextlib.redirect_stderr(buf):
             code = main(argv)
-    except BaseException:  # noqa: BLE001 - an unexpected crash: keep its traceback in the log
+    except BaseException:
         import traceback
 
         buf.write(traceback.format_exc())

@@ -10,6 +10,7 @@ import xarray as xr
 import saestore
 import saestore.stats as st
 from saestore.stats import cli
+
 from stats_fixtures import write_run
 
 distributed = pytest.importorskip("distributed")

@@ -11,6 +11,7 @@ import zarr
 
 import saestore
 import saestore.stats as st
+
 from stats_fixtures import write_run
 
 

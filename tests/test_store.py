@@ -14,12 +14,13 @@ import pytest
 import xarray as xr
 import zarr
 
-from run_factory import synthetic_attrs
 from saestore import protocol
 from saestore.errors import ConfigMismatchError, CorruptChunkError, ProtocolError, ProtocolVersionError, RunLockedError
 from saestore.lock import RunLock
 from saestore.reader import open_run
 from saestore.writer import ChunkData, RunLayout, RunWriter, SparseActs, create_run, finalize_run, read_progress
+
+from run_factory import synthetic_attrs
 
 N_TOK, N_FEAT = 12, 96
 LAYERS = (1, 3)

@@ -8,14 +8,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from needs import module_needs
+
+module_needs("torch")
+
 import torch
 import xarray as xr
 from torch.utils.data import DataLoader
 
-from run_factory import synthetic_attrs
 from saestore import protocol
 from saestore.torch import DocumentDataset, ShuffledTokenDataset, SparseBatch, TokenDataset, TorchReaderError
 from saestore.writer import ChunkData, RunLayout, RunWriter, SparseActs, create_run, finalize_run
+
+from run_factory import synthetic_attrs
 
 N_TOK, N_FEAT, CHUNK_DOCS = 12, 64, 3
 AUTHORS = ("zeta", "a/b", "ünï", "d")  # deliberately unsorted: the run keeps the writer's order

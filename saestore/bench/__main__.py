@@ -30,6 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the stores and files under DIR/work")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     args = parser.parse_args(argv)
+    from saestore.extras import MissingExtraError, require
+
+    try:
+        require("bench", what="python -m saestore.bench")
+    except MissingExtraError as e:
+        print(f"saestore.bench: error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("numba", "asyncio", "fsspec"):

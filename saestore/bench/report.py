@@ -68,7 +68,7 @@ def machine_info() -> dict[str, Any]:
         usable = os.cpu_count()
     return {"cpu": _cpu_model(), "cores": os.cpu_count(), "usable_cores": usable, "ram_gib": _ram_gib(),
             "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
-            "libraries": versions, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "libraries": versions, "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "git_commit": _git_commit(), "loadavg_start": list(os.getloadavg())}
 
 

@@ -176,10 +176,11 @@ def read_slice(path: str | Path, author_idx: int, layer_type: str, layer: int) -
     li = layout.layers.index(layer)
     n_tok = layout.n_tok
     chunks = []
+    sae_arr = group[layer_type]
     for c in range(layout.n_chunks(author_idx)):
         docs = layout.chunk_docs_range(author_idx, c)
         n_d = len(docs)
-        block = read_sparse_chunk(path, layer_type, (author_idx, li, c, 0, 0))
+        block = read_sparse_chunk(sae_arr, (author_idx, li, c, 0, 0))
         d, t, f = block.coords[2], block.coords[3], block.coords[4]
         keep = d < n_d
         acts = SparseActs(doc=d[keep], tok=t[keep], feature=f[keep], values=np.asarray(block.data)[keep])

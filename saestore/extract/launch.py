@@ -185,7 +185,7 @@ def run_local(path: str, cfg: ExtractConfig, specs: list[Any], work: list[Author
         try:
             rank, res = queue.get(timeout=1.0)
             results[rank] = res
-        except Exception:  # noqa: BLE001 - queue.Empty; poll liveness again
+        except Exception:
             continue
     while not queue.empty():
         rank, res = queue.get()
@@ -252,7 +252,7 @@ def extract(cfg: ExtractConfig) -> int:
         error = None
         try:
             stats = run_local(str(path), cfg, specs, work, devices)
-        except BaseException as e:  # noqa: BLE001 - record the failure, finalize, re-raise
+        except BaseException as e:
             stats, error = WorkerStats(failed={a: f"{type(e).__name__}: {e}" for a in layout.authors}), e
         faults.point("workers_done")
         try:

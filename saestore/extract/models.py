@@ -662,8 +662,8 @@ def load_model(name: str, device: str, dtype: str = "float32"):
 
 
 def _load_tiny(device: str, dtype: str):
-    from safetensors.torch import load_file
     from sae_lens import HookedSAETransformer
+    from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
     from saestore.extract.tiny import TINY_MODEL_CONFIG, make_tiny_config

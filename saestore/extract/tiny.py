@@ -272,8 +272,8 @@ def make_tiny_config(d_vocab: int, dtype: str = "float32"):
 
 
 def _write_model(path: Path, tokenizer):
-    from safetensors.torch import save_file
     from sae_lens import HookedSAETransformer
+    from safetensors.torch import save_file
 
     model = HookedSAETransformer(
         make_tiny_config(len(tokenizer)), tokenizer=tokenizer, default_padding_side="right"

@@ -22,8 +22,8 @@ from saestore.errors import SaestoreError, StoreWriteError
 from saestore.extract.config import ExtractConfig
 from saestore.extract.data import Document
 from saestore.extract.metrics import token_metrics
-from saestore.extract.quality import loss_recovered_ce, recon_metrics
 from saestore.extract.models import SAESpec
+from saestore.extract.quality import loss_recovered_ce, recon_metrics
 from saestore.writer import ChunkData, RunWriter, SparseActs
 
 log = logging.getLogger(__name__)

@@ -17,6 +17,7 @@ layer type, layer or feature drops that dimension. ``by="author"`` keeps authors
 
 from __future__ import annotations
 
+from saestore.stats import accessor as _accessor  # noqa: F401  (registers ds.sae)
 from saestore.stats._select import Selection, StatsError, make_selection
 from saestore.stats.core import (
     activation_count,
@@ -46,7 +47,6 @@ from saestore.stats.relations import (
     metric_by_activity,
     top_author_features,
 )
-from saestore.stats import accessor as _accessor  # noqa: F401  (registers ds.sae)
 
 __all__ = [
     "Selection", "StatsError", "make_selection",

@@ -197,6 +197,9 @@ def write_result(ds: Any, out: str | Path) -> str:
             for c in df.columns:
                 if df[c].dtype == object:
                     df[c] = df[c].astype(str)
+            from saestore.extras import require
+
+            require("io", "pyarrow", what="--out FILE.parquet")
             df.to_parquet(out, index=False)
         return suffix
     if is_sparse:
@@ -219,6 +222,10 @@ def _to_netcdf(ds: Any, out: str) -> None:
         if importlib.util.find_spec(module):
             ds.to_netcdf(out, engine=engine)
             return
+    if importlib.util.find_spec("scipy") is None:
+        from saestore.extras import require
+
+        require("io", "h5netcdf", what="--out FILE.nc")
     ds = ds.copy()
     for name in list(ds.variables):
         v = ds[name]
@@ -237,6 +244,9 @@ def _to_netcdf(ds: Any, out: str) -> None:
 
 def _compute(result: Any, scheduler: str | None) -> Any:
     if scheduler:
+        from saestore.extras import require
+
+        require("distributed", what="--scheduler")
         from distributed import Client, progress
 
         with Client(scheduler) as client:
