@@ -8,8 +8,8 @@ writes of the store. That is everything here, and nothing else in saestore impor
 (the codec module uses only the buffer and array-spec types that zarr's guide for codec authors
 names).
 
-Supported: zarr 3.1.x through the newest 3.x. The differences between those lines are in
-:func:`_chunk_spec` alone (zarr 3.1 builds it with ``ArrayV3Metadata.get_chunk_spec``, which zarr
+Supported: zarr 3.1.x through the newest 3.x, for unsharded arrays on a regular grid
+(:func:`is_direct`). The differences between those lines are in :func:`_chunk_spec` alone (zarr 3.1 builds it with ``ArrayV3Metadata.get_chunk_spec``, which zarr
 3.2 removed in favour of a chunk-grid lookup); tests/test_chunkio.py holds it to zarr's own
 pipeline on whichever zarr is installed.
 """
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ZARR_VERSION", "byte_codecs", "chunk_key", "chunk_shape", "decode_bytes", "delete_chunk",
-    "encode_bytes", "max_decoded_size", "read_chunk", "read_stored", "write_chunk", "write_stored",
+    "encode_bytes", "is_direct", "max_decoded_size", "read_chunk", "read_stored", "write_chunk", "write_stored",
     "zstd_content_size",
 ]
 
@@ -43,8 +43,26 @@ _PROTOTYPE = default_buffer_prototype()
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
+def is_direct(arr: zarr.Array) -> bool:
+    """True when chunks of ``arr`` can be read and written here: a zarr format 3 array on a regular
+    chunk grid, not sharded, whose codec chain is exactly its serializer and then byte codecs (no
+    array->array filters). Everything else goes through zarr's own pipeline."""
+    if arr.metadata.zarr_format != 3 or arr.shards is not None or arr.filters:
+        return False
+    if getattr(arr.metadata.chunk_grid, "chunk_shape", None) is None:  # zarr >= 3.3: rectilinear grids
+        return False
+    return tuple(arr.metadata.codecs) == (arr.serializer, *arr.compressors)
+
+
+def _require_direct(arr: zarr.Array) -> None:
+    if not is_direct(arr):
+        raise ProtocolError(f"{arr.store_path}: chunk I/O needs an unsharded zarr v3 array on a regular grid "
+                            f"with no array->array filters (codecs {[c.to_dict()['name'] for c in arr.metadata.codecs]})")
+
+
 def chunk_shape(arr: zarr.Array) -> tuple[int, ...]:
     """The (regular) chunk shape of ``arr``: the shape every chunk is encoded at, edge chunks too."""
+    _require_direct(arr)
     return tuple(int(c) for c in arr.metadata.chunk_grid.chunk_shape)
 
 
@@ -58,7 +76,7 @@ def chunk_key(arr: zarr.Array, coords: Sequence[int]) -> str:
 def _chunk_spec(arr: zarr.Array, coords: tuple[int, ...]) -> ArraySpec:
     """The ArraySpec zarr's own pipeline hands the codecs of chunk ``coords`` (the version shim)."""
     config = ArrayConfig.from_dict({})
-    if ZARR_VERSION < (3, 2):
+    if hasattr(arr.metadata, "get_chunk_spec"):  # zarr 3.1
         return arr.metadata.get_chunk_spec(coords, config, _PROTOTYPE)
     # zarr >= 3.2: regular grids share one spec of the full chunk shape (zarr.core.array._get_selection)
     return ArraySpec(shape=chunk_shape(arr), dtype=arr.metadata.dtype, fill_value=arr.metadata.fill_value,
@@ -68,13 +86,9 @@ def _chunk_spec(arr: zarr.Array, coords: tuple[int, ...]) -> ArraySpec:
 def byte_codecs(arr: zarr.Array) -> tuple[Any, ...]:
     """The bytes→bytes codecs that follow the serializer (e.g. zstd, crc32c), in encoding order.
 
-    Raises ProtocolError for arrays the direct path cannot serve: zarr format 2, or array→array
-    filters before the serializer (the serializer would no longer see the array's own values).
+    Raises ProtocolError for arrays the direct path cannot serve (see :func:`is_direct`).
     """
-    if arr.metadata.zarr_format != 3:
-        raise ProtocolError(f"{arr.store_path}: chunk I/O needs a zarr format 3 array")
-    if arr.filters:
-        raise ProtocolError(f"{arr.store_path}: chunk I/O does not support array->array filters {arr.filters}")
+    _require_direct(arr)
     return tuple(arr.compressors)
 
 

@@ -21,7 +21,9 @@ EXTRAS: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
     "plots": ("figures (saestore.plots)", ("matplotlib",)),
     "distributed": ("statistics on a dask.distributed cluster (--scheduler)", ("distributed",)),
     "io": ("Parquet and netCDF outputs of the stats CLI", ("pyarrow", "h5netcdf")),
-    "bench": ("the benchmarks (python -m saestore.bench)", ("torch", "scipy", "safetensors")),
+    "bench": ("the benchmarks (python -m saestore.bench)",
+              ("torch", "transformer_lens", "sae_lens", "datasets", "transformers", "tokenizers", "safetensors",
+               "scipy")),
 }
 
 

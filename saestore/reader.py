@@ -27,14 +27,15 @@ __all__ = ["open_run", "is_sparse_variable", "SparseChunkSource", "read_sparse_c
 
 
 def is_sparse_variable(arr: zarr.Array) -> bool:
-    """True when the array's serializer is ``saestore.sparse_coo``."""
-    return arr.metadata.zarr_format == 3 and isinstance(arr.serializer, SparseCOOCodec)
+    """True when the array's serializer is ``saestore.sparse_coo`` and its chunks can be decoded
+    directly (:func:`saestore.chunkio.is_direct`); other arrays read through zarr's pipeline."""
+    return chunkio.is_direct(arr) and isinstance(arr.serializer, SparseCOOCodec)
 
 
 def _describe(arr: zarr.Array, coords: tuple[int, ...]) -> str:
     """'res[author='x', layer=3, doc-chunk 2] (chunk ...) in STORE' for error messages, best effort."""
     dims = arr.metadata.dimension_names or ()
-    store = arr.store_path.store
+    store = arr.store
     parts = []
     for dim, c in zip(dims, coords, strict=False):
         if dim in ("author", "layer"):

@@ -121,7 +121,7 @@ def _check_layout(group: zarr.Group, attrs: protocol.RunAttrs, where: str) -> li
 
 
 def _grid(arr: zarr.Array) -> list[tuple[int, ...]]:
-    chunks = arr.metadata.chunk_grid.chunk_shape
+    chunks = arr.chunks
     counts = [math.ceil(s / c) for s, c in zip(arr.shape, chunks, strict=True)]
     return [tuple(int(i) for i in idx) for idx in np.ndindex(*counts)]
 

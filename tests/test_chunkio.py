@@ -24,6 +24,7 @@ import saestore
 from saestore import chunkio, sparse_coo
 from saestore.codec import SparseCOOCodec
 from saestore.errors import CorruptChunkError, ProtocolError
+from saestore.reader import is_sparse_variable
 
 from stats_fixtures import write_run
 
@@ -135,8 +136,16 @@ def test_arrays_the_direct_path_cannot_serve_are_refused():
 
     arr = zarr.create_array(MemoryStore(), shape=(2, 8), chunks=(2, 8), dtype="float32", fill_value=0.0,
                             filters=[TransposeCodec(order=(1, 0))], compressors=None)
+    assert not chunkio.is_direct(arr)
     with pytest.raises(ProtocolError, match="filters"):
         chunkio.byte_codecs(arr)
+    sharded = zarr.create_array(MemoryStore(), shape=(4, 8), chunks=(2, 8), shards=(4, 8), dtype="float32",
+                                fill_value=0.0, serializer=SparseCOOCodec(), compressors=[ZstdCodec(level=3)])
+    sharded[...] = np.eye(4, 8, dtype=np.float32)
+    assert not chunkio.is_direct(sharded) and not is_sparse_variable(sharded)  # zarr's own pipeline reads it
+    with pytest.raises(ProtocolError, match="unsharded"):
+        chunkio.chunk_shape(sharded)
+    np.testing.assert_array_equal(sharded[...], np.eye(4, 8, dtype=np.float32))
 
 
 def test_open_run_never_reads_an_overwritten_run_through_stale_metadata(tmp_path):
@@ -162,12 +171,12 @@ def test_open_run_never_reads_an_overwritten_run_through_stale_metadata(tmp_path
 
 def test_only_chunkio_reaches_into_zarr_internals():
     """`zarr.core` appears in the package only in chunkio and, for type hints, in the codec module."""
-    hits = subprocess.run(["grep", "-rln", "zarr.core", "saestore", "scripts"], cwd=REPO, capture_output=True,
+    hits = subprocess.run(["grep", "-rln", "--include=*.py", "zarr.core", "saestore", "scripts"], cwd=REPO, capture_output=True,
                           text=True).stdout.split()
     assert sorted(hits) == ["saestore/chunkio.py", "saestore/codec.py"], hits
     codec = (REPO / "saestore" / "codec.py").read_text()
     assert set(re.findall(r"from (zarr\.core\.\w+) import", codec)) == {"zarr.core.array_spec", "zarr.core.buffer"}
-    tests = subprocess.run(["grep", "-rln", "zarr.core", "tests"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    tests = subprocess.run(["grep", "-rln", "--include=*.py", "zarr.core", "tests"], cwd=REPO, capture_output=True, text=True).stdout.split()
     assert sorted(tests) == ["tests/test_chunkio.py"], tests
 
 

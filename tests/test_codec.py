@@ -856,7 +856,7 @@ def test_fresh_process_opens_store_via_zarr_codecs_entry_point(tmp_path):
             via_xr = np.ascontiguousarray(ds[name].values)
             via_zarr = zarr.open_array(path, path=name, mode="r")[...]
             out[name] = [hashlib.sha256(via_xr.tobytes()).hexdigest(), hashlib.sha256(via_zarr.tobytes()).hexdigest()]
-        out["codec_module"] = type(zarr.open_array(path, path="acts", mode="r").metadata.codecs[0]).__module__
+        out["codec_module"] = type(zarr.open_array(path, path="acts", mode="r").serializer).__module__
         print(json.dumps(out))
     """
     out = _run_fresh(child, str(path), cwd=tmp_path)

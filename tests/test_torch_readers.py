@@ -312,6 +312,7 @@ def tiny_run(tiny_cache, tmp_path_factory) -> Path:
     return out / "demo" / "tiny" / "probe.zarr"
 
 
+@pytest.mark.extract  # the tiny model and an extraction
 def test_author_probe_beats_chance(tiny_run):
     probe = _load_probe_module()
     result = probe.train_author_probe(tiny_run, layer_type="res", layer=3, epochs=30, seed=0)

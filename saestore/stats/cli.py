@@ -197,9 +197,6 @@ def write_result(ds: Any, out: str | Path) -> str:
             for c in df.columns:
                 if df[c].dtype == object:
                     df[c] = df[c].astype(str)
-            from saestore.extras import require
-
-            require("io", "pyarrow", what="--out FILE.parquet")
             df.to_parquet(out, index=False)
         return suffix
     if is_sparse:
@@ -222,10 +219,6 @@ def _to_netcdf(ds: Any, out: str) -> None:
         if importlib.util.find_spec(module):
             ds.to_netcdf(out, engine=engine)
             return
-    if importlib.util.find_spec("scipy") is None:
-        from saestore.extras import require
-
-        require("io", "h5netcdf", what="--out FILE.nc")
     ds = ds.copy()
     for name in list(ds.variables):
         v = ds[name]
@@ -244,9 +237,6 @@ def _to_netcdf(ds: Any, out: str) -> None:
 
 def _compute(result: Any, scheduler: str | None) -> Any:
     if scheduler:
-        from saestore.extras import require
-
-        require("distributed", what="--scheduler")
         from distributed import Client, progress
 
         with Client(scheduler) as client:
@@ -261,10 +251,25 @@ def _compute(result: Any, scheduler: str | None) -> Any:
         return result.compute(scheduler="threads")
 
 
+def require_extras(out: str, scheduler: str | None) -> None:
+    """Before anything is computed: the extras that ``--out`` and ``--scheduler`` need (one-line error)."""
+    import importlib.util
+
+    from saestore.extras import require
+
+    if str(out).endswith(".parquet"):
+        require("io", "pyarrow", what="--out FILE.parquet")
+    if str(out).endswith(".nc") and not any(importlib.util.find_spec(m) for m in ("netCDF4", "h5netcdf", "scipy")):
+        require("io", "h5netcdf", what="--out FILE.nc")
+    if scheduler:
+        require("distributed", what="--scheduler")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the ``stats`` command from parsed arguments; returns the exit code."""
     from saestore.reader import open_run
 
+    require_extras(args.out, args.scheduler)
     t0 = time.perf_counter()
     ds = open_run(args.run)
     lazy = compute_stat(ds, args)
