@@ -5,8 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 RUN ?= runs/demo/tiny/demo.zarr
-# the Python 3.13 leg: a python3.13 on PATH or pyenv's; REQUIRE_PY313=1 (CI) fails when there is none
-PYTHON313 ?= $(shell command -v python3.13 2>/dev/null || ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.13*/bin/python3.13 2>/dev/null | tail -1)
+# the Python 3.13 leg: pyenv's 3.13 or a working python3.13 on PATH; REQUIRE_PY313=1 (CI) fails when there is none
+PYTHON313 ?= $(shell for p in $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.13*/bin/python3.13 2>/dev/null) $$(command -v python3.13); do $$p -c "import sys" 2>/dev/null && echo $$p && break; done)
 VENV313 ?= .venv313
 BIN313 := $(VENV313)/bin
 
