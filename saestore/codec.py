@@ -16,7 +16,7 @@ from numcodecs.abc import Codec as _NumcodecsCodec
 from zarr.abc.codec import ArrayBytesCodec
 
 from saestore import sparse_coo
-from saestore.errors import CodecEncodeError, CorruptChunkError
+from saestore.errors import CodecConfigError, CodecEncodeError, CorruptChunkError
 
 if TYPE_CHECKING:
     from typing import Self
@@ -32,9 +32,9 @@ def _parse_configuration(configuration: dict[str, Any] | None) -> dict[str, Any]
     configuration = dict(configuration or {})
     value_dtype = configuration.pop("value_dtype", "float32")
     if configuration:
-        raise ValueError(f"{CODEC_NAME}: unknown configuration keys {sorted(configuration)}")
+        raise CodecConfigError(f"{CODEC_NAME}: unknown configuration keys {sorted(configuration)}")
     if value_dtype not in sparse_coo.VALUE_DTYPES:
-        raise ValueError(
+        raise CodecConfigError(
             f"{CODEC_NAME}: value_dtype {value_dtype!r} is not one of {sorted(sparse_coo.VALUE_DTYPES)}"
         )
     return {"value_dtype": value_dtype}
@@ -58,7 +58,7 @@ class SparseCOOCodec(ArrayBytesCodec):
     def from_dict(cls, data: dict[str, Any]) -> Self:
         name = data.get("name")
         if name != CODEC_NAME:
-            raise ValueError(f"expected codec name {CODEC_NAME!r}, got {name!r}")
+            raise CodecConfigError(f"expected codec name {CODEC_NAME!r}, got {name!r}")
         return cls(**_parse_configuration(data.get("configuration")))
 
     def to_dict(self) -> dict[str, Any]:
@@ -67,9 +67,9 @@ class SparseCOOCodec(ArrayBytesCodec):
     def _check_dtype(self, dtype: Any) -> None:
         native = np.dtype(dtype.to_native_dtype())
         if native.name not in ALLOWED_ARRAY_DTYPES:
-            raise ValueError(f"{CODEC_NAME} stores float arrays ({ALLOWED_ARRAY_DTYPES}), not {native}")
+            raise CodecConfigError(f"{CODEC_NAME} stores float arrays ({ALLOWED_ARRAY_DTYPES}), not {native}")
         if native == np.float16 and self.value_dtype == "bfloat16":
-            raise ValueError(
+            raise CodecConfigError(
                 f"{CODEC_NAME}: value_dtype 'bfloat16' rounds float16 values near 65504 up to 65536, which is inf "
                 "in a float16 array; use value_dtype 'float16' or 'float32' for float16 arrays"
             )
@@ -77,13 +77,13 @@ class SparseCOOCodec(ArrayBytesCodec):
     def validate(self, *, shape: tuple[int, ...], dtype: Any, chunk_grid: Any) -> None:
         self._check_dtype(dtype)
         if len(shape) < 1:
-            raise ValueError(f"{CODEC_NAME} needs arrays with at least one dimension")
+            raise CodecConfigError(f"{CODEC_NAME} needs arrays with at least one dimension")
 
     def evolve_from_array_spec(self, array_spec: ArraySpec) -> Self:
         self._check_dtype(array_spec.dtype)  # before the fill check, which assumes a real float
         fill = array_spec.fill_value
         if fill is None or float(fill) != 0.0 or np.signbit(fill):
-            raise ValueError(
+            raise CodecConfigError(
                 f"{CODEC_NAME} needs fill_value 0.0 (got {fill!r}); pass fill_value=0.0 "
                 "(xarray: encoding={'var': {'fill_value': 0.0}})"
             )
@@ -129,7 +129,7 @@ class SparseCOONumcodec(_NumcodecsCodec):
     def __init__(self, n_cols: int, value_dtype: str = "float32") -> None:
         self.n_cols = int(n_cols)
         if not 1 <= self.n_cols <= sparse_coo.MAX_COLS:
-            raise ValueError(f"{CODEC_NAME}: n_cols must be in [1, {sparse_coo.MAX_COLS}], got {n_cols}")
+            raise CodecConfigError(f"{CODEC_NAME}: n_cols must be in [1, {sparse_coo.MAX_COLS}], got {n_cols}")
         self.value_dtype = _parse_configuration({"value_dtype": value_dtype})["value_dtype"]
 
     def encode(self, buf: Any) -> bytes:

@@ -17,6 +17,11 @@ class CodecEncodeError(CodecError, ValueError):
     sparse indices, a shape the format cannot represent)."""
 
 
+class CodecConfigError(CodecError, ValueError):
+    """A codec configuration, or an array the codec is asked to serve, that the format does not allow
+    (unknown keys or value dtype, a non-float dtype, a fill value other than 0.0)."""
+
+
 class CorruptChunkError(CodecError, ValueError):
     """Chunk bytes are malformed: truncated, wrong magic, inconsistent header, indices out of
     range or unsorted, or a checksum mismatch. Raised before any large allocation."""
@@ -55,3 +60,28 @@ class StoreWriteError(SaestoreError):
     """Writing to a run store failed (disk full, permissions, an I/O error). The message names what
     was being written; every doc-chunk whose progress marker is set is intact, so rerunning the same
     command once writes succeed again finishes the run."""
+
+
+class StatsError(SaestoreError, ValueError):
+    """A statistic was asked for something the run does not hold (an unknown author, layer, layer
+    type or feature, an empty selection, a bad parameter)."""
+
+
+class TorchReaderError(SaestoreError, ValueError):
+    """A PyTorch reader was asked for something the run does not hold, or for impossible parameters."""
+
+
+class PlotError(SaestoreError, ValueError):
+    """A plot was handed data it cannot draw in one panel (select one SAE, author or feature first)."""
+
+
+class MissingExtraError(SaestoreError, ImportError):
+    """A feature needs an optional dependency that is not installed; the message names the extra."""
+
+
+class BenchError(SaestoreError):
+    """A benchmark could not run (missing baseline, failed measurement child, impossible workload)."""
+
+
+class FaultSpecError(SaestoreError, ValueError):
+    """``SAESTORE_FAULT`` names an unknown fault point or action, or a bad count or rank."""

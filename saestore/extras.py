@@ -11,7 +11,9 @@ from __future__ import annotations
 import importlib.util
 from typing import Final
 
-from saestore.errors import SaestoreError
+from saestore.errors import MissingExtraError
+
+__all__ = ["EXTRAS", "MissingExtraError", "missing", "require"]
 
 #: extra -> (what it is for, modules it makes importable)
 EXTRAS: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
@@ -25,10 +27,6 @@ EXTRAS: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
               ("torch", "transformer_lens", "sae_lens", "datasets", "transformers", "tokenizers", "safetensors",
                "scipy")),
 }
-
-
-class MissingExtraError(SaestoreError, ImportError):
-    """A feature needs an optional dependency that is not installed; the message names the extra."""
 
 
 def missing(extra: str, modules: tuple[str, ...] | None = None) -> list[str]:

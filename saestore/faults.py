@@ -1,7 +1,8 @@
 """Deterministic fault injection, for the reliability tests only (inactive unless the variable is set).
 
-``SAESTORE_FAULT="POINT:N[:ACTION][,POINT:N[:ACTION]...]"`` makes the process act the N-th time
-(1-based) it passes the named fault point. Actions:
+``SAESTORE_FAULT="POINT:N[:ACTION][@RANK][,...]"`` makes the process act the N-th time (1-based) it
+passes the named fault point; with ``@RANK``, only the torchrun/SLURM rank RANK acts (``$RANK``,
+else ``$SLURM_PROCID``, else 0). Actions:
 
 ``kill`` (default)
     ``SIGKILL`` to itself: no cleanup, no ``finally``, no atexit, no flush; what a crash, the OOM
@@ -21,6 +22,8 @@ import os
 import signal
 import time
 from typing import Final
+
+from saestore.errors import FaultSpecError
 
 log = logging.getLogger(__name__)
 
@@ -42,25 +45,34 @@ POINTS: Final = {
 }
 
 _plan: dict[str, tuple[int, str]] = {}
+_RANK_KEYS: Final = ("RANK", "SLURM_PROCID")
 _passes: dict[str, int] = {}
 
 
 def parse(spec: str | None) -> dict[str, tuple[int, str]]:
-    """``"payload:3,forward:1:sleep5"`` -> ``{"payload": (3, "kill"), "forward": (1, "sleep5")}``."""
+    """``"payload:3,forward:1:sleep5"`` -> ``{"payload": (3, "kill"), "forward": (1, "sleep5")}``.
+
+    Items for another rank (``POINT:N@RANK``) are left out of this process's plan."""
     plan: dict[str, tuple[int, str]] = {}
+    rank = next((os.environ[k] for k in _RANK_KEYS if k in os.environ), "0")
     for item in (spec or "").split(","):
         item = item.strip()
         if not item:
+            continue
+        item, _, only = item.partition("@")
+        if only and not only.isdigit():
+            raise FaultSpecError(f"{ENV}: {item}@{only}: the rank after '@' must be a number")
+        if only and int(only) != int(rank):
             continue
         name, _, rest = item.partition(":")
         count, _, action = rest.partition(":")
         action = action or "kill"
         if name not in POINTS:
-            raise ValueError(f"{ENV}: unknown fault point {name!r}; points: {', '.join(POINTS)}")
+            raise FaultSpecError(f"{ENV}: unknown fault point {name!r}; points: {', '.join(POINTS)}")
         if not count.isdigit() or int(count) < 1:
-            raise ValueError(f"{ENV}: {item!r} needs a pass count N >= 1 (POINT:N[:ACTION])")
+            raise FaultSpecError(f"{ENV}: {item!r} needs a pass count N >= 1 (POINT:N[:ACTION])")
         if action != "kill" and not (action.startswith("sleep") and action[5:].replace(".", "", 1).isdigit()):
-            raise ValueError(f"{ENV}: unknown action {action!r} in {item!r}; use kill or sleepSECONDS")
+            raise FaultSpecError(f"{ENV}: unknown action {action!r} in {item!r}; use kill or sleepSECONDS")
         plan[name] = (int(count), action)
     return plan
 

@@ -9,6 +9,7 @@ import dask
 import numpy as np
 
 from saestore import protocol
+from saestore.location import is_url
 from saestore.reader import open_run
 from saestore.writer import read_progress
 
@@ -37,7 +38,7 @@ def run_info(path: str | Path) -> dict[str, Any]:
                          "sae": (info.sae_id or info.path) if info else None, "nonzeros": nnz,
                          "mean_l0": nnz / n_tokens if n_tokens else float("nan"),
                          "expected_l0": info.expected_l0 if info else None})
-    local = "://" not in path
+    local = not is_url(path)
     return {
         "path": path,
         "protocol_version": attrs.protocol_version,

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import TracebackType
 
 from saestore.errors import RunLockedError
+from saestore.location import is_url
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class RunLock:
 
     def __init__(self, run_path: str | Path) -> None:
         self.run_path = str(run_path)
-        self.local = "://" not in self.run_path
+        self.local = not is_url(self.run_path)
         self.path = Path(self.run_path.rstrip("/") + ".lock") if self.local else None
         self.held = False
         self._fd: int | None = None

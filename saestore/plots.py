@@ -30,6 +30,8 @@ import xarray as xr  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from saestore.errors import PlotError  # noqa: E402
+
 __all__ = ["feature_density", "l0_distribution", "author_heatmap", "feature_card"]
 
 
@@ -97,7 +99,7 @@ def l0_distribution(hist: xr.DataArray, *, ax: Axes | None = None, density: bool
     hist = _computed(hist)
     panels = list(_sae_slices(hist))
     if ax is not None and len(panels) > 1:
-        raise ValueError(f"ax= draws one panel, but the histogram holds {len(panels)} SAEs; select one")
+        raise PlotError(f"ax= draws one panel, but the histogram holds {len(panels)} SAEs; select one")
     if ax is None:
         n = len(panels)
         cols = min(n, 3)
@@ -136,7 +138,7 @@ def author_heatmap(spec: xr.Dataset, *, n: int = 5, score: str = "log_odds", ax:
     spec = _computed(spec)
     extra = [d for d in spec[score].dims if d not in ("author", "feature")]
     if extra:
-        raise ValueError(f"select one SAE first (e.g. spec.sel(layer=...)); extra dims: {extra}")
+        raise PlotError(f"select one SAE first (e.g. spec.sel(layer=...)); extra dims: {extra}")
     z = np.asarray(spec["z"].values, dtype=float)
     values = np.asarray(spec[score].values, dtype=float)
     feats = spec["feature"].values
@@ -175,11 +177,11 @@ def feature_card(examples: xr.Dataset, *, feature: int | None = None, ax: Axes |
     ex = _computed(examples)
     if "feature" in ex.dims:
         if feature is None:
-            raise ValueError("the examples hold several features: pass feature=")
+            raise PlotError("the examples hold several features: pass feature=")
         ex = ex.sel(feature=feature)
     extra = [d for d in ex["value"].dims if d != "rank"]
     if extra:
-        raise ValueError(f"select one SAE (and author) first; extra dims: {extra}")
+        raise PlotError(f"select one SAE (and author) first; extra dims: {extra}")
     feature = int(ex["feature"].values) if "feature" in ex.coords else feature
     ranks = [r for r in range(ex.sizes["rank"]) if np.isfinite(ex["value"].values[r])][:max_examples]
     colormap = mpl.colormaps[cmap]

@@ -71,7 +71,7 @@ import zarr  # noqa: E402
 from torch.utils.data import IterableDataset, get_worker_info  # noqa: E402
 
 from saestore import protocol  # noqa: E402
-from saestore.errors import CorruptChunkError, SaestoreError  # noqa: E402
+from saestore.errors import CorruptChunkError, TorchReaderError  # noqa: E402
 from saestore.reader import read_sparse_chunk  # noqa: E402
 
 __all__ = ["SparseBatch", "TokenDataset", "ShuffledTokenDataset", "DocumentDataset", "TorchReaderError",
@@ -80,10 +80,6 @@ __all__ = ["SparseBatch", "TokenDataset", "ShuffledTokenDataset", "DocumentDatas
 POOLS = ("mean", "max", "sum")
 TOKEN_VARS = ("token_id", "ce_loss", "entropy")
 _TOKEN_VAR_DTYPES = {"token_id": np.int64, "ce_loss": np.float32, "entropy": np.float32}
-
-
-class TorchReaderError(SaestoreError, ValueError):
-    """A reader was asked for something the run does not hold, or for impossible parameters."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 from saestore import chunkio, faults, protocol, sparse_coo
 from saestore.codec import SparseCOOCodec
 from saestore.errors import ConfigMismatchError, CorruptChunkError, ProtocolError, SaestoreError, StoreWriteError
+from saestore.location import is_url
 from saestore.protocol import RunAttrs, StorageInfo
 
 log = logging.getLogger(__name__)
@@ -160,11 +161,11 @@ def _fill(spec: protocol.VariableSpec) -> Any:
 
 
 def _exists(path: str) -> bool:
-    return Path(path).exists() if "://" not in path else zarr.storage.FsspecStore.from_url(path).fs.exists(path)
+    return zarr.storage.FsspecStore.from_url(path).fs.exists(path) if is_url(path) else Path(path).exists()
 
 
 def _remove(path: str) -> None:
-    if "://" in path:
+    if is_url(path):
         store = zarr.storage.FsspecStore.from_url(path)
         store.fs.rm(path, recursive=True)
     else:
@@ -187,7 +188,7 @@ def create_run(
     """
     path = str(path)
     if mode not in ("auto", "resume", "overwrite"):
-        raise ValueError(f"mode must be auto, resume or overwrite, not {mode!r}")
+        raise SaestoreError(f"mode must be auto, resume or overwrite, not {mode!r}")
     if _exists(path):
         if mode == "overwrite":
             log.warning("overwriting %s", path)
@@ -199,7 +200,7 @@ def create_run(
     # A local store is built next to its path and renamed into place when complete, so a process
     # killed while creating it leaves no half-made run at `path` (which a rerun could not resume).
     # The caller holds the run lock, so a leftover build folder is a dead process's: remove it.
-    final_path, local = path, "://" not in path
+    final_path, local = path, not is_url(path)
     if local:
         path = path.rstrip("/") + CREATING_SUFFIX
         if Path(path).exists():

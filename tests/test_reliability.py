@@ -25,6 +25,8 @@ import shutil
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -467,6 +469,36 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def _torchrun(reference: dict, name: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node 2 -m saestore.extract ARGS``: two gloo ranks on the CPU."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "SAESTORE_CACHE": str(reference["cache"]), "OMP_NUM_THREADS": "1"}
+    env.pop("SAESTORE_FAULT", None)
+    if fault:
+        env["SAESTORE_FAULT"] = fault
+    argv = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "saestore.extract", *ARGS,
+            "--output_dir", str(reference["out"]), "--run_name", name]
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_killed_one_rank_then_rerun_equals_single_process(reference):
+    """Two gloo ranks write one run; rank 1 is SIGKILLed after its second doc-chunk (torchrun then
+    stops rank 0); the same command again resumes, and the run equals the one-process reference
+    chunk file by chunk file, with the registry saying complete."""
+    path = _path(reference, "torchrun")
+    killed = _torchrun(reference, "torchrun", "after_marker:2@1")
+    assert killed.returncode != 0, killed.stdout[-2000:] + killed.stderr[-2000:]
+    assert_marked_chunks_match(path, reference["path"])
+    progress = read_progress(path)
+    assert 0 < (progress[..., 0] == 1).sum() < N_CHUNKS  # killed part-way: some doc-chunks done, some not
+    done = _torchrun(reference, "torchrun")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "status: complete" in done.stdout and "2 ranks" in done.stderr
+    assert_same_run(path, reference["path"], reference["registry"])
+    FIGURES["torchrun kills survived"] = 1
 
 
 @pytest.mark.slow

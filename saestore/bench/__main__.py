@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from saestore.bench.baselines import BenchError
 from saestore.bench.run import FULL, QUICK, SECTIONS, run_benchmarks
+from saestore.errors import BenchError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,17 +19,13 @@ from types import ModuleType
 import numpy as np
 
 from saestore.bench.workloads import ActSlice
-from saestore.errors import SaestoreError
+from saestore.errors import BenchError
 
 __all__ = ["BenchError", "seed_module", "seed_meta", "write_seed_sparse", "write_seed_dense", "write_delphi",
            "DELPHI_SPLITS"]
 
 DELPHI_SPLITS = 5
 """delphi's default ``n_splits`` (CacheConfig)."""
-
-
-class BenchError(SaestoreError):
-    """A benchmark could not run (missing baseline, failed measurement child)."""
 
 
 def repo_root() -> Path:

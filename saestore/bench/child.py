@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any
 
-from saestore.bench.baselines import BenchError
+from saestore.errors import BenchError
 
 __all__ = ["TASKS", "reset_peak_rss", "rss_mb", "run_child"]
 

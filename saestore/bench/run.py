@@ -20,12 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from saestore.bench.baselines import BenchError, seed_module, write_seed_sparse
+from saestore.bench.baselines import seed_module, write_seed_sparse
 from saestore.bench.child import run_child
 from saestore.bench.report import evaluate_targets, machine_info, render_markdown
 from saestore.bench.sizes import compare_whole_run, measure_sizes, write_seed_for_run
 from saestore.bench.stats_speed import compare_results
 from saestore.bench.workloads import ActSlice, SyntheticWorkload, make_attrs, read_slice, slice_from_chunks
+from saestore.errors import BenchError
 
 __all__ = ["BenchConfig", "FULL", "QUICK", "SECTIONS", "run_benchmarks"]
 

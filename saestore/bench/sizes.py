@@ -37,6 +37,7 @@ from saestore.bench.baselines import (
     write_seed_sparse,
 )
 from saestore.bench.workloads import ActSlice, read_slice, write_slice
+from saestore.errors import BenchError
 
 __all__ = ["measure_sizes", "store_bytes", "compare_whole_run", "write_seed_for_run"]
 
@@ -109,7 +110,7 @@ def measure_sizes(sl: ActSlice, work_dir: Path, *, include_dense: bool = True) -
     work_dir.mkdir(parents=True, exist_ok=True)
     nnz = sl.nnz
     if nnz == 0:
-        raise ValueError("the slice has no nonzero activation")
+        raise BenchError("the slice has no nonzero activation")
     k = sl.active_per_token()
     n_valid = sl.n_valid
     bound_bytes = _log2_binomial_sum(sl.n_features, k) / 8

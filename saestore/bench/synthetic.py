@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from saestore.errors import BenchError
+
 if TYPE_CHECKING:
     from saestore.writer import ChunkData, RunLayout, SparseActs
 
@@ -56,9 +58,9 @@ def zipf_densities(n_features: int, l0: float, *, zipf_exponent: float = 1.0, ma
     found by bisection. Raises ValueError if ``l0`` cannot be reached (``l0 > max_density · n_features``).
     """
     if n_features < 1 or not 0 < max_density <= 1:
-        raise ValueError(f"need n_features >= 1 and 0 < max_density <= 1, got {n_features}, {max_density}")
+        raise BenchError(f"need n_features >= 1 and 0 < max_density <= 1, got {n_features}, {max_density}")
     if not 0 <= l0 <= max_density * n_features:
-        raise ValueError(f"l0 {l0} is not reachable with {n_features} features of density <= {max_density}")
+        raise BenchError(f"l0 {l0} is not reachable with {n_features} features of density <= {max_density}")
     base = np.arange(1, n_features + 1, dtype=np.float64) ** -float(zipf_exponent)
     if l0 == 0:
         return np.zeros(n_features)
@@ -115,7 +117,7 @@ def doc_lengths(n_docs: int, n_tok: int, pad_frac: float, rng: np.random.Generat
     """Ragged document lengths in ``[1, n_tok]`` whose padding is ``pad_frac`` of all positions
     (exactly, up to rounding and the bounds)."""
     if not 0 <= pad_frac < 1:
-        raise ValueError(f"pad_frac must be in [0, 1), got {pad_frac}")
+        raise BenchError(f"pad_frac must be in [0, 1), got {pad_frac}")
     target = min(n_docs * n_tok, max(n_docs, round((1 - pad_frac) * n_docs * n_tok)))
     mean = target / n_docs
     lengths = np.clip(np.rint(rng.normal(mean, 0.25 * n_tok, size=n_docs)), 1, n_tok).astype(np.int64)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from saestore.errors import DatasetError
+
 __all__ = ["DEMO_AUTHORS", "DEMO_AUTHOR_VOCAB", "DEMO_COMMON_WORDS", "demo_corpus"]
 
 DEMO_AUTHOR_VOCAB: dict[str, list[str]] = {
@@ -174,7 +176,7 @@ def demo_corpus(n_docs_per_author: int = 24, seed: int = 0) -> list[dict]:
     (``str.split``). Deterministic for a given ``(n_docs_per_author, seed)``.
     """
     if n_docs_per_author < 0:
-        raise ValueError(f"n_docs_per_author must be >= 0, got {n_docs_per_author}")
+        raise DatasetError(f"n_docs_per_author must be >= 0, got {n_docs_per_author}")
     rng = np.random.default_rng(seed)
     records: list[dict] = []
     for author in DEMO_AUTHORS:

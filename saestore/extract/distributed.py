@@ -1,29 +1,27 @@
 """Extraction under torchrun or SLURM: every rank is one worker of one shared store, rank 0 coordinates.
 
 Ranks synchronise through a ``gloo`` process group (torchrun sets ``MASTER_ADDR``/``MASTER_PORT``;
-under plain SLURM set them, e.g. to the first node of the allocation): rank 0 validates, locks and
-creates the store and registers the run, then broadcasts success; every rank extracts
-``authors[rank::world_size]`` on ``cuda:LOCAL_RANK`` (or the CPU); rank 0 gathers the statistics and
-finalizes.
+under plain SLURM set them, e.g. to the first node of the allocation). Rank 0 runs the
+:class:`~saestore.extract.coordinator.Coordinator` with a :class:`TorchrunLauncher`: it locks,
+creates and registers the run, then broadcasts that the run started (or why it did not); every
+rank extracts ``authors[rank::world_size]`` on ``cuda:LOCAL_RANK`` (or the CPU); rank 0 gathers the
+statistics, finalizes, and broadcasts the exit code. The other ranks only :func:`follow`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-from saestore import protocol
 from saestore.errors import SaestoreError, WorkerFailedError
 from saestore.extract.config import ExtractConfig
-from saestore.extract.worker import AuthorWork, run_worker
-from saestore.lock import RunLock
-from saestore.registry import Registry
-from saestore.writer import RunLayout, create_run, finalize_run
+from saestore.extract.worker import AuthorWork, WorkerStats, run_worker
 
 log = logging.getLogger(__name__)
+
+_STARTED = "started"
 
 
 def rank_info() -> tuple[int, int, int]:
@@ -35,55 +33,78 @@ def rank_info() -> tuple[int, int, int]:
     return rank, world, local
 
 
-def extract_distributed(cfg: ExtractConfig, specs: list[Any], layout: RunLayout, attrs: protocol.RunAttrs,
-                        work: list[AuthorWork], path: Path, t0: float) -> int:
-    import torch
+class TorchrunLauncher:
+    """This rank's worker plus the process-group messages around it (rank 0's side drives them)."""
+
+    def __init__(self, cfg: ExtractConfig, specs: list[Any]) -> None:
+        import torch
+        import torch.distributed as dist
+
+        self.cfg, self.specs = cfg, specs
+        self.rank, self.world, local = rank_info()
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", rank=self.rank, world_size=self.world)
+        self.device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        self.where = f"{self.world} ranks"
+        self._aborted = False
+
+    def _broadcast(self, value: Any) -> Any:
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def run_share(self, path: str, work: Sequence[AuthorWork]) -> WorkerStats:
+        """Extract this rank's authors; any failure becomes their recorded failure."""
+        share = list(work[self.rank :: self.world])
+        try:
+            return run_worker(path, self.cfg, self.specs, share, self.device, self.rank)
+        except Exception as e:  # reported to rank 0 as this rank's authors' failure
+            return WorkerStats.failing((w.author for w in share), f"rank {self.rank}: {type(e).__name__}: {e}")
+
+    def gather(self, stats: WorkerStats) -> list[WorkerStats] | None:
+        import torch.distributed as dist
+
+        out: list[Any] | None = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(stats, out, dst=0)
+        return out
+
+    # --- the Launcher protocol (rank 0) ---
+
+    def run(self, path: str, work: Sequence[AuthorWork]) -> WorkerStats:
+        self._broadcast(_STARTED)
+        return WorkerStats.merge(self.gather(self.run_share(path, work)) or [])
+
+    def abort(self, reason: str) -> None:
+        self._aborted = True
+        self._broadcast(reason)
+
+    def finished(self, code: int) -> None:
+        import torch.distributed as dist
+
+        if not self._aborted:
+            self._broadcast(code)
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def follow(launcher: TorchrunLauncher, work: Sequence[AuthorWork]) -> int:
+    """A rank other than 0: wait for the run to start, extract this rank's share, report, and exit
+    with the run's outcome."""
     import torch.distributed as dist
 
-    from saestore.extract.launch import _finish_registry, _merge, _start_registry, _summary
-
-    rank, world, local = rank_info()
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-    device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    lock = RunLock(path)
-    registry = Registry(cfg.registry_path()) if rank == 0 else None
-    status: list[Any] = [None]
-    if rank == 0:
-        try:
-            lock.acquire()
-            mode = "overwrite" if cfg.overwrite else "resume" if cfg.resume else "auto"
-            attrs = create_run(path, layout, attrs, mode=mode)
-            _start_registry(registry, cfg, path, attrs, layout)
-            status[0] = "ok"
-        except SaestoreError as e:
-            status[0] = f"{type(e).__name__}: {e}"
-    dist.broadcast_object_list(status, src=0)
-    if status[0] != "ok":
-        lock.release()
+    status = launcher._broadcast(None)
+    if status != _STARTED:
         dist.destroy_process_group()
-        raise SaestoreError(f"rank 0 could not create the run: {status[0]}")
-    try:
-        stats = run_worker(str(path), cfg, specs, work[rank::world], device, rank).to_json()
-    except Exception as e:
-        stats = {"n_docs": 0, "n_tokens": 0, "nnz": {}, "seconds": 0.0,
-                 "failed": {w.author: f"rank {rank}: {type(e).__name__}: {e}" for w in work[rank::world]}}
-    gathered: list[Any] | None = [None] * world if rank == 0 else None
-    dist.gather_object(stats, gathered, dst=0)
-    code = 0
-    if rank == 0:
-        total = _merge(gathered)  # type: ignore[arg-type]
-        final = finalize_run(path, failed_authors=sorted(total.failed))
-        wall = time.perf_counter() - t0
-        _finish_registry(registry, path, final.status, final.failed_authors, t0,  # type: ignore[arg-type]
-                         "; ".join(f"{a}: {m}" for a, m in sorted(total.failed.items())) or None)
-        lock.release()
-        print(_summary(path, layout, final, total, wall), flush=True)
-        code = 1 if final.failed_authors else 0
-    codes = [code]
-    dist.broadcast_object_list(codes, src=0)
+        raise SaestoreError(f"rank 0 could not start the run: {status}")
+    stats = launcher.run_share(str(launcher.cfg.run_path()), work)
+    launcher.gather(stats)
+    code = launcher._broadcast(None)
     dist.barrier()
     dist.destroy_process_group()
-    if codes[0]:
+    if code == 1:
         raise WorkerFailedError("some authors were not finished; rerun the same command to finish them")
+    if code:
+        raise SaestoreError(f"rank 0 stopped with exit code {code}; see its log")
     return 0

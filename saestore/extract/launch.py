@@ -1,9 +1,10 @@
-"""The coordinator of ``python -m saestore.extract``: validate, create the run, launch workers, finalize.
+"""``python -m saestore.extract``: validate the request, then run it through the coordinator.
 
 Everything the user asked for is validated (model, SAEs, dataset) before anything is written or
-registered; then the coordinator takes the run's lock, creates the store, records the run in the
-registry, deals authors round-robin to one worker per device (or per torchrun/SLURM rank), and
-finalizes the store and the registry once every worker has returned.
+registered (:func:`plan`); :class:`~saestore.extract.coordinator.Coordinator` then owns the run's
+lifecycle, and :class:`LocalLauncher` (here) or
+:class:`~saestore.extract.distributed.TorchrunLauncher` runs its workers: one per device, or one per
+torchrun/SLURM rank, authors dealt round-robin.
 """
 
 from __future__ import annotations
@@ -11,21 +12,19 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import sqlite3
+import queue as queue_mod
 import sys
 import threading
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from saestore import faults, protocol
-from saestore.errors import SaestoreError, StoreWriteError, WorkerFailedError
+from saestore import protocol
+from saestore.errors import SaestoreError, WorkerFailedError
 from saestore.extract.config import ExtractConfig, parse_all, resolve_defaults
+from saestore.extract.coordinator import Coordinator
 from saestore.extract.worker import AuthorWork, WorkerStats, run_worker
-from saestore.lock import RunLock
-from saestore.registry import Registry
-from saestore.writer import RunLayout, create_run, finalize_run, read_progress
+from saestore.writer import RunLayout
 
 log = logging.getLogger("saestore.extract")
 
@@ -117,10 +116,6 @@ def _resolve_available(cfg: ExtractConfig) -> list[Any]:
     return specs
 
 
-def _du(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
-
-
 def _exit_with(coordinator: int) -> None:
     """Stop this worker as soon as its coordinator is gone (even killed by SIGKILL, which no cleanup
     sees): the rerun that takes the run's lock over must be the run's only writer."""
@@ -142,170 +137,78 @@ def _worker_entry(path: str, cfg: ExtractConfig, specs: list[Any], work: list[Au
         stats = run_worker(path, cfg, specs, work, device, rank, n_threads)
     except SaestoreError as e:  # e.g. an SAE that does not fit the model: tell the coordinator why
         log.error("worker %d failed: %s", rank, e)
-        stats = WorkerStats(failed={w.author: f"{type(e).__name__}: {e}" for w in work})
-    queue.put((rank, stats.to_json()))
+        stats = WorkerStats.failing((w.author for w in work), f"{type(e).__name__}: {e}")
+    queue.put((rank, stats))
 
 
-def _merge(results: Sequence[dict[str, Any]]) -> WorkerStats:
-    total = WorkerStats()
-    for r in results:
-        total.n_docs += r["n_docs"]
-        total.n_tokens += r["n_tokens"]
-        total.seconds = max(total.seconds, r["seconds"])
-        total.failed.update(r["failed"])
-        for k, v in r["nnz"].items():
-            total.nnz[k] = total.nnz.get(k, 0) + v
-    return total
-
-
-def run_local(path: str, cfg: ExtractConfig, specs: list[Any], work: list[AuthorWork],
-              devices: list[str]) -> WorkerStats:
+class LocalLauncher:
     """One worker per device: in this process for a single device, else spawned processes."""
-    n_cpu = sum(d == "cpu" for d in devices)
-    # torch threads per CPU worker: $OMP_NUM_THREADS when set (on a busy machine 1 can be fastest), else
-    # the cores shared out between the CPU workers
-    threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // max(1, n_cpu))
-    shares = [work[i :: len(devices)] for i in range(len(devices))]
-    if len(devices) == 1:
-        return run_worker(path, cfg, specs, shares[0], devices[0], 0, threads if n_cpu else None)
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = []
-    for rank, (device, share) in enumerate(zip(devices, shares, strict=True)):
-        if not share:
-            log.info("worker %d (%s) has no author: %d workers for %d authors", rank, device, len(devices), len(work))
-            continue
-        p = ctx.Process(target=_worker_entry, args=(path, cfg, specs, share, device, rank,
-                                                    threads if device == "cpu" else 0, queue, os.getpid()),
-                        name=f"saestore-worker-{rank}")
-        p.start()
-        procs.append((rank, p, share))
-    results: dict[int, dict[str, Any]] = {}
-    while len(results) < len(procs) and any(p.is_alive() for _, p, _ in procs):
-        try:
-            rank, res = queue.get(timeout=1.0)
-            results[rank] = res
-        except Exception:
-            continue
-    while not queue.empty():
-        rank, res = queue.get()
-        results[rank] = res
-    for rank, p, share in procs:
-        p.join()
-        if rank not in results:
-            results[rank] = {"n_docs": 0, "n_tokens": 0, "nnz": {}, "seconds": 0.0,
-                             "failed": {w.author: f"worker {rank} exited with code {p.exitcode}" for w in share}}
-    return _merge(list(results.values()))
 
+    def __init__(self, cfg: ExtractConfig, specs: list[Any], devices: list[str]) -> None:
+        self.cfg, self.specs, self.devices = cfg, specs, devices
+        self.where = ", ".join(devices)
 
-def _summary(path: Path, layout: RunLayout, attrs: protocol.RunAttrs, stats: WorkerStats, wall: float) -> str:
-    progress = read_progress(path)
-    n_tokens = int(progress[..., 1].sum())
-    n_nonzero = int(progress[..., 2].sum())
-    lines = [f"run: {path}", f"status: {attrs.status}",
-             f"authors: {len(layout.authors)}  documents: {sum(layout.n_docs)}  tokens: {n_tokens:,}  "
-             f"nonzeros: {n_nonzero:,}",
-             f"bytes on disk: {_du(path):,}  wall time: {wall:.1f}s  "
-             f"({stats.n_tokens / max(wall, 1e-9):,.0f} tokens/s this session)"]
-    for key, nnz in sorted(stats.nnz.items()):
-        lt, layer = key.split("/")
-        expected = attrs.saes[lt][layer].expected_l0
-        l0 = nnz / max(stats.n_tokens, 1)
-        lines.append(f"  {lt:>3} layer {layer:>3}: mean L0 {l0:7.1f}" + (f" (SAE expects {expected:.1f})" if expected else ""))
-    if attrs.failed_authors:
-        lines.append(f"FAILED authors (rerun the same command to finish them): {', '.join(attrs.failed_authors)}")
-    return "\n".join(lines)
+    def abort(self, reason: str) -> None:
+        pass  # no worker was started
 
+    def finished(self, code: int) -> None:
+        pass
 
-def _check_l0(stats: WorkerStats, attrs: protocol.RunAttrs) -> None:
-    for key, nnz in stats.nnz.items():
-        lt, layer = key.split("/")
-        expected = attrs.saes[lt][layer].expected_l0
-        l0 = nnz / max(stats.n_tokens, 1)
-        if expected and stats.n_tokens and not expected / 3 <= l0 <= expected * 3:
-            log.warning("%s layer %s: measured mean L0 %.1f is far from the SAE's expected %.1f "
-                        "(prompt/BOS handling, dtype or the wrong SAE?)", lt, layer, l0, expected)
+    def run(self, path: str, work: Sequence[AuthorWork]) -> WorkerStats:
+        devices = self.devices
+        n_cpu = sum(d == "cpu" for d in devices)
+        # torch threads per CPU worker: $OMP_NUM_THREADS when set (on a busy machine 1 can be fastest), else
+        # the cores shared out between the CPU workers
+        threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // max(1, n_cpu))
+        shares = [list(work[i :: len(devices)]) for i in range(len(devices))]
+        if len(devices) == 1:
+            return run_worker(path, self.cfg, self.specs, shares[0], devices[0], 0, threads if n_cpu else None)
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        procs = []
+        for rank, (device, share) in enumerate(zip(devices, shares, strict=True)):
+            if not share:
+                log.info("worker %d (%s) has no author: %d workers for %d authors", rank, device, len(devices),
+                         len(work))
+                continue
+            p = ctx.Process(target=_worker_entry, args=(path, self.cfg, self.specs, share, device, rank,
+                                                        threads if device == "cpu" else 0, queue, os.getpid()),
+                            name=f"saestore-worker-{rank}")
+            p.start()
+            procs.append((rank, p, share))
+        results: dict[int, WorkerStats] = {}
+        while len(results) < len(procs) and any(p.is_alive() for _, p, _ in procs):
+            try:
+                rank, stats = queue.get(timeout=1.0)
+                results[rank] = stats
+            except queue_mod.Empty:
+                continue
+        while not queue.empty():
+            rank, stats = queue.get()
+            results[rank] = stats
+        for rank, p, share in procs:
+            p.join()
+            if rank not in results:
+                results[rank] = WorkerStats.failing((w.author for w in share),
+                                                    f"worker {rank} exited with code {p.exitcode}")
+        return WorkerStats.merge(results.values())
 
 
 def extract(cfg: ExtractConfig) -> int:
-    """Run an extraction; returns the process exit code (0 complete, 1 failed authors)."""
+    """Run an extraction; returns the process exit code (0 complete; failed authors raise WorkerFailedError)."""
     t0 = time.perf_counter()
     cfg = resolve_defaults(cfg)
     specs, by_author, layout, attrs = plan(cfg)
-    path = cfg.run_path()
-    work = [AuthorWork(author_idx=i, author=a, docs=tuple(by_author[a])) for i, a in enumerate(layout.authors)]
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        from saestore.extract.distributed import extract_distributed
+    coordinator = Coordinator(cfg, layout, attrs, cfg.run_path(), t0)
+    work = coordinator.work(by_author)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from saestore.extract.distributed import TorchrunLauncher, follow, rank_info
 
-        return extract_distributed(cfg, specs, layout, attrs, work, path, t0)
-    devices = parse_devices(cfg.devices)
-    registry = Registry(cfg.registry_path())
-    mode = "overwrite" if cfg.overwrite else "resume" if cfg.resume else "auto"
-    with RunLock(path):
-        faults.point("lock")
-        attrs = create_run(path, layout, attrs, mode=mode)
-        _start_registry(registry, cfg, path, attrs, layout)
-        faults.point("created")
-        log.info("extracting %d authors, %d documents into %s on %s", len(layout.authors), sum(layout.n_docs),
-                 path, ", ".join(devices))
-        error = None
-        try:
-            stats = run_local(str(path), cfg, specs, work, devices)
-        except BaseException as e:
-            stats, error = WorkerStats(failed={a: f"{type(e).__name__}: {e}" for a in layout.authors}), e
-        faults.point("workers_done")
-        try:
-            final = finalize_run(path, failed_authors=sorted(stats.failed))
-        except (OSError, SaestoreError) as e:  # cannot write (disk full?) or read (corrupt markers): say so
-            _finish_registry(registry, path, "failed", list(layout.authors), t0, f"{type(e).__name__}: {e}")
-            if not isinstance(e, OSError):
-                raise
-            cause = _first_failure(stats)
-            raise StoreWriteError(
-                (f"{cause}; then " if cause else "") + f"finalizing {path} failed: {type(e).__name__}: {e}. Fix the "
-                "cause (free space?) and rerun the same command: doc-chunks with a progress marker are kept"
-            ) from (error or e)
-        faults.point("finalized")
-        wall = time.perf_counter() - t0
-        _finish_registry(registry, path, final.status, final.failed_authors, t0, repr(error) if error else
-                         "; ".join(f"{a}: {m}" for a, m in sorted(stats.failed.items())) or None)
-        if error is not None:
-            raise error
-    _check_l0(stats, final)
-    print(_summary(path, layout, final, stats, wall), flush=True)
-    if final.failed_authors:
-        cause = _first_failure(stats)
-        raise WorkerFailedError(
-            f"{len(final.failed_authors)} author(s) not finished: {', '.join(final.failed_authors)}."
-            + (f" First error: {cause}." if cause else "") + " Rerun the same command to finish them once the cause "
-            "is fixed")
-    return 0
-
-
-def _first_failure(stats: WorkerStats) -> str | None:
-    """The first recorded failure (authors in order) for one-line messages, naming its author."""
-    return next((m if repr(a) in m else f"{a!r}: {m}" for a, m in sorted(stats.failed.items())), None)
-
-
-def _start_registry(registry: Registry, cfg: ExtractConfig, path: Path, attrs: protocol.RunAttrs,
-                    layout: RunLayout) -> None:
-    """Record the run as running (after the store exists, before any worker starts)."""
-    registry.start(path=str(path), run_name=path.name.removesuffix(".zarr"), model=cfg.model,
-                   dataset=cfg.dataset_name, category=cfg.category_name, config_hash=attrs.config_hash,
-                   config=attrs.config, authors=list(layout.authors), n_docs=sum(layout.n_docs))
-
-
-def _finish_registry(registry: Registry, path: Path, status: str, failed_authors: list[str], t0: float,
-                     error: str | None) -> None:
-    """Record the outcome in the registry; a registry that cannot be written is logged, not fatal."""
-    try:
-        progress = read_progress(path)
-        registry.finish(str(path), status=status, failed_authors=failed_authors,
-                        n_tokens=int(progress[..., 1].sum()), n_nonzero=int(progress[..., 2].sum()),
-                        bytes=_du(path), wall_s=time.perf_counter() - t0, error=error)
-    except (OSError, sqlite3.Error, SaestoreError) as e:
-        log.error("could not record the outcome of %s in the registry %s: %s", path, registry.path, e)
+        launcher = TorchrunLauncher(cfg, specs)
+        if rank_info()[0] != 0:
+            return follow(launcher, work)
+        return coordinator.run(launcher, work)
+    return coordinator.run(LocalLauncher(cfg, specs, parse_devices(cfg.devices)), work)
 
 
 def extract_many(configs: list[ExtractConfig]) -> int:

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from saestore.errors import ExtractionConfigError
 from saestore.extract.corpus import DEMO_AUTHOR_VOCAB, demo_corpus
 
 __all__ = [
@@ -119,7 +120,7 @@ def tiny_hook_name(layer_type: str, layer: int) -> str:
         return f"blocks.{layer}.hook_mlp_out"
     if layer_type == "att":
         return f"blocks.{layer}.attn.hook_z"
-    raise ValueError(f"unknown layer type {layer_type!r}: choose res, mlp or att")
+    raise ExtractionConfigError(f"unknown layer type {layer_type!r}: choose res, mlp or att")
 
 
 def _is_current(bundle: Path) -> bool:

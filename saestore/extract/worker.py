@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,9 +54,27 @@ class WorkerStats:
     seconds: float = 0.0
     failed: dict[str, str] = field(default_factory=dict)  # author -> error
 
-    def to_json(self) -> dict[str, Any]:
-        return {"n_docs": self.n_docs, "n_tokens": self.n_tokens, "nnz": self.nnz, "seconds": self.seconds,
-                "failed": self.failed}
+    @classmethod
+    def failing(cls, authors: Iterable[str], reason: str) -> WorkerStats:
+        """The stats of a worker that did none of ``authors``, for ``reason``."""
+        return cls(failed={a: reason for a in authors})
+
+    @classmethod
+    def merge(cls, parts: Iterable[WorkerStats]) -> WorkerStats:
+        """The run's stats from its workers': sums, the longest wall time, every failure."""
+        total = cls()
+        for s in parts:
+            total.n_docs += s.n_docs
+            total.n_tokens += s.n_tokens
+            total.seconds = max(total.seconds, s.seconds)
+            total.failed.update(s.failed)
+            for k, v in s.nnz.items():
+                total.nnz[k] = total.nnz.get(k, 0) + v
+        return total
+
+    def first_failure(self) -> str | None:
+        """The first recorded failure (authors in order) for one-line messages, naming its author."""
+        return next((m if repr(a) in m else f"{a!r}: {m}" for a, m in sorted(self.failed.items())), None)
 
 
 @dataclass

@@ -29,18 +29,13 @@ import pandas as pd
 import sparse
 import xarray as xr
 
-from saestore.errors import SaestoreError
+from saestore.errors import StatsError
 
 __all__ = ["Selection", "StatsError", "make_selection", "sae_array", "token_array", "doc_array", "per_block",
            "check_by", "By", "group_coords", "over_layer_types"]
 
 LAYER_TYPES = ("res", "mlp", "att")
 By = Literal["author"] | None
-
-
-class StatsError(SaestoreError, ValueError):
-    """A statistic was asked for something the run does not hold (an unknown author, layer, layer
-    type or feature, an empty selection, a bad parameter)."""
 
 
 @dataclass(frozen=True, kw_only=True)

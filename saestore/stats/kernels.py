@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import sparse
 
+from saestore.errors import StatsError
+
 NO_POS = -1.0
 
 
@@ -38,7 +40,7 @@ def block_nonzeros(acts_11DTF: Any, valid_1DT: np.ndarray, feature_idx: np.ndarr
     if isinstance(acts_11DTF, sparse.SparseArray):
         x = acts_11DTF if isinstance(acts_11DTF, sparse.COO) else sparse.COO(acts_11DTF)
         if x.fill_value != 0:
-            raise ValueError(f"SAE blocks must have fill value 0, got {x.fill_value}")
+            raise StatsError(f"SAE blocks must have fill value 0, got {x.fill_value}")
         n_feat = x.shape[4]
         c = x.coords
         rows = c[2].astype(np.int64) * n_tok + c[3]
@@ -178,7 +180,7 @@ def doc_pool(acts_11DTF: Any, valid_1DT: np.ndarray, *, feature_idx: np.ndarray 
         n_active = np.bincount(inv, minlength=uniq.size)
         data = np.where(n_active < doc_len[d_u], np.maximum(data, 0.0), data)
     else:
-        raise ValueError(f"stat must be sum, mean or max, not {stat!r}")
+        raise StatsError(f"stat must be sum, mean or max, not {stat!r}")
     keep = data != 0
     coords = np.stack([np.zeros(keep.sum(), np.int64), np.zeros(keep.sum(), np.int64), d_u[keep], f_u[keep]])
     return sparse.COO(coords, data[keep], shape=(1, 1, nz.n_docs, nz.n_feat), has_duplicates=False, sorted=True,

@@ -7,6 +7,7 @@ from typing import Any
 
 import xarray as xr
 
+from saestore.errors import StatsError
 from saestore.stats.core import feature_stats
 
 __all__ = ["reconstruction_quality", "loss_recovered"]
@@ -53,7 +54,7 @@ def loss_recovered(ds: xr.Dataset, layer_type: str = "res", *, by: str | None = 
     ``--loss_recovered``)."""
     sub = _select(ds, author, layer)
     if "ce_clean" not in sub:
-        raise KeyError("this run has no loss-recovered variables: extract with --loss_recovered")
+        raise StatsError("this run has no loss-recovered variables: extract with --loss_recovered")
     dims = ("doc",) if by == "author" else ("author", "doc")
     has = sub["doc_length"] > 0
     clean = sub["ce_clean"].where(has).mean(dims)

@@ -1,0 +1,170 @@
+"""The one lifecycle of an extraction run, whoever runs its workers.
+
+:class:`Coordinator` owns every step around the workers: take the run's lock, create (or reopen) the
+store, record the run as running in the registry, hand the authors to a :class:`Launcher`, finalize
+the store, record the outcome in the registry (also when finalizing fails), check the measured L0
+and print the summary. Two launchers run the workers: :class:`saestore.extract.launch.LocalLauncher`
+(one process per device) and :class:`saestore.extract.distributed.TorchrunLauncher` (one torchrun or
+SLURM rank each, this process being rank 0). A launcher only runs workers and returns their
+:class:`~saestore.extract.worker.WorkerStats`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from saestore import faults, protocol
+from saestore.errors import SaestoreError, StoreWriteError, WorkerFailedError
+from saestore.extract.config import ExtractConfig
+from saestore.extract.worker import AuthorWork, WorkerStats
+from saestore.lock import RunLock
+from saestore.registry import Registry
+from saestore.writer import RunLayout, create_run, finalize_run, read_progress
+
+log = logging.getLogger("saestore.extract")
+
+
+class Launcher(Protocol):
+    """Runs a run's workers. The coordinator calls ``run`` once the store exists, or ``abort`` when
+    the run could not be started; then ``finished`` with the exit code, exactly once."""
+
+    where: str
+    """the devices or ranks, for the log"""
+
+    def run(self, path: str, work: Sequence[AuthorWork]) -> WorkerStats: ...
+
+    def abort(self, reason: str) -> None: ...
+
+    def finished(self, code: int) -> None: ...
+
+
+def _du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+@dataclass
+class Coordinator:
+    """Lock, create, register, launch, finalize, register, report: one run, one object."""
+
+    cfg: ExtractConfig
+    layout: RunLayout
+    attrs: protocol.RunAttrs
+    path: Path
+    t0: float
+
+    def work(self, by_author: dict[str, list[Any]]) -> list[AuthorWork]:
+        return [AuthorWork(author_idx=i, author=a, docs=tuple(by_author[a])) for i, a in enumerate(self.layout.authors)]
+
+    def run(self, launcher: Launcher, work: Sequence[AuthorWork]) -> int:
+        """Extract ``work`` through ``launcher``; returns 0 (complete) or raises (failed authors, errors)."""
+        code = 2
+        started = False
+        try:
+            with RunLock(self.path):
+                faults.point("lock")
+                registry = Registry(self.cfg.registry_path())
+                mode = "overwrite" if self.cfg.overwrite else "resume" if self.cfg.resume else "auto"
+                attrs = create_run(self.path, self.layout, self.attrs, mode=mode)
+                self._start_registry(registry, attrs)
+                faults.point("created")
+                started = True
+                log.info("extracting %d authors, %d documents into %s on %s", len(self.layout.authors),
+                         sum(self.layout.n_docs), self.path, launcher.where)
+                stats, final, wall = self._launch_and_finalize(launcher, registry, work)
+            self._check_l0(stats, final)
+            print(self.summary(final, stats, wall), flush=True)
+            if final.failed_authors:
+                code = 1
+                cause = stats.first_failure()
+                raise WorkerFailedError(
+                    f"{len(final.failed_authors)} author(s) not finished: {', '.join(final.failed_authors)}."
+                    + (f" First error: {cause}." if cause else "") + " Rerun the same command to finish them once "
+                    "the cause is fixed")
+            code = 0
+            return 0
+        except BaseException as e:
+            if not started:
+                launcher.abort(f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            launcher.finished(code)
+
+    def _launch_and_finalize(self, launcher: Launcher, registry: Registry,
+                             work: Sequence[AuthorWork]) -> tuple[WorkerStats, protocol.RunAttrs, float]:
+        error = None
+        try:
+            stats = launcher.run(str(self.path), work)
+        except BaseException as e:  # recorded as every author's failure, re-raised below
+            stats, error = WorkerStats.failing(self.layout.authors, f"{type(e).__name__}: {e}"), e
+        faults.point("workers_done")
+        try:
+            final = finalize_run(self.path, failed_authors=sorted(stats.failed))
+        except (OSError, SaestoreError) as e:  # cannot write (disk full?) or read (corrupt markers): say so
+            self._finish_registry(registry, "failed", list(self.layout.authors), f"{type(e).__name__}: {e}")
+            if not isinstance(e, OSError):
+                raise
+            cause = stats.first_failure()
+            raise StoreWriteError(
+                (f"{cause}; then " if cause else "") + f"finalizing {self.path} failed: {type(e).__name__}: {e}. Fix "
+                "the cause (free space?) and rerun the same command: doc-chunks with a progress marker are kept"
+            ) from (error or e)
+        faults.point("finalized")
+        wall = time.perf_counter() - self.t0
+        self._finish_registry(registry, final.status, final.failed_authors, repr(error) if error else
+                              "; ".join(f"{a}: {m}" for a, m in sorted(stats.failed.items())) or None)
+        if error is not None:
+            raise error
+        return stats, final, wall
+
+    def _start_registry(self, registry: Registry, attrs: protocol.RunAttrs) -> None:
+        """Record the run as running (after the store exists, before any worker starts)."""
+        registry.start(path=str(self.path), run_name=self.path.name.removesuffix(".zarr"), model=self.cfg.model,
+                       dataset=self.cfg.dataset_name, category=self.cfg.category_name,
+                       config_hash=attrs.config_hash, config=attrs.config, authors=list(self.layout.authors),
+                       n_docs=sum(self.layout.n_docs))
+
+    def _finish_registry(self, registry: Registry, status: str, failed_authors: list[str], error: str | None) -> None:
+        """Record the outcome in the registry; a registry that cannot be written is logged, not fatal."""
+        try:
+            progress = read_progress(self.path)
+            registry.finish(str(self.path), status=status, failed_authors=failed_authors,
+                            n_tokens=int(progress[..., 1].sum()), n_nonzero=int(progress[..., 2].sum()),
+                            bytes=_du(self.path), wall_s=time.perf_counter() - self.t0, error=error)
+        except (OSError, sqlite3.Error, SaestoreError) as e:
+            log.error("could not record the outcome of %s in the registry %s: %s", self.path, registry.path, e)
+
+    @staticmethod
+    def _check_l0(stats: WorkerStats, attrs: protocol.RunAttrs) -> None:
+        for key, nnz in stats.nnz.items():
+            lt, layer = key.split("/")
+            expected = attrs.saes[lt][layer].expected_l0
+            l0 = nnz / max(stats.n_tokens, 1)
+            if expected and stats.n_tokens and not expected / 3 <= l0 <= expected * 3:
+                log.warning("%s layer %s: measured mean L0 %.1f is far from the SAE's expected %.1f "
+                            "(prompt/BOS handling, dtype or the wrong SAE?)", lt, layer, l0, expected)
+
+    def summary(self, attrs: protocol.RunAttrs, stats: WorkerStats, wall: float) -> str:
+        progress = read_progress(self.path)
+        n_tokens = int(progress[..., 1].sum())
+        n_nonzero = int(progress[..., 2].sum())
+        layout = self.layout
+        lines = [f"run: {self.path}", f"status: {attrs.status}",
+                 f"authors: {len(layout.authors)}  documents: {sum(layout.n_docs)}  tokens: {n_tokens:,}  "
+                 f"nonzeros: {n_nonzero:,}",
+                 f"bytes on disk: {_du(self.path):,}  wall time: {wall:.1f}s  "
+                 f"({stats.n_tokens / max(wall, 1e-9):,.0f} tokens/s this session)"]
+        for key, nnz in sorted(stats.nnz.items()):
+            lt, layer = key.split("/")
+            expected = attrs.saes[lt][layer].expected_l0
+            l0 = nnz / max(stats.n_tokens, 1)
+            lines.append(f"  {lt:>3} layer {layer:>3}: mean L0 {l0:7.1f}"
+                         + (f" (SAE expects {expected:.1f})" if expected else ""))
+        if attrs.failed_authors:
+            lines.append(f"FAILED authors (rerun the same command to finish them): {', '.join(attrs.failed_authors)}")
+        return "\n".join(lines)
