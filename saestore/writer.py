@@ -35,6 +35,7 @@ from saestore import chunkio, faults, protocol, sparse_coo
 from saestore.codec import SparseCOOCodec
 from saestore.errors import ConfigMismatchError, CorruptChunkError, ProtocolError, SaestoreError, StoreWriteError
 from saestore.location import is_url
+from saestore.nonzeros import SparseActs
 from saestore.protocol import RunAttrs, StorageInfo
 
 log = logging.getLogger(__name__)
@@ -91,29 +92,6 @@ class RunLayout:
     def chunk_docs_range(self, author_idx: int, chunk_idx: int) -> range:
         cd = self.storage.chunk_docs
         return range(chunk_idx * cd, min((chunk_idx + 1) * cd, self.n_docs[author_idx]))
-
-
-@dataclass(frozen=True, kw_only=True)
-class SparseActs:
-    """Nonzero SAE activations of one doc-chunk, in row-major (doc, tok, feature) order.
-
-    ``doc`` is local to the chunk (0 … chunk_docs-1). This is exactly what ``torch.nonzero``
-    on a (doc, tok, feature) tensor yields, copied to the host.
-    """
-
-    doc: np.ndarray
-    tok: np.ndarray
-    feature: np.ndarray
-    values: np.ndarray
-
-    @property
-    def nnz(self) -> int:
-        return int(self.values.size)
-
-    @classmethod
-    def from_dense(cls, acts_DTF: np.ndarray) -> SparseActs:
-        d, t, f = np.nonzero(acts_DTF)
-        return cls(doc=d, tok=t, feature=f, values=acts_DTF[d, t, f])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -430,8 +408,9 @@ class RunWriter:
         arr = self.arrays[lt]
         cd, n_t, n_f = self.layout.storage.chunk_docs, self.layout.n_tok, self.layout.n_features
         coords = (a, li, c, 0, 0)
-        rows = np.asarray(acts.doc, dtype=np.int64) * n_t + np.asarray(acts.tok, dtype=np.int64)
-        raw = sparse_coo.encode_rows(cd * n_t, n_f, rows, acts.feature, acts.values,
+        if acts.shape[1:] != (n_t, n_f) or acts.shape[0] > cd:
+            raise StoreWriteError(f"nonzeros of shape {acts.shape} do not fit a ({cd}, {n_t}, {n_f}) chunk")
+        raw = sparse_coo.encode_rows(cd * n_t, n_f, acts.rows, acts.cols, acts.values,
                                      self.layout.storage.value_dtype)
         if sparse_coo.read_header(raw).nnz == 0:  # like zarr with write_empty_chunks=False: absent
             chunkio.delete_chunk(arr, coords)

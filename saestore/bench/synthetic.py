@@ -36,7 +36,8 @@ import numpy as np
 from saestore.errors import BenchError
 
 if TYPE_CHECKING:
-    from saestore.writer import ChunkData, RunLayout, SparseActs
+    from saestore.nonzeros import SparseActs
+    from saestore.writer import ChunkData, RunLayout
 
 __all__ = [
     "SyntheticSAE",
@@ -180,9 +181,9 @@ class SyntheticChunk:
         return out
 
     def to_sparse_acts(self) -> SparseActs:
-        from saestore.writer import SparseActs
+        from saestore.nonzeros import SparseActs
 
-        return SparseActs(doc=self.doc, tok=self.tok, feature=self.feature, values=self.values)
+        return SparseActs.from_coords(self.doc, self.tok, self.feature, self.values, self.shape)
 
 
 def sample_chunk(sae: SyntheticSAE, valid_DT: np.ndarray, rng: np.random.Generator) -> SyntheticChunk:

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from saestore import protocol
-from saestore.writer import ChunkData, RunLayout, RunWriter, SparseActs, create_run, finalize_run
+from saestore.nonzeros import SparseActs
+from saestore.writer import ChunkData, RunLayout, RunWriter, create_run, finalize_run
 
 __all__ = ["SyntheticWorkload", "ActSlice", "make_attrs", "read_slice", "write_slice", "tree_bytes"]
 
@@ -183,7 +184,8 @@ def read_slice(path: str | Path, author_idx: int, layer_type: str, layer: int) -
         block = read_sparse_chunk(sae_arr, (author_idx, li, c, 0, 0))
         d, t, f = block.coords[2], block.coords[3], block.coords[4]
         keep = d < n_d
-        acts = SparseActs(doc=d[keep], tok=t[keep], feature=f[keep], values=np.asarray(block.data)[keep])
+        acts = SparseActs.from_coords(d[keep], t[keep], f[keep], np.asarray(block.data)[keep],
+                                      (n_d, n_tok, block.shape[4]))
         sl = (author_idx, slice(docs.start, docs.stop))
 
         def var(name: str, sl: tuple = sl) -> np.ndarray:

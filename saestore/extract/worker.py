@@ -24,7 +24,8 @@ from saestore.extract.data import Document
 from saestore.extract.metrics import token_metrics
 from saestore.extract.models import SAESpec
 from saestore.extract.quality import loss_recovered_ce, recon_metrics
-from saestore.writer import ChunkData, RunWriter, SparseActs
+from saestore.nonzeros import SparseActs
+from saestore.writer import ChunkData, RunWriter
 
 log = logging.getLogger(__name__)
 
@@ -219,10 +220,10 @@ class Extractor:
         for spec in self.specs:
             key = (spec.layer_type, spec.layer)
             parts = [r.acts[key] for r in results]
-            sp = SparseActs(
-                doc=np.concatenate([np.full(p[0].size, d, np.int64) for d, p in enumerate(parts)]),
-                tok=np.concatenate([p[0] for p in parts]), feature=np.concatenate([p[1] for p in parts]),
-                values=np.concatenate([p[2] for p in parts]))
+            sp = SparseActs.from_coords(
+                np.concatenate([np.full(p[0].size, d, np.int64) for d, p in enumerate(parts)]),
+                np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                np.concatenate([p[2] for p in parts]), (D, n_tok, spec.d_sae))
             if self.cfg.storage_format == "dense":
                 dense = np.zeros((D, n_tok, spec.d_sae), np.float32)
                 dense[sp.doc, sp.tok, sp.feature] = sp.values
