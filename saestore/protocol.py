@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 import warnings
 from dataclasses import dataclass, field
 from functools import cache
@@ -27,81 +28,148 @@ ATTRS_KEY: Final = "saestore"  # the root attribute holding RunAttrs
 PROGRESS_PATH: Final = "_saestore/progress"
 PROGRESS_FIELDS: Final = ("done", "n_valid_tokens", "n_nonzero", "written_at_ns")
 
-LAYER_TYPES: Final = ("res", "mlp", "att")
 SAE_DIMS: Final = ("author", "layer", "doc", "tok", "feature")
 TOKEN_DIMS: Final = ("author", "doc", "tok")
 DOC_DIMS: Final = ("author", "doc")
 SAE_TOKEN_DIMS: Final = ("author", "layer", "doc", "tok")
 SAE_DOC_DIMS: Final = ("author", "layer", "doc")
-#: per-token reconstruction metrics stored for every SAE (PROTOCOL.md §2.6), as ``{layer_type}_{field}``
-QUALITY_FIELDS: Final = {
-    "sq_error": "squared L2 error ||x - x_hat||^2 of the SAE input x and its reconstruction x_hat",
-    "sq_norm": "squared L2 norm ||x||^2 of the SAE input",
-    "sq_centered": "||x - mean_doc(x)||^2: squared distance of the SAE input from its document mean",
-    "cos": "cosine similarity of x and x_hat",
-}
 COORDS: Final = ("author", "layer", "doc", "tok", "feature")
 STATUSES: Final = ("running", "complete", "failed")
 STORAGE_FORMATS: Final = ("sparse", "dense")
 VALUE_DTYPES: Final = ("float32", "float16", "bfloat16")
+#: the placeholder for a layer type in the variable table (``T`` is the SAE variable, ``T_cos`` …)
+LAYER_TYPE_PLACEHOLDER: Final = "T"
+#: zstd levels of the codec chains (PROTOCOL.md §2.4)
+SPARSE_ZSTD_LEVEL: Final = 3
+DENSE_ZSTD_LEVEL: Final = 1
+VARIABLE_ZSTD_LEVEL: Final = 3
+
+Codec = tuple[str, dict[str, Any]]
+"""One codec of a chain: its Zarr v3 name and configuration."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class VariableSpec:
-    """One array of the run group."""
+    """One array of the run group: a row of schema/variables.json with its layer type filled in.
+
+    It knows everything the writer needs to create it and ``validate`` needs to check it: dims,
+    data type, fill value, chunk shape (:meth:`chunk_shape`, §2.3) and codec chain (:meth:`codecs`,
+    §2.4), and the padding rule of §2.5 its values follow (``at_padding`` / ``at_missing``).
+    """
 
     name: str
     dims: tuple[str, ...]
     dtype: str  # zarr v3 data type name
     fill_value: Any
     meaning: str
+    since: str = "1.0"
+    when: str | None = None
+    """the extraction option that adds this variable (``loss_recovered``), or None: always stored."""
+    at_padding: Literal["exactly", "always"] | None = None
+    """per-token variables: the fill value marks padding ``exactly`` (iff padding) or ``always`` (padding
+    holds it; a valid token may too)."""
+    at_missing: Literal["exactly", "always"] | None = None
+    """per-document variables: the same for missing documents (``doc >= n_docs``)."""
+
+    @property
+    def is_sae(self) -> bool:
+        """True for the SAE activation variables (one per layer type, dims ``SAE_DIMS``)."""
+        return self.dims == SAE_DIMS
+
+    @property
+    def zarr_fill_value(self) -> Any:
+        """The fill value as zarr takes it (``"NaN"`` → float NaN)."""
+        return float("nan") if self.fill_value == "NaN" else self.fill_value
+
+    def chunk_shape(self, shape: tuple[int, ...], chunk_docs: int) -> tuple[int, ...]:
+        """§2.3: one chunk per author, layer and doc-chunk, whole along ``tok`` and ``feature``; a
+        variable without a ``doc`` dim is one chunk."""
+        if "doc" not in self.dims:
+            return tuple(shape)
+        per_dim = {"author": 1, "layer": 1, "doc": chunk_docs}
+        return tuple(per_dim.get(d, n) for d, n in zip(self.dims, shape, strict=True))
+
+    def data_type(self, storage: StorageInfo) -> str:
+        """The array's Zarr data type: dense SAE arrays store their value dtype, the rest as listed."""
+        if self.is_sae and storage.format == "dense":
+            if storage.value_dtype == "bfloat16":
+                raise ProtocolError("bfloat16 values need --storage_format sparse (zarr has no bfloat16 data type)")
+            return storage.value_dtype
+        return self.dtype
+
+    def codecs(self, storage: StorageInfo) -> tuple[Codec, ...]:
+        """§2.4: serializer, then zstd, then crc32c."""
+        if self.is_sae and storage.format == "sparse":
+            serializer: Codec = ("saestore.sparse_coo", {"value_dtype": storage.value_dtype})
+            level = SPARSE_ZSTD_LEVEL
+        elif self.is_sae:
+            serializer, level = ("bytes", {"endian": "little"}), DENSE_ZSTD_LEVEL
+        else:
+            serializer = ("vlen-utf8", {}) if self.dtype == "string" else ("bytes", {"endian": "little"})
+            level = VARIABLE_ZSTD_LEVEL
+        return (serializer, ("zstd", {"level": level, "checksum": False}), ("crc32c", {}))
+
+    def for_layer_type(self, layer_type: str) -> VariableSpec:
+        """This table row with its layer-type placeholder ``T`` replaced by ``layer_type``."""
+        ph = LAYER_TYPE_PLACEHOLDER
+        name = layer_type + self.name[len(ph):]
+        return dataclasses.replace(self, name=name, meaning=re.sub(rf"\b{ph}\b", layer_type, self.meaning))
+
+    @property
+    def per_layer_type(self) -> bool:
+        ph = LAYER_TYPE_PLACEHOLDER
+        return self.name == ph or self.name.startswith(ph + "_")
 
 
-#: Per-token and per-document variables (the SAE variables are built by :func:`sae_variable`).
-VARIABLES: Final = (
-    VariableSpec(name="valid_mask", dims=TOKEN_DIMS, dtype="bool", fill_value=False,
-                 meaning="True where (author, doc, tok) holds a real document token"),
-    VariableSpec(name="token_id", dims=TOKEN_DIMS, dtype="int32", fill_value=-1,
-                 meaning="tokenizer id of the token; -1 at padding"),
-    VariableSpec(name="token", dims=TOKEN_DIMS, dtype="string", fill_value="",
-                 meaning="decoded text of the single token; empty at padding"),
-    VariableSpec(name="ce_loss", dims=TOKEN_DIMS, dtype="float32", fill_value="NaN",
-                 meaning="-log p(token | all earlier tokens incl. BOS and prompt), natural log; NaN at padding"),
-    VariableSpec(name="entropy", dims=TOKEN_DIMS, dtype="float32", fill_value="NaN",
-                 meaning="entropy (nats) of the next-token distribution computed at this token; NaN at padding"),
-    VariableSpec(name="text", dims=DOC_DIMS, dtype="string", fill_value="",
-                 meaning="document text without prompt; empty for missing documents"),
-    VariableSpec(name="doc_id", dims=DOC_DIMS, dtype="int64", fill_value=-1,
-                 meaning="row index of the document in its source dataset; -1 for missing documents"),
-    VariableSpec(name="doc_length", dims=DOC_DIMS, dtype="int32", fill_value=0,
-                 meaning="number of valid tokens of the document (after truncation)"),
-    VariableSpec(name="n_docs", dims=("author",), dtype="int32", fill_value=0,
-                 meaning="number of documents of the author (docs >= n_docs are missing: all padding)"),
-    VariableSpec(name="n_truncated", dims=DOC_DIMS, dtype="int32", fill_value=0,
-                 meaning="document tokens dropped because the document exceeded max_seq_len"),
-)
+def _load_table() -> tuple[VariableSpec, ...]:
+    data = json.loads((Path(__file__).resolve().parent / "schema" / "variables.json").read_text(encoding="utf-8"))
+    return tuple(VariableSpec(**{**v, "dims": tuple(v["dims"])}) for v in data["variables"])
+
+
+#: every row of schema/variables.json, in its order (``T`` rows are templates, one per layer type)
+VARIABLE_TABLE: Final = _load_table()
+#: the always-present variables without a layer type (PROTOCOL.md §2.2)
+VARIABLES: Final = tuple(v for v in VARIABLE_TABLE if not v.per_layer_type and v.when is None)
+LAYER_TYPES: Final = ("res", "mlp", "att")
+#: per-token reconstruction metrics stored for every SAE (PROTOCOL.md §2.6), as ``{layer_type}_{field}``
+QUALITY_FIELDS: Final = {v.name[len(LAYER_TYPE_PLACEHOLDER) + 1:]: v.meaning for v in VARIABLE_TABLE
+                         if v.per_layer_type and v.dims == SAE_TOKEN_DIMS}
+
+
+def run_variables(layer_types: tuple[str, ...], *, options: tuple[str, ...] = ()) -> tuple[VariableSpec, ...]:
+    """Every variable of a run with these layer types and extraction ``options`` (e.g. ``loss_recovered``),
+    in table order; a run of consecutive ``T`` rows expands layer type by layer type."""
+    bad = [lt for lt in layer_types if lt not in LAYER_TYPES]
+    if bad:
+        raise ProtocolError(f"unknown layer type(s) {bad}: use {', '.join(LAYER_TYPES)}")
+    out: list[VariableSpec] = []
+    block: list[VariableSpec] = []
+
+    def flush() -> None:
+        out.extend(t.for_layer_type(lt) for lt in layer_types for t in block)
+        block.clear()
+
+    for row in VARIABLE_TABLE:
+        if row.when is not None and row.when not in options:
+            continue
+        if row.per_layer_type and not row.is_sae:
+            block.append(row)
+            continue
+        flush()
+        out.extend(row.for_layer_type(lt) for lt in layer_types) if row.per_layer_type else out.append(row)
+    flush()
+    return tuple(out)
 
 
 def sae_variable(layer_type: str) -> VariableSpec:
     """The SAE activation variable of one layer type (``res``, ``mlp`` or ``att``)."""
-    return VariableSpec(name=layer_type, dims=SAE_DIMS, dtype="float32", fill_value=0.0,
-                        meaning=f"{layer_type} SAE feature activations (hook_sae_acts_post)")
+    return next(v for v in VARIABLE_TABLE if v.is_sae).for_layer_type(layer_type)
 
 
 def quality_variables(layer_types: tuple[str, ...], loss_recovered: bool) -> tuple[VariableSpec, ...]:
     """Reconstruction-quality variables (always) and loss-recovered variables (``--loss_recovered``)."""
-    out = [VariableSpec(name=f"{lt}_{field}", dims=SAE_TOKEN_DIMS, dtype="float32", fill_value="NaN",
-                        meaning=f"{lt} SAE: {meaning}; NaN at padding")
-           for lt in layer_types for field, meaning in QUALITY_FIELDS.items()]
-    if loss_recovered:
-        out.append(VariableSpec(name="ce_clean", dims=DOC_DIMS, dtype="float32", fill_value="NaN",
-                                meaning="mean CE (nats) over the document's stored tokens, clean model, no SAE"))
-        for lt in layer_types:
-            out += [VariableSpec(name=f"{lt}_ce_spliced", dims=SAE_DOC_DIMS, dtype="float32", fill_value="NaN",
-                                 meaning=f"mean CE with this {lt} SAE alone spliced in (no error term)"),
-                    VariableSpec(name=f"{lt}_ce_zero", dims=SAE_DOC_DIMS, dtype="float32", fill_value="NaN",
-                                 meaning=f"mean CE with this {lt} site zero-ablated")]
-    return tuple(out)
+    options = ("loss_recovered",) if loss_recovered else ()
+    return tuple(v for v in run_variables(layer_types, options=options) if not v.is_sae and v not in VARIABLES)
 
 
 def canonical_json(obj: Any) -> str:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import zarr
 from saestore import protocol
 from saestore.errors import SaestoreError
 from saestore.reader import is_sparse_variable, read_sparse_chunk
+from saestore.writer import RunLayout, finalize_run, read_layout
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,58 +65,60 @@ class Report:
         return "\n".join(lines)
 
 
-def _expected_chunks(dims: tuple[str, ...], cd: int, shape: tuple[int, ...]) -> tuple[int, ...]:
-    if dims == protocol.SAE_DIMS:
-        return (1, 1, cd, shape[3], shape[4])
-    if dims == protocol.TOKEN_DIMS:
-        return (1, cd, shape[2])
-    if dims == protocol.DOC_DIMS:
-        return (1, cd)
-    return tuple(shape)
+def run_specs(group: zarr.Group, attrs: protocol.RunAttrs) -> tuple[protocol.VariableSpec, ...]:
+    """The variables this run must hold, from the variable table (its layer types and options)."""
+    layer_types = tuple(lt for lt in protocol.LAYER_TYPES if lt in attrs.saes)
+    options = ("loss_recovered",) if "ce_clean" in group else ()
+    return protocol.run_variables(layer_types, options=options)
+
+
+def _required(spec: protocol.VariableSpec, version: str) -> bool:
+    """Whether a store of protocol ``version`` must hold ``spec`` (variables are added in minor versions)."""
+    return tuple(map(int, spec.since.split("."))) <= tuple(map(int, version.split(".")))
+
+
+def _check_array(arr: zarr.Array, spec: protocol.VariableSpec, storage: protocol.StorageInfo) -> list[str]:
+    """What breaks the table's rules for ``spec`` in ``arr``'s metadata (PROTOCOL.md §2.2–§2.4)."""
+    meta = arr.metadata.to_dict()
+    if tuple(meta.get("dimension_names") or ()) != spec.dims:
+        return [f"dimension_names {meta.get('dimension_names')} != {list(spec.dims)}"]
+    out = []
+    want_dtype = spec.data_type(storage)
+    if meta["data_type"] != want_dtype:
+        out.append(f"data_type {meta['data_type']} != {want_dtype}")
+    chunks = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+    if chunks != spec.chunk_shape(tuple(arr.shape), storage.chunk_docs):
+        out.append(f"chunk shape {chunks} breaks the chunking rule (PROTOCOL.md §2.3)")
+    names = [c["name"] for c in meta["codecs"]]
+    want = [name for name, _ in spec.codecs(storage)]
+    if names != want:
+        out.append(f"codec chain {names} != {want}")
+    elif want[0] == "saestore.sparse_coo":
+        try:
+            protocol.validate_json(meta["codecs"][0], "sparse_coo_codec")
+        except SaestoreError as e:
+            out.append(str(e))
+    if meta["fill_value"] != spec.fill_value:
+        out.append(f"fill_value {meta['fill_value']} != {spec.fill_value}")
+    return out
 
 
 def _check_layout(group: zarr.Group, attrs: protocol.RunAttrs, where: str) -> list[Problem]:
     problems = []
-    cd = attrs.storage.chunk_docs
-    specs = [*protocol.VARIABLES, *(protocol.sae_variable(lt) for lt in attrs.saes)]
     for name in protocol.COORDS:
         if name not in group:
             problems.append(Problem(kind="layout", where=name, message="coordinate array is missing"))
-    for spec in specs:
+    for spec in run_specs(group, attrs):
         try:
             arr = group[spec.name] if spec.name in group else None
         except (ValueError, TypeError, KeyError) as e:  # metadata zarr cannot parse (e.g. a bad codec entry)
             problems.append(Problem(kind="layout", where=spec.name, message=f"unreadable metadata: {e}"))
             continue
         if arr is None:
-            problems.append(Problem(kind="layout", where=spec.name, message="variable is missing"))
+            if _required(spec, attrs.protocol_version):
+                problems.append(Problem(kind="layout", where=spec.name, message="variable is missing"))
             continue
-        meta = arr.metadata.to_dict()
-        if tuple(meta.get("dimension_names") or ()) != spec.dims:
-            problems.append(Problem(kind="layout", where=spec.name,
-                                    message=f"dimension_names {meta.get('dimension_names')} != {list(spec.dims)}"))
-            continue
-        want_dtype = spec.dtype
-        if spec.name in protocol.LAYER_TYPES and attrs.storage.format == "dense" and attrs.storage.value_dtype == "float16":
-            want_dtype = "float16"
-        if meta["data_type"] != want_dtype:
-            problems.append(Problem(kind="layout", where=spec.name, message=f"data_type {meta['data_type']} != {want_dtype}"))
-        chunks = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
-        if chunks != _expected_chunks(spec.dims, cd, tuple(arr.shape)):
-            problems.append(Problem(kind="layout", where=spec.name,
-                                    message=f"chunk shape {chunks} breaks the chunking rule (PROTOCOL.md §2.3)"))
-        if spec.name in protocol.LAYER_TYPES:
-            names = [c["name"] for c in meta["codecs"]]
-            want = ["saestore.sparse_coo" if attrs.storage.format == "sparse" else "bytes", "zstd", "crc32c"]
-            if names != want:
-                problems.append(Problem(kind="layout", where=spec.name, message=f"codec chain {names} != {want}"))
-            elif attrs.storage.format == "sparse":
-                try:
-                    protocol.validate_json(meta["codecs"][0], "sparse_coo_codec")
-                except SaestoreError as e:
-                    problems.append(Problem(kind="layout", where=spec.name, message=str(e)))
-            if meta["fill_value"] != 0.0:
-                problems.append(Problem(kind="layout", where=spec.name, message=f"fill_value {meta['fill_value']} != 0.0"))
+        problems += [Problem(kind="layout", where=spec.name, message=m) for m in _check_array(arr, spec, attrs.storage)]
     if protocol.PROGRESS_PATH not in group:
         problems.append(Problem(kind="layout", where=protocol.PROGRESS_PATH, message="progress array is missing"))
     return problems
@@ -133,12 +137,19 @@ def _block(arr: zarr.Array, coords: tuple[int, ...], keep: int) -> np.ndarray:
     return block.reshape(block.shape[-keep:])
 
 
-def _token_problems(group: zarr.Group, a: int, c: int, cd: int, n_docs: int) -> list[str]:
-    """PROTOCOL.md §2.5 on one written doc-chunk's per-token and per-document chunks. A chunk file that
-    is missing reads as its fill value, which breaks these rules wherever the doc-chunk has tokens."""
-    tok = {name: _block(group[name], (a, c, 0), 2) for name in ("valid_mask", "token_id", "token", "ce_loss", "entropy")}
-    doc = {name: _block(group[name], (a, c), 1) for name in ("text", "doc_id", "doc_length", "n_truncated")}
-    valid = tok["valid_mask"].astype(bool)
+def _is_fill(values: np.ndarray, spec: protocol.VariableSpec) -> np.ndarray:
+    if spec.fill_value == "NaN":
+        return np.isnan(values)
+    return np.asarray(values == spec.fill_value, dtype=bool)
+
+
+def _token_problems(group: zarr.Group, specs: Sequence[protocol.VariableSpec], a: int, c: int, cd: int,
+                    n_docs: int, n_layers: int) -> list[str]:
+    """PROTOCOL.md §2.5 on one written doc-chunk's per-token and per-document chunks: every variable's
+    ``at_padding``/``at_missing`` rule from the variable table, plus the rules tying ``valid_mask``,
+    ``token``, ``doc_length`` and ``text`` together. A chunk file that is missing reads as its fill
+    value, which breaks these rules wherever the doc-chunk has tokens."""
+    valid = _block(group["valid_mask"], (a, c, 0), 2).astype(bool)
     exists = np.arange(valid.shape[0]) < n_docs - c * cd
     out = []
 
@@ -147,19 +158,44 @@ def _token_problems(group: zarr.Group, a: int, c: int, cd: int, n_docs: int) -> 
             out.append(f"{name} breaks '{rule}' at {int((~ok).sum())} position(s) (its chunk file may be missing "
                        "or replaced)")
 
-    check((tok["token_id"] >= 0) == valid, "token_id", "-1 exactly at padding")
-    check(np.isnan(tok["ce_loss"]) == ~valid, "ce_loss", "NaN exactly at padding")
-    check(np.isnan(tok["entropy"]) == ~valid, "entropy", "NaN exactly at padding")
-    check(np.asarray(tok["token"][~valid] == "", dtype=bool), "token", "empty at padding")
-    if valid.any() and (tok["token"][valid] == "").all():
+    blocks: dict[str, np.ndarray] = {}
+    for spec in specs:
+        rule, where, mask = ((spec.at_padding, "padding", valid) if spec.at_padding
+                             else (spec.at_missing, "missing documents", exists))
+        if rule is None or spec.name not in group:
+            continue
+        layered = "layer" in spec.dims
+        per_doc = spec.dims[-1] == "doc"
+        for li in range(n_layers) if layered else (None,):
+            coords = (a, *(() if li is None else (li,)), c, *(() if per_doc else (0,)))
+            values = _block(group[spec.name], coords, 1 if per_doc else 2)
+            blocks.setdefault(spec.name, values)
+            fill = _is_fill(values, spec)
+            label = spec.name if li is None else f"{spec.name} (layer position {li})"
+            if rule == "exactly":
+                check(fill == ~mask, label, f"{spec.fill_value!r} exactly at {where}")
+            else:
+                check(fill | mask, label, f"{spec.fill_value!r} at {where}")
+    token = blocks.get("token", _block(group["token"], (a, c, 0), 2))
+    if valid.any() and (token[valid] == "").all():
         out.append("token is empty at every valid token (its chunk file may be missing or replaced)")
-    check(doc["doc_length"] == valid.sum(axis=-1), "doc_length", "the number of valid tokens")
-    check((doc["doc_id"] >= 0) == exists, "doc_id", "-1 exactly for missing documents")
-    empty_text = np.asarray(doc["text"] == "", dtype=bool)
-    check(np.where(exists, ~(empty_text & (doc["doc_length"] > 0)), empty_text), "text",
+    doc_length = _block(group["doc_length"], (a, c), 1)
+    check(doc_length == valid.sum(axis=-1), "doc_length", "the number of valid tokens")
+    empty_text = np.asarray(_block(group["text"], (a, c), 1) == "", dtype=bool)
+    check(np.where(exists, ~(empty_text & (doc_length > 0)), empty_text), "text",
           "empty exactly for missing documents")
-    check(exists | (doc["n_truncated"] == 0), "n_truncated", "0 for missing documents")
     return out
+
+
+@dataclass
+class _Stored:
+    """What the chunks of each (author, doc-chunk) actually hold, and which doc-chunks are bad."""
+
+    nnz: dict[tuple[int, int], int] = field(default_factory=lambda: defaultdict(int))
+    n_valid: dict[tuple[int, int], int] = field(default_factory=lambda: defaultdict(int))
+    empty: dict[tuple[int, int], list[str]] = field(default_factory=lambda: defaultdict(list))
+    """SAE chunks storing no value (the likely missing files when a marker disagrees)."""
+    bad: set[tuple[int, int]] = field(default_factory=set)
 
 
 def validate_run(path: str | Path, *, repair: bool = False) -> Report:
@@ -176,107 +212,117 @@ def validate_run(path: str | Path, *, repair: bool = False) -> Report:
     if report.problems:
         return report
     try:
-        authors = [str(a) for a in group["author"][...]]
-        layers = [int(x) for x in group["layer"][...]]
-        group["n_docs"][...]
-    except (ValueError, RuntimeError) as e:  # a corrupt coordinate: nothing can be named, nor recomputed
+        layout = read_layout(group)
+    except (ValueError, RuntimeError, SaestoreError) as e:  # a corrupt coordinate: nothing can be named or redone
         report.problems.append(Problem(kind="layout", where="author, layer, n_docs", message=(
             f"unreadable: {type(e).__name__}: {e}. Re-extraction cannot repair the run's coordinates: "
             "recreate it (extract ... --overwrite)")))
         return report
-    cd = attrs.storage.chunk_docs
-    # decode every chunk; per (author, doc-chunk): nonzeros and valid tokens actually stored
-    nnz: dict[tuple[int, int], int] = defaultdict(int)
-    n_valid: dict[tuple[int, int], int] = defaultdict(int)
-    empty: dict[tuple[int, int], list[str]] = defaultdict(list)  # SAE chunks storing no value
-    bad: set[tuple[int, int]] = set()
-    progress_shape = zarr.open_array(path, path=protocol.PROGRESS_PATH, mode="r").shape
-    layer_types = tuple(lt for lt in protocol.LAYER_TYPES if lt in attrs.saes)
-    quality = [v.name for v in protocol.quality_variables(layer_types, "ce_clean" in group) if v.name in group]
-    for name in [*layer_types, *(v.name for v in protocol.VARIABLES), *quality]:
-        arr = group[name]
-        sparse_var = name in protocol.LAYER_TYPES and is_sparse_variable(arr)
-        layered = tuple(arr.metadata.dimension_names[:2]) == ("author", "layer")
+    specs = [spec for spec in run_specs(group, attrs) if spec.name in group]
+    stored = _decode_chunks(group, specs, layout, report)
+    _check_markers(group, specs, layout, stored, report)
+    if repair and stored.bad:
+        _repair(path, attrs, layout, stored.bad, report)
+    return report
+
+
+def _decode_chunks(group: zarr.Group, specs: Sequence[protocol.VariableSpec], layout: RunLayout,
+                   report: Report) -> _Stored:
+    """Decode every chunk of every variable; count what each (author, doc-chunk) holds."""
+    stored = _Stored()
+    n_marked = layout.n_chunks_max
+    for spec in specs:
+        arr = group[spec.name]
+        sparse_var = spec.is_sae and is_sparse_variable(arr)
+        layered = spec.dims[:2] == ("author", "layer")
         for coords in _grid(arr):
-            a = coords[0] if arr.metadata.dimension_names[0] == "author" else None
+            a = coords[0] if spec.dims[0] == "author" else None
             c = coords[2] if layered else (coords[1] if len(coords) > 1 else None)
-            where = f"{name} chunk {'/'.join(map(str, coords))}"
+            where = f"{spec.name} chunk {'/'.join(map(str, coords))}"
             if a is not None:
-                where += f" (author {authors[a]!r}" + (f", layer {layers[coords[1]]}" if layered else "") \
+                where += f" (author {layout.authors[a]!r}" + (f", layer {layout.layers[coords[1]]}" if layered else "") \
                          + (f", doc-chunk {c})" if c is not None else ")")
             try:
                 if sparse_var:
-                    block = read_sparse_chunk(arr, coords)
-                    count = int(block.nnz)
+                    count = int(read_sparse_chunk(arr, coords).nnz)
                 else:
                     block = arr.blocks[coords]
-                    count = int(np.count_nonzero(block)) if name in protocol.LAYER_TYPES else 0
-                    if name == "valid_mask":
-                        n_valid[(a, c)] += int(np.count_nonzero(block))
+                    count = int(np.count_nonzero(block)) if spec.is_sae else 0
+                    if spec.name == "valid_mask":
+                        stored.n_valid[(a, c)] += int(np.count_nonzero(block))
             except Exception as e:
                 report.problems.append(Problem(kind="chunk", where=where, message=f"{type(e).__name__}: {e}",
                                                author_idx=a, doc_chunk=c))
-                if a is not None and c is not None and c < progress_shape[1]:
-                    bad.add((a, c))
+                if a is not None and c is not None and c < n_marked:
+                    stored.bad.add((a, c))
                 continue
             report.n_chunks_checked += 1
-            if name in protocol.LAYER_TYPES:
-                nnz[(a, c)] += count
+            if spec.is_sae:
+                stored.nnz[(a, c)] += count
                 if count == 0:
-                    empty[(a, c)].append(f"{name} layer {layers[coords[1]]} (chunk {'/'.join(map(str, coords))})")
-    progress_arr = zarr.open_array(path, path=protocol.PROGRESS_PATH, mode="r")
+                    stored.empty[(a, c)].append(
+                        f"{spec.name} layer {layout.layers[coords[1]]} (chunk {'/'.join(map(str, coords))})")
+    return stored
+
+
+def _check_markers(group: zarr.Group, specs: Sequence[protocol.VariableSpec], layout: RunLayout,
+                   stored: _Stored, report: Report) -> None:
+    """Every set progress marker against what its doc-chunk's chunks hold, then §2.5 on that doc-chunk."""
+    progress_arr = group[protocol.PROGRESS_PATH]
     try:
         progress = progress_arr[...]
     except (ValueError, RuntimeError):  # a marker chunk is corrupt: read them one by one below
         progress = None
-    n_docs = group["n_docs"][...]
-    for a, author in enumerate(authors):
-        for c in range(math.ceil(int(n_docs[a]) / cd)):
-            try:
-                marker = progress[a, c] if progress is not None else progress_arr[a, c]
-            except (ValueError, RuntimeError) as e:
-                report.problems.append(Problem(
-                    kind="marker", where=f"author {author!r} doc-chunk {c}", author_idx=a, doc_chunk=c,
-                    message=f"progress marker chunk {protocol.PROGRESS_PATH}/c/{a}/{c}/0 is unreadable: "
-                            f"{type(e).__name__}: {e}"))
-                bad.add((a, c))
-                continue
-            done, marked_valid, marked_nnz, _ = (int(x) for x in marker)
-            if not done:
-                continue
-            report.n_markers_checked += 1
-            if (a, c) in bad:
-                continue
-            if marked_valid != n_valid[(a, c)] or marked_nnz != nnz[(a, c)]:
-                suspects = f"; chunks storing no value: {', '.join(empty[(a, c)])}" if empty[(a, c)] else ""
-                report.problems.append(Problem(
-                    kind="marker", where=f"author {author!r} doc-chunk {c}", author_idx=a, doc_chunk=c,
-                    message=f"marker says {marked_valid} valid tokens and {marked_nnz} nonzeros, chunks hold "
-                            f"{n_valid[(a, c)]} and {nnz[(a, c)]} (a chunk file is missing or was replaced)"
-                            + suspects))
-                bad.add((a, c))
-                continue
-            for message in _token_problems(group, a, c, cd, int(n_docs[a])):
-                report.problems.append(Problem(kind="chunk", where=f"author {author!r} doc-chunk {c}",
-                                               author_idx=a, doc_chunk=c, message=message))
-                bad.add((a, c))
-    if repair and bad:
-        from saestore.lock import RunLock
-        from saestore.writer import finalize_run
+    cd = layout.storage.chunk_docs
+    for dc in layout.doc_chunks():
+        a, c = dc.author_idx, dc.chunk_idx
+        where = f"author {layout.authors[a]!r} doc-chunk {c}"
+        try:
+            marker = progress[a, c] if progress is not None else progress_arr[a, c]
+        except (ValueError, RuntimeError) as e:
+            report.problems.append(Problem(
+                kind="marker", where=where, author_idx=a, doc_chunk=c,
+                message=f"progress marker chunk {protocol.PROGRESS_PATH}/c/{a}/{c}/0 is unreadable: "
+                        f"{type(e).__name__}: {e}"))
+            stored.bad.add((a, c))
+            continue
+        done, marked_valid, marked_nnz, _ = (int(x) for x in marker)
+        if not done:
+            continue
+        report.n_markers_checked += 1
+        if (a, c) in stored.bad:
+            continue
+        n_valid, nnz, empty = stored.n_valid[(a, c)], stored.nnz[(a, c)], stored.empty[(a, c)]
+        if marked_valid != n_valid or marked_nnz != nnz:
+            suspects = f"; chunks storing no value: {', '.join(empty)}" if empty else ""
+            report.problems.append(Problem(
+                kind="marker", where=where, author_idx=a, doc_chunk=c,
+                message=f"marker says {marked_valid} valid tokens and {marked_nnz} nonzeros, chunks hold "
+                        f"{n_valid} and {nnz} (a chunk file is missing or was replaced)" + suspects))
+            stored.bad.add((a, c))
+            continue
+        for message in _token_problems(group, specs, a, c, cd, layout.n_docs[a], len(layout.layers)):
+            report.problems.append(Problem(kind="chunk", where=where, author_idx=a, doc_chunk=c, message=message))
+            stored.bad.add((a, c))
 
-        with RunLock(path):  # no extraction may run while markers change
-            # first say so: a repair killed half-way must not leave a run that claims to be complete
-            group = zarr.open_group(path, mode="r+", use_consolidated=False)
-            group.attrs[protocol.ATTRS_KEY] = replace(
-                attrs, status="failed", failed_authors=sorted({authors[a] for a, _ in bad})).to_json()
-            zarr.consolidate_metadata(path)
-            writable = zarr.open_array(path, path=protocol.PROGRESS_PATH, mode="r+")
-            report.repaired = []
-            for a, c in sorted(bad):
-                writable[a, c] = np.zeros(len(protocol.PROGRESS_FIELDS), dtype=np.int64)
-                report.repaired.append((authors[a], c))
-            finalize_run(path)  # status becomes "failed", naming the authors to finish
-    return report
+
+def _repair(path: str, attrs: protocol.RunAttrs, layout: RunLayout, bad: set[tuple[int, int]],
+            report: Report) -> None:
+    """Clear the markers of the bad doc-chunks, so the next extraction recomputes exactly those."""
+    from saestore.lock import RunLock
+
+    with RunLock(path):  # no extraction may run while markers change
+        # first say so: a repair killed half-way must not leave a run that claims to be complete
+        group = zarr.open_group(path, mode="r+", use_consolidated=False)
+        group.attrs[protocol.ATTRS_KEY] = replace(
+            attrs, status="failed", failed_authors=sorted({layout.authors[a] for a, _ in bad})).to_json()
+        zarr.consolidate_metadata(path)
+        writable = zarr.open_array(path, path=protocol.PROGRESS_PATH, mode="r+")
+        report.repaired = []
+        for a, c in sorted(bad):
+            writable[a, c] = np.zeros(len(protocol.PROGRESS_FIELDS), dtype=np.int64)
+            report.repaired.append((layout.authors[a], c))
+        finalize_run(path)  # status becomes "failed", naming the authors to finish
 
 
 def report_json(report: Report) -> dict[str, Any]:

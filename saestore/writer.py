@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -29,10 +29,9 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
+from zarr.registry import get_codec_class
 
 from saestore import chunkio, faults, protocol, sparse_coo
-from saestore.codec import SparseCOOCodec
 from saestore.errors import ConfigMismatchError, CorruptChunkError, ProtocolError, SaestoreError, StoreWriteError
 from saestore.location import is_url
 from saestore.nonzeros import SparseActs
@@ -40,10 +39,21 @@ from saestore.protocol import RunAttrs, StorageInfo
 
 log = logging.getLogger(__name__)
 
-SPARSE_ZSTD_LEVEL = 3
-DENSE_ZSTD_LEVEL = 1
+SPARSE_ZSTD_LEVEL, DENSE_ZSTD_LEVEL = protocol.SPARSE_ZSTD_LEVEL, protocol.DENSE_ZSTD_LEVEL
 #: a local run is built at ``{path}{CREATING_SUFFIX}`` and renamed to ``{path}`` once complete
 CREATING_SUFFIX = ".creating"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DocChunk:
+    """One (author, doc-chunk): the unit of writing, progress and resume."""
+
+    author_idx: int
+    chunk_idx: int
+    docs: range
+    """the author's documents in it (``doc`` positions)."""
+    span: range
+    """the ``doc`` positions its chunks cover (``docs`` plus missing documents up to the chunk edge)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,6 +99,28 @@ class RunLayout:
     def n_chunks_max(self) -> int:
         return math.ceil(self.max_docs / self.storage.chunk_docs)
 
+    @property
+    def options(self) -> tuple[str, ...]:
+        """The extraction options that add variables (the table's ``when``)."""
+        return ("loss_recovered",) if self.loss_recovered else ()
+
+    def variables(self) -> tuple[protocol.VariableSpec, ...]:
+        """Every variable of the run, from the variable table (schema/variables.json)."""
+        return protocol.run_variables(self.layer_types, options=self.options)
+
+    def doc_chunks(self, author_idx: int | None = None) -> Iterator[DocChunk]:
+        """Every (author, doc-chunk) holding documents, author by author (or of one author)."""
+        authors = range(len(self.authors)) if author_idx is None else (author_idx,)
+        for a in authors:
+            for c in range(self.n_chunks(a)):
+                yield DocChunk(author_idx=a, chunk_idx=c, docs=self.chunk_docs_range(a, c),
+                               span=self.chunk_span(c))
+
+    def chunk_span(self, chunk_idx: int) -> range:
+        """The documents doc-chunk ``chunk_idx`` covers in every array, up to the array edge (``max_docs``)."""
+        cd = self.storage.chunk_docs
+        return range(chunk_idx * cd, min((chunk_idx + 1) * cd, self.max_docs))
+
     def chunk_docs_range(self, author_idx: int, chunk_idx: int) -> range:
         cd = self.storage.chunk_docs
         return range(chunk_idx * cd, min((chunk_idx + 1) * cd, self.n_docs[author_idx]))
@@ -115,27 +147,15 @@ class ChunkData:
     """variable → (D,) values of another (author, doc) variable (§2.6: ``ce_clean``)."""
 
 
-def _sae_codecs(storage: StorageInfo) -> dict[str, Any]:
-    if storage.format == "sparse":
-        return {"serializer": SparseCOOCodec(value_dtype=storage.value_dtype),
-                "compressors": [ZstdCodec(level=SPARSE_ZSTD_LEVEL), Crc32cCodec()]}
-    return {"serializer": BytesCodec(), "compressors": [ZstdCodec(level=DENSE_ZSTD_LEVEL), Crc32cCodec()]}
-
-
-def _sae_dtype(storage: StorageInfo) -> str:
-    if storage.format == "dense":
-        if storage.value_dtype == "bfloat16":
-            raise SaestoreError("bfloat16 values need --storage_format sparse (zarr has no bfloat16 data type)")
-        return storage.value_dtype
-    return "float32"
+def zarr_codecs(chain: Sequence[protocol.Codec]) -> dict[str, Any]:
+    """A codec chain of the variable table as ``create_array``'s ``serializer`` and ``compressors``."""
+    serializer, *compressors = (get_codec_class(name).from_dict({"name": name, "configuration": config})
+                                for name, config in chain)
+    return {"serializer": serializer, "compressors": compressors}
 
 
 def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-
-
-def _fill(spec: protocol.VariableSpec) -> Any:
-    return float("nan") if spec.fill_value == "NaN" else spec.fill_value
 
 
 def _exists(path: str) -> bool:
@@ -201,24 +221,14 @@ def create_run(
     coord("tok", np.arange(T, dtype=np.int64), "int64")
     coord("feature", np.arange(F, dtype=np.int64), "int64")
 
-    shapes = {protocol.SAE_DIMS: (A, L, D, T, F), protocol.TOKEN_DIMS: (A, D, T),
-              protocol.DOC_DIMS: (A, D), ("author",): (A,)}
-    chunks = {protocol.SAE_DIMS: (1, 1, cd, T, F), protocol.TOKEN_DIMS: (1, cd, T),
-              protocol.DOC_DIMS: (1, cd), ("author",): (A,)}
-    for lt in layout.layer_types:
-        spec = protocol.sae_variable(lt)
-        group.create_array(lt, shape=shapes[spec.dims], chunks=chunks[spec.dims], dtype=_sae_dtype(layout.storage),
-                           fill_value=0.0, dimension_names=list(spec.dims),
-                           attributes={"long_name": spec.meaning}, **_sae_codecs(layout.storage))
-        faults.point("create_array")
-    shapes[protocol.SAE_TOKEN_DIMS], chunks[protocol.SAE_TOKEN_DIMS] = (A, L, D, T), (1, 1, cd, T)
-    shapes[protocol.SAE_DOC_DIMS], chunks[protocol.SAE_DOC_DIMS] = (A, L, D), (1, 1, cd)
-    for spec in (*protocol.VARIABLES, *protocol.quality_variables(layout.layer_types, layout.loss_recovered)):
-        dtype = str if spec.dtype == "string" else spec.dtype
-        group.create_array(spec.name, shape=shapes[spec.dims], chunks=chunks[spec.dims], dtype=dtype,
-                           fill_value=_fill(spec), dimension_names=list(spec.dims),
-                           compressors=[ZstdCodec(level=3), Crc32cCodec()],
-                           attributes={"long_name": spec.meaning})
+    sizes = {"author": A, "layer": L, "doc": D, "tok": T, "feature": F}
+    for spec in layout.variables():
+        shape = tuple(sizes[d] for d in spec.dims)
+        dtype = spec.data_type(layout.storage)
+        group.create_array(spec.name, shape=shape, chunks=spec.chunk_shape(shape, cd),
+                           dtype=str if dtype == "string" else dtype, fill_value=spec.zarr_fill_value,
+                           dimension_names=list(spec.dims), attributes={"long_name": spec.meaning},
+                           **zarr_codecs(spec.codecs(layout.storage)))
         faults.point("create_array")
     group["n_docs"][...] = np.array(layout.n_docs, dtype=np.int32)
     progress = zarr.open_group(path, mode="a", path=protocol.PROGRESS_PATH.rsplit("/", 1)[0])
@@ -372,7 +382,7 @@ class RunWriter:
             arr = self.arrays[name]
             spec = specs[name]
             dtype = object if spec.dtype == "string" else spec.dtype
-            full = np.full((span, *arr.shape[2:]), _fill(spec), dtype=dtype)
+            full = np.full((span, *arr.shape[2:]), spec.zarr_fill_value, dtype=dtype)
             full[:n_d] = values
             steps.append((name, partial(arr.__setitem__, (author_idx, slice(start, stop)), full)))
         extras = [((name, None), values) for name, values in data.per_doc.items()]
@@ -382,7 +392,7 @@ class RunWriter:
                 raise SaestoreError(f"{name} is not a variable of this run (PROTOCOL.md §2.6)")
             arr, spec = self.arrays[name], self.extra_specs[name]
             index = (author_idx,) if layer is None else (author_idx, layout.layers.index(layer))
-            full = np.full((span, *arr.shape[len(index) + 1:]), _fill(spec), dtype=spec.dtype)
+            full = np.full((span, *arr.shape[len(index) + 1:]), spec.zarr_fill_value, dtype=spec.dtype)
             full[:n_d] = values
             steps.append((name, partial(arr.__setitem__, (*index, slice(start, stop)), full)))
         n_valid = int(np.count_nonzero(data.valid_DT))
