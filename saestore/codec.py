@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from numcodecs.abc import Codec as _NumcodecsCodec
+from numcodecs.compat import ensure_contiguous_ndarray, ensure_ndarray_like
 from zarr.abc.codec import ArrayBytesCodec
 
 from saestore import sparse_coo
@@ -133,7 +134,7 @@ class SparseCOONumcodec(_NumcodecsCodec):
         self.value_dtype = _parse_configuration({"value_dtype": value_dtype})["value_dtype"]
 
     def encode(self, buf: Any) -> bytes:
-        arr = np.asarray(buf)
+        arr = ensure_ndarray_like(buf)
         if arr.dtype.kind != "f":
             raise CodecEncodeError(f"{CODEC_NAME} encodes float arrays, got {arr.dtype}")
         flat = arr.reshape(-1)
@@ -142,7 +143,7 @@ class SparseCOONumcodec(_NumcodecsCodec):
         return sparse_coo.encode_dense(flat.reshape(-1, self.n_cols), self.value_dtype)
 
     def decode(self, buf: Any, out: Any = None) -> np.ndarray:
-        data = memoryview(buf).cast("B") if not isinstance(buf, np.ndarray) else buf.view(np.uint8).reshape(-1)
+        data = ensure_contiguous_ndarray(buf).view(np.uint8).reshape(-1)
         header = sparse_coo.read_header(data)
         if header.n_cols != self.n_cols:
             raise CorruptChunkError(f"chunk has {header.n_cols} columns, codec configured for {self.n_cols}")

@@ -18,14 +18,15 @@ __all__ = ["EXTRAS", "MissingExtraError", "missing", "require"]
 #: extra -> (what it is for, modules it makes importable)
 EXTRAS: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
     "extract": ("the model side (python -m saestore.extract)",
-                ("torch", "transformer_lens", "sae_lens", "datasets", "transformers", "tokenizers", "safetensors")),
+                ("torch", "transformer_lens", "sae_lens", "datasets", "transformers", "tokenizers", "safetensors",
+                 "simple_parsing")),
     "torch": ("the PyTorch training readers (saestore.torch)", ("torch",)),
     "plots": ("figures (saestore.plots)", ("matplotlib",)),
     "distributed": ("statistics on a dask.distributed cluster (--scheduler)", ("distributed",)),
     "io": ("Parquet and netCDF outputs of the stats CLI", ("pyarrow", "h5netcdf")),
     "bench": ("the benchmarks (python -m saestore.bench)",
               ("torch", "transformer_lens", "sae_lens", "datasets", "transformers", "tokenizers", "safetensors",
-               "scipy")),
+               "simple_parsing", "scipy")),
 }
 
 

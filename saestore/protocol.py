@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import re
+import typing
 import warnings
 from dataclasses import dataclass, field
 from functools import cache
@@ -34,9 +35,15 @@ DOC_DIMS: Final = ("author", "doc")
 SAE_TOKEN_DIMS: Final = ("author", "layer", "doc", "tok")
 SAE_DOC_DIMS: Final = ("author", "layer", "doc")
 COORDS: Final = ("author", "layer", "doc", "tok", "feature")
-STATUSES: Final = ("running", "complete", "failed")
-STORAGE_FORMATS: Final = ("sparse", "dense")
-VALUE_DTYPES: Final = ("float32", "float16", "bfloat16")
+Status = Literal["running", "complete", "failed"]
+StorageFormat = Literal["sparse", "dense"]
+ValueDtype = Literal["float32", "float16", "bfloat16"]
+"""a float dtype of stored values (and of the model: ``--dtype``)."""
+LayerType = Literal["res", "mlp", "att"]
+STATUSES: Final = typing.get_args(Status)
+STORAGE_FORMATS: Final = typing.get_args(StorageFormat)
+VALUE_DTYPES: Final = typing.get_args(ValueDtype)
+LAYER_TYPES: Final = typing.get_args(LayerType)
 #: the placeholder for a layer type in the variable table (``T`` is the SAE variable, ``T_cos`` …)
 LAYER_TYPE_PLACEHOLDER: Final = "T"
 #: zstd levels of the codec chains (PROTOCOL.md §2.4)
@@ -130,7 +137,6 @@ def _load_table() -> tuple[VariableSpec, ...]:
 VARIABLE_TABLE: Final = _load_table()
 #: the always-present variables without a layer type (PROTOCOL.md §2.2)
 VARIABLES: Final = tuple(v for v in VARIABLE_TABLE if not v.per_layer_type and v.when is None)
-LAYER_TYPES: Final = ("res", "mlp", "att")
 #: per-token reconstruction metrics stored for every SAE (PROTOCOL.md §2.6), as ``{layer_type}_{field}``
 QUALITY_FIELDS: Final = {v.name[len(LAYER_TYPE_PLACEHOLDER) + 1:]: v.meaning for v in VARIABLE_TABLE
                          if v.per_layer_type and v.dims == SAE_TOKEN_DIMS}
@@ -203,9 +209,9 @@ def library_versions() -> dict[str, str]:
 class StorageInfo:
     """How the SAE variables are stored."""
 
-    format: Literal["sparse", "dense"]
+    format: StorageFormat
     """``sparse``: saestore.sparse_coo → zstd → crc32c; ``dense``: bytes → zstd → crc32c."""
-    value_dtype: Literal["float32", "float16", "bfloat16"]
+    value_dtype: ValueDtype
     """dtype of the stored nonzero values (the arrays are always float32)."""
     chunk_docs: int
     """documents per chunk along ``doc``; the progress unit is one (author, doc-chunk)."""
@@ -230,7 +236,7 @@ class RunAttrs:
 
     protocol_version: str
     layout: str
-    status: Literal["running", "complete", "failed"]
+    status: Status
     created_at: str
     finalized_at: str | None
     config: dict[str, Any]

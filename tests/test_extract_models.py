@@ -423,3 +423,29 @@ def test_hub_sae_offline_error(hub_offline):
 
 def test_bad_dtype(tiny_cache):
     assert "unknown dtype 'float8'" in _one_line_error(load_model, "tiny", "cpu", "float8")
+
+
+def test_config_hash_covers_content_fields_and_skips_run_options():
+    """A field is hashed unless its type says RunOption: changing any content field changes the hash,
+    changing any run option does not (so resume works with another batch size or output folder)."""
+    import dataclasses
+
+    from saestore import protocol
+    from saestore.extract.config import ExtractConfig
+
+    base = ExtractConfig(layers=(1,), max_seq_len=16)
+    options = set(ExtractConfig.run_options())
+    assert options == {"output_dir", "run_name", "devices", "resume", "overwrite", "registry", "batch_size", "quiet"}
+    changed = {"layers": (2,), "model": "tiny", "layer_types": ("res",), "sae_features_width": "1k", "target_l0": 5.0,
+               "sae_path": "x", "dataset_name": "demo", "dataset_path": "y", "category_name": "z",
+               "author_column": "a", "text_column": "t", "n_docs": 3, "n_docs_per_author": 2, "min_length_doc": 1,
+               "min_docs_per_author": 2, "exclude_authors": ("b",), "setting": "prompted",
+               "prompt_template": "{style}!", "storage_format": "dense", "value_dtype": "float16", "dtype": "float16",
+               "max_seq_len": 17, "chunk_docs": 2, "use_error_term": True, "loss_recovered": True,
+               "devices": "cpu:2", "output_dir": "o", "run_name": "r", "resume": True, "registry": "q.sqlite",
+               "batch_size": 3, "quiet": True}
+    assert set(changed) | {"overwrite"} == {f.name for f in dataclasses.fields(ExtractConfig)}
+    h0 = protocol.config_hash(base.semantic())
+    for name, value in changed.items():
+        h = protocol.config_hash(dataclasses.replace(base, **{name: value}).semantic())
+        assert (h == h0) == (name in options), name

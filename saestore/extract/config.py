@@ -4,16 +4,30 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import re
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Final, Literal
 
+from saestore import protocol
 from saestore.errors import ExtractionConfigError
 
 DEFAULT_PROMPT = "The text in style of {style}: \n"
-#: fields that do not change what is stored; they stay out of the config hash
-NON_SEMANTIC = ("output_dir", "run_name", "devices", "resume", "overwrite", "registry", "batch_size", "quiet")
+
+
+class _RunOption:
+    """Marks a field as a run option: it changes how a run is made or where it goes, never what it
+    stores, so it stays out of the config hash (resuming with another value is allowed). Every other
+    field is content and is hashed: a new field is hashed unless its type says ``RunOption``."""
+
+    def __repr__(self) -> str:
+        return "RUN_OPTION"
+
+
+RUN_OPTION: Final = _RunOption()
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
@@ -54,17 +68,17 @@ class ExtractConfig:
     """drop authors with fewer documents than this (after the other filters)."""
     exclude_authors: tuple[str, ...] = ()
     """authors to leave out."""
-    batch_size: int = 8
+    batch_size: Annotated[int, RUN_OPTION] = 8
     """documents per forward pass."""
     setting: Literal["baseline", "prompted"] = "baseline"
     """baseline: BOS + text; prompted: BOS + the style prompt + text."""
     prompt_template: str = DEFAULT_PROMPT
     """prompt of the prompted setting; {style} becomes the author name."""
-    storage_format: Literal["sparse", "dense"] = "sparse"
+    storage_format: protocol.StorageFormat = "sparse"
     """sparse: saestore.sparse_coo codec; dense: plain zarr bytes + zstd."""
-    value_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    value_dtype: protocol.ValueDtype = "float32"
     """dtype of stored activation values (bfloat16 halves the size, rel. error <= 2^-8)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: protocol.ValueDtype = "float32"
     """dtype of the model and SAEs (a 9b model needs 36 GB in float32)."""
     max_seq_len: int | None = None
     """tokens per document input including BOS; n_tok = max_seq_len - 1 tokens are stored, longer
@@ -78,19 +92,19 @@ class ExtractConfig:
     loss_recovered: bool = False
     """also compute, per document, CE of the clean model, with each SAE spliced alone and with its site
     zero-ablated (1 + 2 x SAEs extra forward passes), for the loss-recovered fraction."""
-    devices: str | None = None
+    devices: Annotated[str | None, RUN_OPTION] = None
     """cuda:0,cuda:1 | cpu | cpu:2 (two CPU workers); default: every visible GPU, else one CPU worker."""
-    output_dir: str = "runs"
+    output_dir: Annotated[str, RUN_OPTION] = "runs"
     """root folder of runs: {output_dir}/{dataset}/{category}/{model}/{run_name}.zarr."""
-    run_name: str | None = None
+    run_name: Annotated[str | None, RUN_OPTION] = None
     """name of the run (default: derived from setting, layer types, layers and width)."""
-    resume: bool = False
+    resume: Annotated[bool, RUN_OPTION] = False
     """require an existing run with the same configuration and finish it."""
-    overwrite: bool = False
+    overwrite: Annotated[bool, RUN_OPTION] = False
     """delete an existing run at the path first."""
-    registry: str | None = None
+    registry: Annotated[str | None, RUN_OPTION] = None
     """SQLite run registry (default: {output_dir}/saestore_runs.sqlite)."""
-    quiet: bool = False
+    quiet: Annotated[bool, RUN_OPTION] = False
     """no progress bars."""
 
     def __post_init__(self) -> None:
@@ -99,9 +113,10 @@ class ExtractConfig:
         if len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
             raise ExtractionConfigError(f"--layers must be distinct non-negative integers, got {list(self.layers)}")
         if self.layer_types is not None:
-            bad = [t for t in self.layer_types if t not in ("res", "mlp", "att")]
+            bad = [t for t in self.layer_types if t not in protocol.LAYER_TYPES]
             if bad or not self.layer_types:
-                raise ExtractionConfigError(f"--layer_types must be a subset of res mlp att, got {list(self.layer_types)}")
+                raise ExtractionConfigError(f"--layer_types must be a subset of {' '.join(protocol.LAYER_TYPES)}, "
+                                            f"got {list(self.layer_types)}")
         for name in ("batch_size", "chunk_docs", "min_docs_per_author"):
             if getattr(self, name) < 1:
                 raise ExtractionConfigError(f"--{name} must be >= 1")
@@ -120,9 +135,15 @@ class ExtractConfig:
             raise ExtractionConfigError("max_seq_len is not resolved yet: call resolve_defaults(cfg)")
         return self.max_seq_len - 1
 
+    @classmethod
+    def run_options(cls) -> tuple[str, ...]:
+        """The fields typed ``Annotated[..., RUN_OPTION]``: not part of the config hash."""
+        return tuple(name for name, hint in _hints(cls).items() if RUN_OPTION in getattr(hint, "__metadata__", ()))
+
     def semantic(self) -> dict[str, Any]:
         """The configuration that defines the stored content (hashed into config_hash)."""
-        return {k: v for k, v in self.to_json().items() if k not in NON_SEMANTIC}
+        options = self.run_options()
+        return {k: v for k, v in self.to_json().items() if k not in options}
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -186,19 +207,32 @@ def _component(value: str, flag: str) -> str:
     return value
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, include_extras=True)
+
+
 def _doc(cls: type) -> dict[str, str]:
     """Attribute docstrings of a dataclass (the text after each field), for --help."""
-    import ast
-    import inspect
-    import textwrap
+    from simple_parsing.docstring import get_attribute_docstring
 
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
     out = {}
-    for prev, node in zip(body, body[1:], strict=False):
-        if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-            out[prev.target.id] = " ".join(str(node.value.value).split())  # type: ignore[attr-defined]
+    for f in dataclasses.fields(cls):
+        text = get_attribute_docstring(cls, f.name).docstring_below
+        if text:
+            out[f.name] = " ".join(text.split())
     return out
+
+
+def _arg_type(hint: Any) -> type:
+    """The argparse ``type`` of a field: int or float where the (optional) field type is one, else str."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Annotated, types.UnionType) else ()
+    if typing.get_origin(hint) is typing.Annotated:
+        return _arg_type(args[0])
+    for t in (*args, hint):
+        if t in (int, float):
+            return t
+    return str
 
 
 def _int_list(values: list[str]) -> tuple[int, ...]:
@@ -222,12 +256,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", nargs="+", default=[defaults["model"]],
                    help=helps["model"] + " Several models (or a .txt file listing one per line) make one run "
                    "each, on the same documents; one model's failure is reported and the others go on.")
-    p.add_argument("--layer_types", nargs="+", choices=["res", "mlp", "att"], help=helps["layer_types"])
+    p.add_argument("--layer_types", nargs="+", choices=list(protocol.LAYER_TYPES), help=helps["layer_types"])
     p.add_argument("--exclude_authors", nargs="*", default=[], help=helps["exclude_authors"])
-    choices: dict[str, list[str]] = {
-        "setting": ["baseline", "prompted"], "storage_format": ["sparse", "dense"],
-        "value_dtype": ["float32", "bfloat16", "float16"], "dtype": ["float32", "bfloat16", "float16"],
-    }
+    hints = _hints(ExtractConfig)
     for f in dataclasses.fields(ExtractConfig):
         if f.name in ("layers", "layer_types", "exclude_authors", "model"):
             continue
@@ -235,8 +266,9 @@ def make_parser() -> argparse.ArgumentParser:
         if isinstance(default, bool):
             p.add_argument(f"--{f.name}", action="store_true", help=helps.get(f.name))
             continue
-        typ = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)  # "int | None" -> int
-        p.add_argument(f"--{f.name}", type=typ, default=default, choices=choices.get(f.name), help=helps.get(f.name))
+        literal = list(typing.get_args(hints[f.name])) if typing.get_origin(hints[f.name]) is Literal else None
+        p.add_argument(f"--{f.name}", type=_arg_type(hints[f.name]), default=default, choices=literal,
+                       help=helps.get(f.name))
     return p
 
 
