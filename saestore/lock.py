@@ -1,4 +1,12 @@
-"""One writer per run: an exclusive lock file next to the store (``<run path>.lock``)."""
+"""One writer per run: an exclusive lock file next to the store (``<run path>.lock``).
+
+Why not the ``filelock`` package: it flocks the same way, but leaves the lock file in place on
+release (filelock 4.x: "the file stays in place on release so waiters share the same inode"). A run
+here must leave no lock file after a clean finish, and the file must name its holder for the
+"being written by pid … on host …" message; removing the file safely needs the unlink-while-locked,
+then re-check-the-inode step below, which filelock does not do (tests/test_store.py and the stale-lock
+race in tests/test_reliability.py prove both).
+"""
 
 from __future__ import annotations
 
