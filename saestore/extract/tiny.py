@@ -112,15 +112,16 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "saestore"
 
 
+#: layer type -> the TransformerLens hook (a format string over ``layer``) its SAEs read
+_HOOKS = {"res": "blocks.{layer}.hook_resid_post", "mlp": "blocks.{layer}.hook_mlp_out",
+          "att": "blocks.{layer}.attn.hook_z"}
+
+
 def tiny_hook_name(layer_type: str, layer: int) -> str:
     """The TransformerLens hook an SAE of ``layer_type`` at ``layer`` reads."""
-    if layer_type == "res":
-        return f"blocks.{layer}.hook_resid_post"
-    if layer_type == "mlp":
-        return f"blocks.{layer}.hook_mlp_out"
-    if layer_type == "att":
-        return f"blocks.{layer}.attn.hook_z"
-    raise ExtractionConfigError(f"unknown layer type {layer_type!r}: choose res, mlp or att")
+    if layer_type not in _HOOKS:
+        raise ExtractionConfigError(f"unknown layer type {layer_type!r}: choose res, mlp or att")
+    return _HOOKS[layer_type].format(layer=layer)
 
 
 def _is_current(bundle: Path) -> bool:
