@@ -144,7 +144,15 @@ class ChunkData:
     per_sae: Mapping[tuple[str, int], np.ndarray] = field(default_factory=dict)
     """(variable, layer) → (D, T) or (D,) values of a variable with a ``layer`` dim (§2.6)."""
     per_doc: Mapping[str, np.ndarray] = field(default_factory=dict)
-    """variable → (D,) values of another (author, doc) variable (§2.6: ``ce_clean``)."""
+    """variable → (D, T) or (D,) values of any other variable without a ``layer`` dim (§2.6: ``ce_clean``).
+    A new per-token or per-document variable of the table needs nothing but its values here."""
+
+    def variables(self) -> dict[str, np.ndarray]:
+        """variable → values of every variable without a ``layer`` dim (named fields, then ``per_doc``)."""
+        return {"valid_mask": self.valid_DT, "token_id": self.token_id_DT, "token": self.token_DT,
+                "ce_loss": self.ce_loss_DT, "entropy": self.entropy_DT,
+                "text": np.asarray(self.text_D, dtype=object), "doc_id": self.doc_id_D,
+                "doc_length": self.doc_length_D, "n_truncated": self.n_truncated_D, **self.per_doc}
 
 
 def zarr_codecs(chain: Sequence[protocol.Codec]) -> dict[str, Any]:
@@ -333,10 +341,7 @@ class RunWriter:
         self.path = str(path)
         self.group = zarr.open_group(self.path, mode="r+", use_consolidated=False)
         self.layout = read_layout(self.group)
-        self.extra_specs = {v.name: v for v in protocol.quality_variables(self.layout.layer_types,
-                                                                           self.layout.loss_recovered)}
-        self.arrays = {name: self.group[name] for name in
-                       [*self.layout.layer_types, *(v.name for v in protocol.VARIABLES), *self.extra_specs]}
+        self.arrays = {spec.name: self.group[spec.name] for spec in self.layout.variables()}
         self.progress = zarr.open_array(self.path, path=protocol.PROGRESS_PATH, mode="r+")
 
     def done_chunks(self, author_idx: int) -> set[int]:
@@ -368,33 +373,22 @@ class RunWriter:
                 nnz += int(np.count_nonzero(acts))
                 steps.append((f"{lt} layer {layer}",
                               partial(self._write_sae_dense, lt, author_idx, li, chunk_idx, np.asarray(acts))))
-        # per-token and per-document variables cover the chunk up to the array edge (no partial writes)
-        cd = layout.storage.chunk_docs
-        start = chunk_idx * cd
-        stop = min(start + cd, layout.max_docs)
-        span = stop - start
-        per_token = {"token_id": data.token_id_DT, "token": data.token_DT, "valid_mask": data.valid_DT,
-                     "ce_loss": data.ce_loss_DT, "entropy": data.entropy_DT}
-        per_doc = {"text": np.asarray(data.text_D, dtype=object), "doc_id": data.doc_id_D,
-                   "doc_length": data.doc_length_D, "n_truncated": data.n_truncated_D}
-        specs = {v.name: v for v in protocol.VARIABLES}
-        for name, values in [*per_token.items(), *per_doc.items()]:
-            arr = self.arrays[name]
-            spec = specs[name]
-            dtype = object if spec.dtype == "string" else spec.dtype
-            full = np.full((span, *arr.shape[2:]), spec.zarr_fill_value, dtype=dtype)
-            full[:n_d] = values
-            steps.append((name, partial(arr.__setitem__, (author_idx, slice(start, stop)), full)))
-        extras = [((name, None), values) for name, values in data.per_doc.items()]
-        extras += [((name, layer), values) for (name, layer), values in data.per_sae.items()]
-        for (name, layer), values in extras:
-            if name not in self.extra_specs:
-                raise SaestoreError(f"{name} is not a variable of this run (PROTOCOL.md §2.6)")
-            arr, spec = self.arrays[name], self.extra_specs[name]
-            index = (author_idx,) if layer is None else (author_idx, layout.layers.index(layer))
-            full = np.full((span, *arr.shape[len(index) + 1:]), spec.zarr_fill_value, dtype=spec.dtype)
-            full[:n_d] = values
-            steps.append((name, partial(arr.__setitem__, (*index, slice(start, stop)), full)))
+        # every other variable of the table covers the chunk up to the array edge (no partial writes)
+        span = layout.chunk_span(chunk_idx)
+        given = data.variables()
+        for spec in layout.variables():
+            if spec.is_sae:
+                continue
+            for layer, values in self._values_of(spec, given, data):
+                arr = self.arrays[spec.name]
+                index = (author_idx,) if layer is None else (author_idx, layout.layers.index(layer))
+                dtype = object if spec.dtype == "string" else spec.dtype
+                full = np.full((len(span), *arr.shape[len(index) + 1:]), spec.zarr_fill_value, dtype=dtype)
+                full[:n_d] = values
+                steps.append((spec.name, partial(arr.__setitem__, (*index, slice(span.start, span.stop)), full)))
+        unknown = sorted({*given, *(name for name, _ in data.per_sae)} - set(self.arrays))
+        if unknown:
+            raise SaestoreError(f"{', '.join(unknown)}: not a variable of this run (PROTOCOL.md §2.2, §2.6)")
         n_valid = int(np.count_nonzero(data.valid_DT))
         for what, write in steps:
             self._guarded(what, author_idx, chunk_idx, write)
@@ -404,6 +398,20 @@ class RunWriter:
         self._guarded("progress marker", author_idx, chunk_idx,
                       partial(self.progress.__setitem__, (author_idx, chunk_idx), marker))
         faults.point("after_marker")
+
+    @staticmethod
+    def _values_of(spec: protocol.VariableSpec, given: Mapping[str, np.ndarray],
+                   data: ChunkData) -> list[tuple[int | None, np.ndarray]]:
+        """(layer or None, values) of ``spec`` in ``data``; variables the table always stores must be given."""
+        if "doc" not in spec.dims:  # per-author variables (n_docs) are written once, by create_run
+            return []
+        if "layer" in spec.dims:
+            return [(layer, values) for (name, layer), values in data.per_sae.items() if name == spec.name]
+        if spec.name in given:
+            return [(None, given[spec.name])]
+        if spec.when is None:
+            raise SaestoreError(f"chunk data lacks {spec.name}, which every run stores")
+        return []
 
     def _guarded(self, what: str, author_idx: int, chunk_idx: int, write: Callable[[], None]) -> None:
         try:
