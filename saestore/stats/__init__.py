@@ -18,41 +18,36 @@ layer type, layer or feature drops that dimension. ``by="author"`` keeps authors
 from __future__ import annotations
 
 from saestore.stats import accessor as _accessor  # noqa: F401  (registers ds.sae)
+from saestore.stats._registry import NAMES as _NAMES
 from saestore.stats._select import Selection, StatsError, make_selection
 from saestore.stats.core import (
-    activation_count,
-    activation_max,
-    activation_mean,
-    activation_sum,
-    dead_features,
-    dense_features,
-    feature_stats,
-    frequency,
-    histogram,
-    l0,
-    l0_histogram,
-    l0_summary,
+    activation_count,  # noqa: F401
+    activation_max,  # noqa: F401
+    activation_mean,  # noqa: F401
+    activation_sum,  # noqa: F401
+    dead_features,  # noqa: F401
+    dense_features,  # noqa: F401
+    feature_stats,  # noqa: F401
+    frequency,  # noqa: F401
+    histogram,  # noqa: F401
+    l0,  # noqa: F401
+    l0_histogram,  # noqa: F401
+    l0_summary,  # noqa: F401
     log_bins,
-    n_valid_tokens,
-    quantiles,
+    n_valid_tokens,  # noqa: F401
+    quantiles,  # noqa: F401
     quantiles_from_histogram,
 )
-from saestore.stats.examples import top_examples, top_tokens
-from saestore.stats.loss import bits_per_byte, doc_loss
-from saestore.stats.quality import loss_recovered, reconstruction_quality
+from saestore.stats.examples import top_examples, top_tokens  # noqa: F401
+from saestore.stats.loss import bits_per_byte, doc_loss  # noqa: F401
+from saestore.stats.quality import loss_recovered, reconstruction_quality  # noqa: F401
 from saestore.stats.relations import (
-    author_specificity,
-    cooccurrence,
-    doc_vectors,
-    metric_by_activity,
-    top_author_features,
+    author_specificity,  # noqa: F401
+    cooccurrence,  # noqa: F401
+    doc_vectors,  # noqa: F401
+    metric_by_activity,  # noqa: F401
+    top_author_features,  # noqa: F401
 )
 
-__all__ = [
-    "Selection", "StatsError", "make_selection",
-    "feature_stats", "activation_count", "frequency", "activation_sum", "activation_mean", "activation_max",
-    "dead_features", "dense_features", "log_bins", "histogram", "quantiles", "quantiles_from_histogram",
-    "l0", "l0_histogram", "l0_summary", "n_valid_tokens",
-    "top_examples", "top_tokens", "doc_loss", "bits_per_byte", "reconstruction_quality", "loss_recovered",
-    "doc_vectors", "author_specificity", "top_author_features", "cooccurrence", "metric_by_activity",
-]
+# __all__ is generated from the one registry (saestore.stats._registry): the names are re-exported.
+__all__ = ["Selection", "StatsError", "make_selection", "log_bins", "quantiles_from_histogram", *_NAMES]  # noqa: PLE0604

@@ -331,3 +331,15 @@ def over_layer_types(sel: Selection, compute_one: Callable[[str], T], *, squeeze
     if squeeze_feature and sel.feature_scalar and "feature" in out.dims:
         out = out.isel(feature=0)
     return out
+
+
+def select_labels(ds: xr.Dataset, author: Any, layer: Any) -> xr.Dataset:
+    """``ds`` restricted to the ``author`` names and ``layer`` numbers (None = all), checked like
+    :func:`make_selection` (a :class:`StatsError` names what is missing); dimensions are kept."""
+    if author is not None:
+        idx, _ = _positions("author", author, np.asarray(ds["author"].values), str)
+        ds = ds.isel(author=idx)
+    if layer is not None:
+        idx, _ = _positions("layer", layer, np.asarray(ds["layer"].values), int)
+        ds = ds.isel(layer=idx)
+    return ds

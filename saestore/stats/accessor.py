@@ -8,32 +8,21 @@ when :mod:`saestore.stats` is imported.
 from __future__ import annotations
 
 import functools
+import textwrap
 from collections.abc import Callable
 from typing import Any
 
 import xarray as xr
 
-from saestore.stats import core, examples, loss, quality, relations
+from saestore.stats._registry import NAMES, function
 
 __all__ = ["SaeAccessor", "METHODS"]
 
-METHODS: tuple[str, ...] = (
-    "feature_stats", "activation_count", "frequency", "activation_sum", "activation_mean", "activation_max",
-    "dead_features", "dense_features", "histogram", "quantiles", "l0", "l0_histogram", "l0_summary",
-    "n_valid_tokens", "top_examples", "top_tokens", "doc_vectors", "author_specificity", "top_author_features",
-    "cooccurrence", "metric_by_activity", "doc_loss", "bits_per_byte", "reconstruction_quality", "loss_recovered",
-)
-
-
-def _function(name: str) -> Callable[..., Any]:
-    for module in (core, examples, relations, loss, quality):
-        if hasattr(module, name):
-            return getattr(module, name)
-    raise AttributeError(name)
+METHODS: tuple[str, ...] = NAMES
 
 
 def _method(name: str) -> Callable[..., Any]:
-    fn = _function(name)
+    fn = function(name)
 
     @functools.wraps(fn)
     def call(self: SaeAccessor, *args: Any, **kwargs: Any) -> Any:
@@ -45,13 +34,8 @@ def _method(name: str) -> Callable[..., Any]:
 
 @xr.register_dataset_accessor("sae")
 class SaeAccessor:
-    """``ds.sae.<statistic>(...)``: lazy SAE feature statistics of a saestore run Dataset.
-
-    Methods: feature_stats, activation_count, frequency, activation_sum, activation_mean,
-    activation_max, dead_features, dense_features, histogram, quantiles, l0, l0_histogram,
-    l0_summary, n_valid_tokens, top_examples, top_tokens, doc_vectors, author_specificity,
-    top_author_features, cooccurrence, metric_by_activity, doc_loss, bits_per_byte.
-    """
+    """``ds.sae.<statistic>(...)``: lazy SAE feature statistics of a saestore run Dataset (the
+    methods are generated from :mod:`saestore.stats._registry`; listed below)."""
 
     def __init__(self, ds: xr.Dataset) -> None:
         self._ds = ds
@@ -62,3 +46,5 @@ class SaeAccessor:
 
 for _name in METHODS:
     setattr(SaeAccessor, _name, _method(_name))
+SaeAccessor.__doc__ = (SaeAccessor.__doc__ or "") + "\n" + textwrap.fill(
+    "Methods: " + ", ".join(METHODS) + ".", width=100, initial_indent="    ", subsequent_indent="    ") + "\n"

@@ -20,40 +20,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from saestore.stats._registry import BY_NAME, cli_stats
+
 log = logging.getLogger(__name__)
 
 __all__ = ["register", "main", "make_parser", "STATS", "compute_stat", "write_result"]
 
 #: --stat name → (function in saestore.stats, variable to keep or None for the whole Dataset).
-STATS: dict[str, tuple[str, str | None]] = {
-    "doc_loss": ("doc_loss", None),
-    "bits_per_byte": ("bits_per_byte", None),
-    "feature_stats": ("feature_stats", None),
-    "count": ("feature_stats", "count"),
-    "frequency": ("feature_stats", "frequency"),
-    "sum": ("feature_stats", "sum"),
-    "mean": ("feature_stats", "mean"),
-    "mean_active": ("feature_stats", "mean_active"),
-    "max": ("feature_stats", "max"),
-    "dead": ("dead_features", None),
-    "dense": ("dense_features", None),
-    "histogram": ("histogram", None),
-    "quantiles": ("quantiles", None),
-    "l0": ("l0", None),
-    "l0_histogram": ("l0_histogram", None),
-    "l0_summary": ("l0_summary", None),
-    "top_examples": ("top_examples", None),
-    "top_tokens": ("top_tokens", None),
-    "doc_vectors": ("doc_vectors", None),
-    "author_specificity": ("author_specificity", None),
-    "top_author_features": ("top_author_features", None),
-    "cooccurrence": ("cooccurrence", None),
-    "metric_by_activity": ("metric_by_activity", None),
-}
+STATS: dict[str, tuple[str, str | None]] = cli_stats()
 FORMATS = (".nc", ".zarr", ".csv", ".parquet")
 # which optional arguments each function accepts (besides layer_type and the selection)
-_TAKES_BY = {"feature_stats", "dead_features", "dense_features", "histogram", "quantiles", "l0_histogram",
-             "l0_summary", "top_examples", "top_tokens", "cooccurrence", "metric_by_activity"}
 _NO_SELECTION_FEATURE = {"cooccurrence"}
 
 
@@ -119,9 +95,10 @@ def compute_stat(ds: Any, args: argparse.Namespace) -> Any:
     fn: Callable[..., Any] = getattr(stats, fn_name)
     kw: dict[str, Any] = {"author": args.author, "layer": args.layer, "doc": args.doc}
     by = None if args.by == "pooled" else args.by
-    if fn_name in ("doc_loss", "bits_per_byte"):  # token-level metrics: no SAE selection
-        return fn(ds, author=args.author, **({"by": by} if fn_name == "bits_per_byte" else {}))
-    if fn_name in _TAKES_BY:  # the others are per author anyway (l0, doc_vectors, specificity)
+    stat = BY_NAME[fn_name]
+    if not stat.sae:  # token-level metrics: no SAE selection
+        return fn(ds, author=args.author, **({"by": by} if stat.by else {}))
+    if stat.by:  # the others are per author anyway (l0, doc_vectors, specificity)
         kw["by"] = by
     if fn_name in _NO_SELECTION_FEATURE and not args.feature:
         raise stats.StatsError("cooccurrence needs --feature (the query feature ids)")

@@ -16,6 +16,8 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from saestore.stats._select import select_labels
+
 __all__ = ["doc_loss", "bits_per_byte"]
 
 
@@ -27,8 +29,7 @@ def _utf8_bytes(block: np.ndarray) -> np.ndarray:
 def doc_loss(ds: xr.Dataset, *, author: Any = None) -> xr.Dataset:
     """Per document: ``n_tokens``, ``mean_ce`` (nats/token), ``bits``, ``bytes``, ``bits_per_byte``
     and ``truncated``; dims ``(author, doc)``; missing documents have ``n_tokens == 0`` and NaN."""
-    if author is not None:
-        ds = ds.sel(author=[author] if isinstance(author, str) else list(author))
+    ds = select_labels(ds, author, None)
     valid = ds["valid_mask"]
     ce = ds["ce_loss"].where(valid, 0.0)
     n_tokens = valid.sum("tok", dtype="i8")

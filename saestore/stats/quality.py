@@ -8,17 +8,12 @@ from typing import Any
 import xarray as xr
 
 from saestore.errors import StatsError
+from saestore.stats._select import select_labels as _select
 from saestore.stats.core import feature_stats
 
 __all__ = ["reconstruction_quality", "loss_recovered"]
 
 
-def _select(ds: xr.Dataset, author: Any, layer: Any) -> xr.Dataset:
-    if author is not None:
-        ds = ds.sel(author=[author] if isinstance(author, str) else list(author))
-    if layer is not None:
-        ds = ds.sel(layer=[layer] if isinstance(layer, int) else list(layer))
-    return ds
 
 
 def reconstruction_quality(ds: xr.Dataset, layer_type: str = "res", *, by: str | None = "author",
