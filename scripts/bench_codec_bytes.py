@@ -79,7 +79,7 @@ def sparse_chain(chunk: SyntheticChunk, value_dtype: str, repeat: int, verify: b
     arr = zarr.create_array(MemoryStore(), shape=shape, chunks=shape, dtype="float32", fill_value=0.0,
                             serializer=SparseCOOCodec(value_dtype=value_dtype),
                             compressors=[ZstdCodec(level=SPARSE_ZSTD_LEVEL), Crc32cCodec()])
-    rows = chunk.rows()
+    rows = chunk.rows
 
     def encode_raw() -> bytes:
         return sparse_coo.encode_rows(n_rows, n_cols, rows, chunk.feature, chunk.values, value_dtype)
@@ -118,9 +118,9 @@ def baselines(chunk: SyntheticChunk, repeat: int) -> list[Row]:
     n_rows, n_cols = shape[0] * shape[1], shape[2]
     out: list[Row] = []
 
-    raw = sparse_coo.encode_rows(n_rows, n_cols, chunk.rows(), chunk.feature, chunk.values)
+    raw = sparse_coo.encode_rows(n_rows, n_cols, chunk.rows, chunk.feature, chunk.values)
     out.append(Row(name="sparse_coo float32, no compression", n_bytes=len(raw), bytes_per_nnz=len(raw) / nnz))
-    ones = sparse_coo.encode_rows(n_rows, n_cols, chunk.rows(), chunk.feature, np.ones(nnz, np.float32))
+    ones = sparse_coo.encode_rows(n_rows, n_cols, chunk.rows, chunk.feature, np.ones(nnz, np.float32))
     index_only = len(Zstd(level=SPARSE_ZSTD_LEVEL).encode(ones)) + 4  # constant values compress to ~0
     out.append(Row(name=f"sparse_coo index only (all values 1.0) → zstd-{SPARSE_ZSTD_LEVEL} → crc32c",
                    n_bytes=index_only, bytes_per_nnz=index_only / nnz))
@@ -132,7 +132,7 @@ def baselines(chunk: SyntheticChunk, repeat: int) -> list[Row]:
                    bytes_per_nnz=(len(enc) + 4) / nnz, chain_encode_nnz_per_s=nnz / t))
     del dense, enc
 
-    linear = (chunk.rows() * n_cols + chunk.feature).astype("<u4")
+    linear = (chunk.rows * n_cols + chunk.feature).astype("<u4")
     zstd3 = Zstd(level=3)
     t, enc = best_time(lambda: zstd3.encode(linear.tobytes() + chunk.values.astype("<f4").tobytes()), repeat)
     out.append(Row(name="naive COO (uint32 linear index + f32) → zstd-3", n_bytes=len(enc),
@@ -143,7 +143,7 @@ def baselines(chunk: SyntheticChunk, repeat: int) -> list[Row]:
     except ImportError:
         print("scipy not installed: CSR save_npz baseline skipped", file=sys.stderr)
     else:
-        csr = scipy.sparse.csr_matrix((chunk.values, (chunk.rows(), chunk.feature)), shape=(n_rows, n_cols))
+        csr = scipy.sparse.csr_matrix((chunk.values, (chunk.rows, chunk.feature)), shape=(n_rows, n_cols))
 
         def save() -> bytes:
             f = io.BytesIO()
@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if a bytes/nnz target is missed")
     args = parser.parse_args(argv)
 
-    chunk = synthetic_sae_chunk(args.n_docs, args.n_tok, args.n_features, args.l0, args.pad_frac, args.seed)
+    chunk = synthetic_sae_chunk(args.n_docs, args.n_tok, n_features=args.n_features, l0=args.l0,
+                                pad_frac=args.pad_frac, seed=args.seed)
     n_valid = int(chunk.valid_DT.sum())
     workload = {"shape": list(chunk.shape), "nnz": chunk.nnz, "n_valid_tokens": n_valid,
                 "padding": 1 - n_valid / chunk.valid_DT.size, "mean_l0": chunk.nnz / n_valid,

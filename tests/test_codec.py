@@ -904,7 +904,7 @@ def test_synthetic_sae_chunk_is_sae_like_deterministic_and_fast():
     k = chunk.active_per_token()
     assert (k[~valid] == 0).all()
     assert 65 < k[valid].mean() < 75
-    linear = chunk.rows() * chunk.n_features + chunk.feature
+    linear = chunk.rows * chunk.n_features + chunk.feature
     assert (np.diff(linear) > 0).all() and chunk.values.dtype == np.float32 and (chunk.values > 0).all()
     density = np.bincount(chunk.feature, minlength=chunk.n_features) / valid.sum()
     assert (density > 0.5).sum() >= 3 and np.median(density) < 0.01  # a few hot features, a long tail

@@ -29,14 +29,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from saestore.errors import BenchError
+from saestore.nonzeros import SparseActs
 
 if TYPE_CHECKING:
-    from saestore.nonzeros import SparseActs
     from saestore.writer import ChunkData, RunLayout
 
 __all__ = [
@@ -136,54 +136,15 @@ def doc_lengths(n_docs: int, n_tok: int, pad_frac: float, rng: np.random.Generat
 
 
 @dataclass(frozen=True, kw_only=True)
-class SyntheticChunk:
-    """Nonzero activations of one (doc, tok, feature) chunk, row-major, plus its valid mask.
+class SyntheticChunk(SparseActs):
+    """The nonzeros of one synthetic (doc, tok, feature) chunk (a :class:`SparseActs`) plus its valid mask."""
 
-    The field names match :class:`saestore.writer.SparseActs` (``doc``, ``tok``, ``feature``,
-    ``values``, ``nnz``), so a chunk can go wherever SparseActs is read; :meth:`to_sparse_acts`
-    makes the real thing.
-    """
-
-    doc: np.ndarray
-    """int64, chunk-local document index of each nonzero."""
-    tok: np.ndarray
-    """int64, token position of each nonzero."""
-    feature: np.ndarray
-    """int64, feature id of each nonzero."""
-    values: np.ndarray
-    """float32, positive."""
     valid_DT: np.ndarray
     """bool (n_docs, n_tok): True for real tokens; every nonzero lies on a real token."""
-    n_features: int
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        n_docs, n_tok = self.valid_DT.shape
-        return (n_docs, n_tok, self.n_features)
-
-    @property
-    def nnz(self) -> int:
-        return int(self.values.size)
-
-    def rows(self) -> np.ndarray:
-        """Row index of each nonzero in the chunk viewed as (n_docs · n_tok, n_features)."""
-        return self.doc * self.valid_DT.shape[1] + self.tok
-
-    def active_per_token(self) -> np.ndarray:
-        """Number of active features of every position, shape (n_docs, n_tok)."""
-        n_docs, n_tok = self.valid_DT.shape
-        return np.bincount(self.rows(), minlength=n_docs * n_tok).reshape(n_docs, n_tok)
-
-    def to_dense(self) -> np.ndarray:
-        """The dense float32 (doc, tok, feature) array (mind the size: 256 MiB at the default)."""
-        out = np.zeros(self.shape, dtype=np.float32)
-        out[self.doc, self.tok, self.feature] = self.values
-        return out
 
     def to_sparse_acts(self) -> SparseActs:
-        from saestore.nonzeros import SparseActs
-
-        return SparseActs.from_coords(self.doc, self.tok, self.feature, self.values, self.shape)
+        """The nonzeros alone, as the writer takes them."""
+        return SparseActs(rows=self.rows, cols=self.cols, values=self.values, shape=self.shape)
 
 
 def sample_chunk(sae: SyntheticSAE, valid_DT: np.ndarray, rng: np.random.Generator) -> SyntheticChunk:
@@ -201,33 +162,24 @@ def sample_chunk(sae: SyntheticSAE, valid_DT: np.ndarray, rng: np.random.Generat
     key = np.unique(token * n_features + feature)  # dedupe and sort row-major
     token, feature = np.divmod(key, n_features)
     rows = real[token]
-    doc, tok = np.divmod(rows, n_tok)
     values = sae.scale_F[feature] * rng.lognormal(0.0, sae.value_sigma, size=feature.size)
-    return SyntheticChunk(doc=doc, tok=tok, feature=feature, values=values.astype(np.float32),
-                          valid_DT=valid_DT, n_features=n_features)
+    return SyntheticChunk(rows=rows.astype(np.int64), cols=feature, values=values.astype(np.float32),
+                          shape=(n_docs, n_tok, n_features), valid_DT=valid_DT)
 
 
-def synthetic_sae_chunk(
-    n_docs: int = 4,
-    n_tok: int = 1024,
-    n_features: int = 16384,
-    l0: float = 70,
-    pad_frac: float = 0.49,
-    seed: int = 0,
-    *,
-    zipf_exponent: float = 1.0,
-    max_density: float = 0.95,
-) -> SyntheticChunk:
+def synthetic_sae_chunk(n_docs: int = 4, n_tok: int = 1024, *, pad_frac: float = 0.49, seed: int = 0,
+                        **sae: Any) -> SyntheticChunk:
     """One SAE-like doc-chunk: ~``l0`` active features per real token, ``pad_frac`` padding.
 
     The defaults are the chunk of the project's codec benchmark (DESIGN.md, "The sparse codec"):
-    4 docs × 1024 tokens × 16,384 features, L0 70, 49% padding (~146k nonzeros).
+    4 docs × 1024 tokens × 16,384 features, L0 70, 49% padding (~146k nonzeros). ``sae`` are the
+    keywords of :func:`make_synthetic_sae` (``n_features``, ``l0``, ``zipf_exponent``, ...).
     """
-    sae = make_synthetic_sae(n_features, l0, zipf_exponent=zipf_exponent, max_density=max_density, seed=seed)
+    model = make_synthetic_sae(**sae, seed=seed)
     rng = np.random.default_rng([seed, 1])
     lengths = doc_lengths(n_docs, n_tok, pad_frac, rng)
     valid_DT = np.arange(n_tok)[None, :] < lengths[:, None]
-    return sample_chunk(sae, valid_DT, rng)
+    return sample_chunk(model, valid_DT, rng)
 
 
 def synthetic_run_data(
