@@ -71,6 +71,7 @@ __all__ = [
     "SAESpec",
     "WIDTHS",
     "check_sae_matches_model",
+    "encode_documents",
     "hook_name",
     "load_model",
     "load_sae",
@@ -288,11 +289,22 @@ def _load_local_hf(path: Path, device: str, dtype: str):
     return model
 
 
+def encode_documents(tokenizer, texts: Sequence[str], n_tok: int) -> tuple[list[list[int]], list[int]]:
+    """Token ids of each document (no special tokens), truncated to ``n_tok``, and the number of
+    tokens each lost: what a run stores at ``tok = 0 … n_tok - 1`` (PROTOCOL.md §2.4). One batch
+    call to the tokenizer for all texts."""
+    if not texts:
+        return [], []
+    enc = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return [ids[:n_tok] for ids in enc], [max(0, len(ids) - n_tok) for ids in enc]
+
+
 def tokenize(model, texts: Sequence[str], max_seq_len: int):
     """Right-padded token ids and attention mask, each row starting with exactly one BOS.
 
     Returns ``(input_ids_BP, attention_mask_BP)`` as int64 / bool tensors of width at most
-    ``max_seq_len`` (BOS included); longer texts are truncated.
+    ``max_seq_len`` (BOS included); longer texts are truncated. The rows are BOS followed by
+    :func:`encode_documents`, the encoding extraction stores.
     """
     import torch
 
@@ -302,13 +314,8 @@ def tokenize(model, texts: Sequence[str], max_seq_len: int):
             f"max_seq_len must be at least 2 (BOS + a token), got {max_seq_len}"
         )
     bos = tok.bos_token_id
-    probe = tok("a")["input_ids"]
-    adds_bos = bool(probe) and probe[0] == bos
-    enc = tok(
-        list(texts), add_special_tokens=adds_bos, truncation=True,
-        max_length=max_seq_len if adds_bos else max_seq_len - 1,
-    )["input_ids"]
-    rows = [ids if adds_bos else [bos, *ids] for ids in enc]
+    docs, _ = encode_documents(tok, texts, max_seq_len - 1)
+    rows = [[bos, *ids] for ids in docs]
     width = max(len(r) for r in rows)
     pad = tok.pad_token_id if tok.pad_token_id is not None else bos
     ids_BP = torch.full((len(rows), width), pad, dtype=torch.long)

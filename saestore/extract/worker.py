@@ -22,7 +22,7 @@ from saestore.errors import SaestoreError, StoreWriteError
 from saestore.extract.config import ExtractConfig
 from saestore.extract.data import Document
 from saestore.extract.metrics import token_metrics
-from saestore.extract.models import SAESpec
+from saestore.extract.models import SAESpec, encode_documents
 from saestore.extract.quality import loss_recovered_ce, recon_metrics
 from saestore.nonzeros import SparseActs
 from saestore.writer import ChunkData, RunWriter
@@ -116,14 +116,16 @@ class Extractor:
             ids += self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids
 
-    def token_text(self, ids: np.ndarray) -> list[str]:
-        out = []
-        for i in ids.tolist():
-            s = self._token_text.get(i)
-            if s is None:
-                s = self._token_text[i] = self.tokenizer.decode([i])
-            out.append(s)
-        return out
+    def token_text(self, ids: np.ndarray) -> np.ndarray:
+        """Decoded text of each token id (object array like ``ids``): each distinct id is decoded once
+        per worker, alone (``decode([id])``, so the text is the token's own, not a merge with neighbours)."""
+        uniq, inverse = np.unique(np.asarray(ids), return_inverse=True)
+        for i in uniq.tolist():
+            if i not in self._token_text:
+                self._token_text[i] = self.tokenizer.decode([i])
+        texts = np.empty(uniq.size, dtype=object)
+        texts[:] = [self._token_text[i] for i in uniq.tolist()]
+        return texts[inverse].reshape(np.shape(ids))
 
     @torch.inference_mode()
     def run_batch(self, prompt: list[int], docs: Sequence[Document]) -> list[_DocResult]:
@@ -137,11 +139,7 @@ class Extractor:
             raise SaestoreError(
                 f"prompt ({p_len} tokens) + max_seq_len - 1 ({n_tok}) exceeds the model context {self.n_ctx}; "
                 f"lower --max_seq_len to {self.n_ctx - p_len + 1}")
-        doc_ids, truncated = [], []
-        for d in docs:
-            ids = self.tokenizer(d.text, add_special_tokens=False)["input_ids"]
-            truncated.append(max(0, len(ids) - n_tok))
-            doc_ids.append(ids[:n_tok])
+        doc_ids, truncated = encode_documents(self.tokenizer, [d.text for d in docs], n_tok)
         lengths = torch.tensor([len(x) for x in doc_ids], device=self.device)
         width = max(1, int(lengths.max()))
         B = len(docs)

@@ -29,12 +29,13 @@ import pandas as pd
 import sparse
 import xarray as xr
 
+from saestore import protocol
 from saestore.errors import StatsError
 
 __all__ = ["Selection", "StatsError", "make_selection", "sae_array", "token_array", "doc_array", "per_block",
            "check_by", "By", "group_coords", "over_layer_types"]
 
-LAYER_TYPES = ("res", "mlp", "att")
+LAYER_TYPES = protocol.LAYER_TYPES
 By = Literal["author"] | None
 
 
