@@ -449,3 +449,14 @@ def test_config_hash_covers_content_fields_and_skips_run_options():
     for name, value in changed.items():
         h = protocol.config_hash(dataclasses.replace(base, **{name: value}).semantic())
         assert (h == h0) == (name in options), name
+
+
+def test_every_layer_type_has_one_hook_site():
+    """A layer type is one name in protocol.LayerType plus one row of extract/hooks.py."""
+    from saestore import protocol
+    from saestore.extract import hooks
+
+    assert tuple(hooks.SITES) == protocol.LAYER_TYPES
+    assert hooks.forward_hooks(1) == ["blocks.0.attn.hook_z", "blocks.0.hook_mlp_out", "blocks.0.hook_resid_post"]
+    with pytest.raises(ExtractionConfigError, match="unknown layer type 'xyz': choose res, mlp, att"):
+        hooks.hook_name("xyz", 0)

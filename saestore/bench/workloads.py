@@ -36,7 +36,7 @@ class SyntheticWorkload:
     l0: float = 70.0
     """mean active features per real token."""
     pad_frac: float = 0.49
-    layer_types: tuple[str, ...] = ("res", "mlp", "att")
+    layer_types: tuple[str, ...] = protocol.LAYER_TYPES
     layers: tuple[int, ...] = (12,)
     chunk_docs: int = 4
     seed: int = 0

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from saestore.errors import ExtractionConfigError
+from saestore.extract import hooks
 from saestore.extract.sae_resolve import resolve_saes
 from saestore.extract.sae_specs import (
     GEMMA_SCOPE_MODELS,
@@ -153,7 +154,7 @@ def _gemma_scope_npz_loader(spec: SAESpec):
             "device": device,
             "apply_b_dec_to_input": False,
             "normalize_activations": "none",
-            "reshape_activations": "hook_z" if spec.layer_type == "att" else "none",
+            "reshape_activations": hooks.site(spec.layer_type).reshape,
             "metadata": {"hook_name": spec.hook_name, "prepend_bos": True},
         }
         cfg.update(cfg_overrides or {})
@@ -163,7 +164,7 @@ def _gemma_scope_npz_loader(spec: SAESpec):
 
 
 def _expected_d_in(model, layer_type: str) -> int:
-    if layer_type == "att":
+    if hooks.site(layer_type).reshape == "hook_z":
         return int(model.cfg.n_heads * model.cfg.d_head)
     return int(model.cfg.d_model)
 
@@ -184,7 +185,7 @@ def check_sae_matches_model(sae, model, spec: SAESpec) -> None:
             f"SAE {_describe(spec)} has d_in {sae.cfg.d_in} but the model's {spec.hook_name} "
             f"has width {expected}"
         )
-    wants_z = spec.layer_type == "att"
+    wants_z = hooks.site(spec.layer_type).reshape == "hook_z"
     if (sae.cfg.reshape_activations == "hook_z") != wants_z:
         raise ExtractionConfigError(
             f"SAE {_describe(spec)} has reshape_activations={sae.cfg.reshape_activations!r}; "

@@ -13,10 +13,10 @@ from typing import Any
 
 from saestore import protocol
 from saestore.errors import ExtractionConfigError
+from saestore.extract import hooks
 from saestore.extract.tiny import (
     TINY_MODEL_NAME,
     TINY_WIDTHS,
-    tiny_hook_name,
 )
 
 logger = logging.getLogger(__name__)
@@ -75,9 +75,7 @@ class SAESpec:
         return asdict(self)
 
 
-def hook_name(layer_type: str, layer: int) -> str:
-    """The hook an SAE of ``layer_type`` at ``layer`` reads (see the module docstring)."""
-    return tiny_hook_name(layer_type, layer)
+hook_name = hooks.hook_name
 
 
 # ----------------------------------------------------------------------------------------------

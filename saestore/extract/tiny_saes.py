@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from saestore import protocol
-from saestore.errors import ExtractionConfigError
+from saestore.extract import hooks as sites
 from saestore.extract.corpus import DEMO_AUTHOR_VOCAB, demo_corpus
 
 logger = logging.getLogger(__name__)
@@ -30,15 +30,7 @@ SPLICE_DOC_STRIDE = 6
 """Every sixth demo document goes through the pass that measures ``l0_spliced``."""
 SPLICE_MAX_LEN = 128
 
-_HOOKS = {"res": "blocks.{layer}.hook_resid_post", "mlp": "blocks.{layer}.hook_mlp_out",
-          "att": "blocks.{layer}.attn.hook_z"}
-
-
-def tiny_hook_name(layer_type: str, layer: int) -> str:
-    """The TransformerLens hook an SAE of ``layer_type`` at ``layer`` reads."""
-    if layer_type not in _HOOKS:
-        raise ExtractionConfigError(f"unknown layer type {layer_type!r}: choose res, mlp or att")
-    return _HOOKS[layer_type].format(layer=layer)
+tiny_hook_name = sites.hook_name
 
 
 def _demo_batch(tokenizer, texts: list[str], max_len: int):
@@ -50,17 +42,12 @@ def _demo_batch(tokenizer, texts: list[str], max_len: int):
     return ids_BP, mask_BP, keep_BP
 
 
-def _forward_hooks(n_layers: int) -> list[str]:
-    """Every SAE hook in the order the forward pass reaches them."""
-    return [tiny_hook_name(lt, layer) for layer in range(n_layers) for lt in ("att", "mlp", "res")]
-
-
 def collect_activations(model, tokenizer):
     """Clean activations of every SAE hook on the demo corpus (non-BOS, non-pad tokens)."""
     import torch
 
     texts = [r["text"] for r in demo_corpus()]
-    hooks = _forward_hooks(model.cfg.n_layers)
+    hooks = sites.forward_hooks(model.cfg.n_layers)
     acts: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
     ids_all: list[torch.Tensor] = []
     with torch.no_grad():
@@ -145,7 +132,7 @@ def write_saes(
     import torch
 
     author_ids = _author_token_ids(tokenizer)
-    hooks = _forward_hooks(model.cfg.n_layers)
+    hooks = sites.forward_hooks(model.cfg.n_layers)
     wanted = {
         tiny_hook_name(lt, layer): lt for lt in layer_types for layer in range(model.cfg.n_layers)
     }
@@ -232,7 +219,7 @@ def _make_sae(clean: _CleanStats, d_sae: int, target_l0: float, gen, layer_type:
         d_in=d_in,
         d_sae=d_sae,
         apply_b_dec_to_input=False,
-        reshape_activations="hook_z" if layer_type == "att" else "none",
+        reshape_activations=sites.site(layer_type).reshape,
         metadata=SAEMetadata(
             hook_name=hook, model_name=TINY_MODEL_NAME, prepend_bos=True, context_size=256
         ),
