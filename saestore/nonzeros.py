@@ -11,8 +11,11 @@ duplicates — what ``torch.nonzero`` of a ``(doc, tok, feature)`` tensor gives 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from saestore.errors import SaestoreError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +50,36 @@ class SparseActs:
         rows, cols = np.nonzero(flat)
         return cls(rows=rows.astype(np.int64), cols=cols.astype(np.int64),
                    values=np.asarray(flat[rows, cols], dtype=np.float32), shape=(n_docs, n_tok, n_feat))
+
+    @classmethod
+    def from_coo(cls, block: Any) -> SparseActs:
+        """The nonzeros of a ``sparse.COO`` block whose last three axes are ``(doc, tok, feature)``
+        and whose leading axes (author, layer) have size 1, as ``open_run``'s dask blocks are.
+        Explicit zeros are dropped."""
+        *lead, n_docs, n_tok, n_feat = block.shape
+        if any(n != 1 for n in lead):
+            raise SaestoreError(f"a block of shape {block.shape} has leading axes of size > 1; select one author "
+                                "and one layer per block")
+        c = block.coords
+        rows = c[-3].astype(np.int64) * n_tok + c[-2]
+        acts = cls(rows=rows, cols=c[-1].astype(np.int64), values=np.asarray(block.data, dtype=np.float32),
+                   shape=(int(n_docs), int(n_tok), int(n_feat)))
+        return acts.where(acts.values != 0)
+
+    @classmethod
+    def concat(cls, parts: list[SparseActs]) -> SparseActs:
+        """Chunks of the same ``(n_tok, n_features)`` one after the other along ``doc``."""
+        if not parts:
+            raise SaestoreError("SparseActs.concat needs at least one part")
+        n_tok, n_feat = parts[0].n_tok, parts[0].n_features
+        if any((p.n_tok, p.n_features) != (n_tok, n_feat) for p in parts):
+            raise SaestoreError(f"cannot concatenate chunks of shapes {[p.shape for p in parts]} along doc")
+        if len(parts) == 1:
+            return parts[0]
+        offsets = np.cumsum([0] + [p.n_docs * n_tok for p in parts[:-1]])
+        return cls(rows=np.concatenate([p.rows + o for p, o in zip(parts, offsets, strict=True)]),
+                   cols=np.concatenate([p.cols for p in parts]), values=np.concatenate([p.values for p in parts]),
+                   shape=(sum(p.n_docs for p in parts), n_tok, n_feat))
 
     @classmethod
     def empty(cls, shape: tuple[int, int, int]) -> SparseActs:
@@ -135,6 +168,38 @@ class SparseActs:
         coords[-1] = self.cols
         return sparse.COO(coords, self.values, shape=tuple(leading) + self.shape, has_duplicates=False,
                           sorted=True, fill_value=0.0)
+
+
+POOLS = ("mean", "max", "sum")
+"""How :func:`pool` combines a document's tokens."""
+
+
+def pool(group: np.ndarray, cols: np.ndarray, values: np.ndarray, group_size: np.ndarray, n_features: int,
+         stat: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pool nonzeros by group (a document): ``(group, col, value)`` of every nonzero pooled value,
+    sorted by (group, col), values float64.
+
+    ``group``/``cols``/``values`` are per nonzero; ``group_size[g]`` is the number of tokens in group
+    ``g`` (its valid tokens). ``sum`` adds, ``mean`` is the sum over ``group_size``, ``max`` is the
+    largest value with the zeros of tokens where the feature is off included (so a feature that is
+    negative wherever active but off somewhere pools to 0).
+    """
+    if stat not in POOLS:
+        raise SaestoreError(f"pool must be one of {', '.join(POOLS)}, not {stat!r}")
+    key = np.asarray(group, dtype=np.int64) * n_features + np.asarray(cols, dtype=np.int64)
+    uniq, inv = np.unique(key, return_inverse=True)
+    g_u, c_u = np.divmod(uniq, n_features)
+    if stat == "max":
+        data = np.full(uniq.size, -np.inf)
+        np.maximum.at(data, inv, np.asarray(values, dtype=np.float64))
+        off_somewhere = np.bincount(inv, minlength=uniq.size) < group_size[g_u]
+        data = np.where(off_somewhere, np.maximum(data, 0.0), data)
+    else:
+        data = np.bincount(inv, weights=np.asarray(values, dtype=np.float64), minlength=uniq.size)
+        if stat == "mean":
+            data = data / group_size[g_u]
+    keep = data != 0
+    return g_u[keep], c_u[keep], data[keep]
 
 
 def _shape(shape: tuple[int, ...]) -> tuple[int, int, int]:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import dask.array as da
 import numpy as np
@@ -22,8 +23,11 @@ from dask.base import tokenize
 from saestore import chunkio, protocol, sparse_coo
 from saestore.codec import SparseCOOCodec
 from saestore.errors import CorruptChunkError
+from saestore.nonzeros import SparseActs
 
-__all__ = ["open_run", "is_sparse_variable", "SparseChunkSource", "read_sparse_chunk"]
+T = TypeVar("T")
+
+__all__ = ["open_run", "is_sparse_variable", "SparseChunkSource", "read_sparse_chunk", "read_chunk_acts"]
 
 
 def is_sparse_variable(arr: zarr.Array) -> bool:
@@ -49,18 +53,43 @@ def _describe(arr: zarr.Array, coords: tuple[int, ...]) -> str:
     return f"{arr.store_path.path}[{', '.join(parts)}] (chunk {'/'.join(map(str, coords))}) in {store}"
 
 
+def _raw_chunk(arr: zarr.Array, coords: tuple[int, ...], decode: Callable[[bytes], T]) -> T | None:
+    """``decode(bytes)`` of one stored chunk (None if it was never written); a chunk that does not
+    decode is a :class:`CorruptChunkError` naming where it is and how to repair it."""
+    try:
+        raw = chunkio.read_chunk(arr, coords)
+        return None if raw is None else decode(raw)
+    except (CorruptChunkError, ValueError, RuntimeError, MemoryError) as e:
+        raise CorruptChunkError(f"cannot decode {_describe(arr, tuple(coords))}: {e}. "
+                                "Run `python -m saestore validate RUN --repair`, then extract --resume") from e
+
+
+def read_chunk_acts(arr: zarr.Array, coords: tuple[int, ...]) -> SparseActs:
+    """One stored chunk of an SAE variable as :class:`~saestore.nonzeros.SparseActs` of the chunk's
+    ``(doc, tok, feature)`` shape, straight from the format's rows (its leading author/layer axes
+    have size 1)."""
+    shape = chunkio.chunk_shape(arr)
+    acts_shape = (int(shape[-3]), int(shape[-2]), int(shape[-1]))
+    if len(shape) < 3 or math.prod(shape[:-3]) != 1:
+        raise CorruptChunkError(f"{arr.store_path.path} has chunks {shape}, not (1, …, 1, doc, tok, feature)")
+    n_rows = acts_shape[0] * acts_shape[1]
+
+    def decode(raw: bytes) -> SparseActs:
+        _, rows, cols, values = sparse_coo.decode_rows(raw, n_rows, acts_shape[2])
+        return SparseActs(rows=rows, cols=cols, values=values, shape=acts_shape)
+
+    acts = _raw_chunk(arr, coords, decode)
+    return SparseActs.empty(acts_shape) if acts is None else acts  # never written: all fill (0.0)
+
+
 def read_sparse_chunk(arr: zarr.Array, coords: tuple[int, ...]) -> sparse.COO:
     """Decode one stored chunk of a sparse variable into ``sparse.COO`` of the full chunk shape."""
     shape = chunkio.chunk_shape(arr)
     dtype = np.dtype(arr.dtype)
-    try:
-        raw = chunkio.read_chunk(arr, coords)
-        if raw is None:  # never written: all fill (0.0)
-            return sparse.COO(np.zeros((len(shape), 0), dtype=np.int64), np.zeros(0, dtype=dtype), shape=shape)
-        idx, values = sparse_coo.decode_coords(raw, shape)
-    except (CorruptChunkError, ValueError, RuntimeError, MemoryError) as e:
-        raise CorruptChunkError(f"cannot decode {_describe(arr, tuple(coords))}: {e}. "
-                                "Run `python -m saestore validate RUN --repair`, then extract --resume") from e
+    decoded = _raw_chunk(arr, coords, lambda raw: sparse_coo.decode_coords(raw, shape))
+    if decoded is None:  # never written: all fill (0.0)
+        return sparse.COO(np.zeros((len(shape), 0), dtype=np.int64), np.zeros(0, dtype=dtype), shape=shape)
+    idx, values = decoded
     return sparse.COO(idx, values.astype(dtype, copy=False), shape=shape, has_duplicates=False, sorted=True)
 
 

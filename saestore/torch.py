@@ -49,7 +49,7 @@ the shards' batches (every batch carries author/doc/tok). The shuffled reader pe
 batches; ``even_batches=True`` makes every rank yield the same number of full batches (DDP hangs
 otherwise), dropping the remainder of the epoch.
 
-Chunks are decoded straight from their bytes (:func:`saestore.reader.read_sparse_chunk`) and never
+Chunks are decoded straight from their bytes (:func:`saestore.reader.read_chunk_acts`) and never
 densified; dense-format runs (``storage.format == "dense"``) are read chunk by chunk with zarr and
 sparsified.
 """
@@ -70,40 +70,22 @@ import torch  # noqa: E402
 import zarr  # noqa: E402
 from torch.utils.data import IterableDataset, get_worker_info  # noqa: E402
 
-from saestore import protocol  # noqa: E402
+from saestore import protocol, selection  # noqa: E402
 from saestore.errors import CorruptChunkError, TorchReaderError  # noqa: E402
-from saestore.reader import read_sparse_chunk  # noqa: E402
+from saestore.nonzeros import POOLS, SparseActs  # noqa: E402
+from saestore.nonzeros import pool as pool_nonzeros  # noqa: E402
+from saestore.reader import read_chunk_acts  # noqa: E402
 from saestore.torch_rows import SparseBatch, _Rows, _ShuffleBuffer  # noqa: E402
 
 __all__ = ["SparseBatch", "TokenDataset", "ShuffledTokenDataset", "DocumentDataset", "TorchReaderError",
            "POOLS", "TOKEN_VARS"]
 
-POOLS = ("mean", "max", "sum")
 TOKEN_VARS = ("token_id", "ce_loss", "entropy")
 _TOKEN_VAR_DTYPES = {"token_id": np.int64, "ce_loss": np.float32, "entropy": np.float32}
 
 
 # ---------------------------------------------------------------------------------------------
 # Datasets
-
-
-def _as_list(value: Any) -> list[Any]:
-    return [value] if isinstance(value, (str, bytes, int, np.integer)) else list(value)
-
-
-def _positions(name: str, wanted: Any, available: list[Any]) -> list[int]:
-    if wanted is None:
-        return list(range(len(available)))
-    lookup = {v: i for i, v in enumerate(available)}
-    out = []
-    for item in _as_list(wanted):
-        key = type(available[0])(item) if available else item
-        if key not in lookup:
-            raise TorchReaderError(f"{name} {item!r} is not in this run; it has {name}s {available!r}")
-        out.append(lookup[key])
-    if not out or len(set(out)) != len(out):
-        raise TorchReaderError(f"the {name} selection {wanted!r} is empty or names a {name} twice")
-    return out
 
 
 def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -135,19 +117,16 @@ class _RunDataset(IterableDataset):
         self.storage_format: str = attrs.storage.format
         self.chunk_docs: int = attrs.storage.chunk_docs
         present = [lt for lt in protocol.LAYER_TYPES if lt in group]
-        layer_types = _as_list(layer_type)
-        for lt in layer_types:
-            if lt not in present:
-                raise TorchReaderError(f"layer type {lt!r} is not in {self.run_path}; it has {', '.join(present)}")
+        layer_types, _ = selection.layer_types(layer_type, present, error=TorchReaderError)
         run_layers = [int(x) for x in group["layer"][...]]
         run_authors = [str(a) for a in group["author"][...]]
-        layer_idx = _positions("layer", layer, run_layers)
-        self._author_idx = np.asarray(_positions("author", author, run_authors), dtype=np.int64)
+        layer_idx, _ = selection.positions("layer", layer, run_layers, int, error=TorchReaderError)
+        self._author_idx, _ = selection.positions("author", author, run_authors, str, error=TorchReaderError)
         self.authors: list[str] = [run_authors[i] for i in self._author_idx]
         """the selected authors' names; ``batch.author`` indexes this list."""
         self.blocks: list[tuple[str, int]] = [(lt, run_layers[li]) for lt in layer_types for li in layer_idx]
         """(layer type, layer) of each block of ``n_features_per_block`` columns, in column order."""
-        self._block_idx = [(lt, li) for lt in layer_types for li in layer_idx]
+        self._block_idx = [(lt, int(li)) for lt in layer_types for li in layer_idx]
         self.n_tok = int(group["tok"].shape[0])
         self.n_features_per_block = int(group["feature"].shape[0])
         self.n_features = len(self.blocks) * self.n_features_per_block
@@ -155,17 +134,7 @@ class _RunDataset(IterableDataset):
             raise TorchReaderError(
                 f"{len(self.blocks)} blocks × {self.n_features_per_block} features do not fit int32 column ids")
         max_docs = int(group["doc"].shape[0])
-        if doc is None:
-            docs = np.arange(max_docs)
-        elif isinstance(doc, slice):
-            docs = np.arange(max_docs)[doc]
-        else:
-            docs = np.asarray(_as_list(doc), dtype=np.int64)
-            if docs.size and (docs.min() < -max_docs or docs.max() >= max_docs):
-                raise TorchReaderError(f"doc positions {doc!r} are out of range 0…{max_docs - 1}")
-            docs = np.where(docs < 0, docs + max_docs, docs)
-        if docs.size == 0 or np.unique(docs).size != docs.size:
-            raise TorchReaderError(f"the doc selection {doc!r} is empty or names a document twice")
+        docs = selection.doc_positions(doc, max_docs, error=TorchReaderError)
         self._doc_selected = np.zeros(max_docs, dtype=bool)
         self._doc_selected[docs] = True
         if batch_size < 1:
@@ -308,16 +277,12 @@ class _RunDataset(IterableDataset):
             self._arrays[name] = zarr.open_array(self.run_path, path=name, mode="r")
         return self._arrays[name]
 
-    def _read_block(self, lt: str, a: int, li: int, c: int, n_docs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(chunk-local row = doc*n_tok + tok, feature, value) of one SAE chunk, row-major."""
+    def _read_block(self, lt: str, a: int, li: int, c: int, n_docs: int) -> SparseActs:
+        """The nonzeros of one SAE chunk (its first ``n_docs`` documents may be valid)."""
         if self.storage_format == "sparse":
-            coo = read_sparse_chunk(self._array(lt), (a, li, c, 0, 0))
-            d, t, f = coo.coords[2], coo.coords[3], coo.coords[4]
-            return d * self.n_tok + t, f, np.asarray(coo.data, dtype=np.float32)
+            return read_chunk_acts(self._array(lt), (a, li, c, 0, 0))
         d0 = c * self.chunk_docs
-        x_DTF = self._array(lt)[a, li, d0:d0 + n_docs]
-        d, t, f = np.nonzero(x_DTF)
-        return d * self.n_tok + t, f, x_DTF[d, t, f].astype(np.float32)
+        return SparseActs.from_dense(self._array(lt)[a, li, d0:d0 + n_docs])
 
     def _read_tokens(self, u: int, token_vars: Sequence[str] = ()) -> _Rows:
         """The valid tokens of selected documents of unit ``u``, in (doc, tok) order."""
@@ -336,12 +301,12 @@ class _RunDataset(IterableDataset):
         out_row[rows] = np.arange(rows.size)
         r_parts, c_parts, v_parts = [], [], []
         for k, (lt, li) in enumerate(self._block_idx):
-            r, f, v = self._read_block(lt, a, li, c, n_docs)
-            r = out_row[r]
+            acts = self._read_block(lt, a, li, c, n_docs)
+            r = out_row[acts.rows]
             keep = r >= 0
             r_parts.append(r[keep])
-            c_parts.append(f[keep] + k * self.n_features_per_block)
-            v_parts.append(v[keep])
+            c_parts.append(acts.cols[keep] + k * self.n_features_per_block)
+            v_parts.append(acts.values[keep])
         r, f, v = np.concatenate(r_parts), np.concatenate(c_parts), np.concatenate(v_parts)
         if len(r_parts) > 1:  # each block is row-major; a stable sort by row keeps blocks in column order
             order = np.argsort(r, kind="stable")
@@ -457,26 +422,11 @@ class DocumentDataset(_RunDataset):
 
 
 def _pool(tokens: _Rows, pool: str, n_features: int) -> _Rows:
-    """Pool token rows (ordered by doc) into one row per document."""
-    doc_T = tokens.meta["doc"]
-    docs, g_T = np.unique(doc_T, return_inverse=True)
+    """Pool token rows (ordered by doc) into one row per document (:func:`saestore.nonzeros.pool`)."""
+    docs, g_T = np.unique(tokens.meta["doc"], return_inverse=True)
     n_tokens = np.bincount(g_T, minlength=docs.size)
-    g_nz = np.repeat(g_T, np.diff(tokens.crow))
-    key = g_nz * n_features + tokens.cols
-    uniq, inv = np.unique(key, return_inverse=True)
-    g, col = uniq // n_features, uniq % n_features
-    if pool in ("sum", "mean"):
-        out = np.bincount(inv, weights=tokens.vals.astype(np.float64), minlength=uniq.size)
-        if pool == "mean":
-            out /= n_tokens[g]
-    else:
-        order = np.argsort(inv, kind="stable")
-        starts = np.flatnonzero(np.r_[True, np.diff(inv[order]) != 0])
-        out = np.maximum.reduceat(tokens.vals[order].astype(np.float64), starts) if uniq.size else np.zeros(0)
-        off_somewhere = np.bincount(inv, minlength=uniq.size) < n_tokens[g]
-        out = np.where(off_somewhere, np.maximum(out, 0.0), out)
-    keep = out != 0
-    g, col, out = g[keep], col[keep], out[keep]
+    g, col, out = pool_nonzeros(np.repeat(g_T, np.diff(tokens.crow)), tokens.cols, tokens.vals, n_tokens,
+                                n_features, pool)
     crow = np.zeros(docs.size + 1, dtype=np.int64)
     np.cumsum(np.bincount(g, minlength=docs.size), out=crow[1:])
     author = np.full(docs.size, tokens.meta["author"][0] if len(tokens) else 0, dtype=np.int64)  # one author per unit

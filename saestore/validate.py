@@ -25,7 +25,7 @@ import zarr
 
 from saestore import protocol
 from saestore.errors import SaestoreError
-from saestore.reader import is_sparse_variable, read_sparse_chunk
+from saestore.reader import is_sparse_variable, read_chunk_acts
 from saestore.writer import RunLayout, finalize_run, read_layout
 
 
@@ -244,7 +244,7 @@ def _decode_chunks(group: zarr.Group, specs: Sequence[protocol.VariableSpec], la
                          + (f", doc-chunk {c})" if c is not None else ")")
             try:
                 if sparse_var:
-                    count = int(read_sparse_chunk(arr, coords).nnz)
+                    count = read_chunk_acts(arr, coords).nnz
                 else:
                     block = arr.blocks[coords]
                     count = int(np.count_nonzero(block)) if spec.is_sae else 0

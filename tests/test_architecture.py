@@ -9,7 +9,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "saestore"
 #: layers that the core install holds; they never import the extraction or benchmark layers
-CORE_AND_ANALYSIS = ("saestore.errors", "saestore.sparse_coo", "saestore.nonzeros", "saestore.codec", "saestore.protocol",
+CORE_AND_ANALYSIS = ("saestore.errors", "saestore.sparse_coo", "saestore.nonzeros", "saestore.selection", "saestore.codec", "saestore.protocol",
                      "saestore.chunkio", "saestore.location", "saestore.extras", "saestore.faults", "saestore.writer", "saestore.reader",
                      "saestore.validate", "saestore.info", "saestore.lock", "saestore.registry", "saestore.stats",
                      "saestore.plots", "saestore.torch", "saestore.torch_rows")

@@ -14,8 +14,7 @@ BUILTIN = {"ValueError", "KeyError", "TypeError", "RuntimeError", "IndexError", 
 #: (module, exception): raises a protocol of another library asks for
 ALLOWED = {("bench/run.py", "TypeError"),  # json.dumps(default=...) must raise TypeError
            ("codec.py", "NotImplementedError"),  # zarr's compute_encoded_size for variable-size codecs
-           ("torch.py", "NotImplementedError"),  # an abstract method
-           ("stats/_select.py", "AssertionError")}  # an internal invariant of dask's blockwise output
+           ("torch.py", "NotImplementedError")}  # an abstract method
 
 
 def _modules():

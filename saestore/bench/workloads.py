@@ -117,27 +117,21 @@ class ActSlice:
     def n_valid(self) -> int:
         return sum(int(np.count_nonzero(c.valid_DT)) for c in self.chunks)
 
+    def acts(self) -> SparseActs:
+        """The nonzeros of the whole author, ``(n_docs, n_tok, n_features)``."""
+        return SparseActs.concat([c.acts[self.key] for c in self.chunks])
+
     def nonzeros(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(doc, tok, feature, value) of every nonzero, row-major, ``doc`` over the whole author."""
-        docs, toks, feats, vals = [], [], [], []
-        for i, c in enumerate(self.chunks):
-            a: SparseActs = c.acts[self.key]
-            docs.append(np.asarray(a.doc, np.int64) + i * self.chunk_docs)
-            toks.append(np.asarray(a.tok, np.int64))
-            feats.append(np.asarray(a.feature, np.int64))
-            vals.append(np.asarray(a.values, np.float32))
-        return np.concatenate(docs), np.concatenate(toks), np.concatenate(feats), np.concatenate(vals)
+        a = self.acts()
+        return a.doc, a.tok, a.feature, a.values
 
     def dense(self) -> np.ndarray:
         """The dense float32 (doc, tok, feature) array (n_docs · n_tok · n_features · 4 bytes)."""
-        d, t, f, v = self.nonzeros()
-        out = np.zeros((self.n_docs, self.n_tok, self.n_features), dtype=np.float32)
-        out[d, t, f] = v
-        return out
+        return self.acts().to_dense()
 
     def active_per_token(self) -> np.ndarray:
-        d, t, _, _ = self.nonzeros()
-        return np.bincount(d * self.n_tok + t, minlength=self.n_docs * self.n_tok)
+        return self.acts().active_per_token().ravel()
 
     def per_token(self, name: str) -> np.ndarray:
         """A per-token field over the whole author: token_id, token, valid, ce_loss or entropy."""
@@ -168,7 +162,7 @@ def read_slice(path: str | Path, author_idx: int, layer_type: str, layer: int) -
     """Read one (author, layer type, layer) of a stored run back, chunk by chunk (sparse decode)."""
     import zarr
 
-    from saestore.reader import read_sparse_chunk
+    from saestore.reader import read_chunk_acts
     from saestore.writer import read_layout
 
     path = str(path)
@@ -181,11 +175,7 @@ def read_slice(path: str | Path, author_idx: int, layer_type: str, layer: int) -
     for c in range(layout.n_chunks(author_idx)):
         docs = layout.chunk_docs_range(author_idx, c)
         n_d = len(docs)
-        block = read_sparse_chunk(sae_arr, (author_idx, li, c, 0, 0))
-        d, t, f = block.coords[2], block.coords[3], block.coords[4]
-        keep = d < n_d
-        acts = SparseActs.from_coords(d[keep], t[keep], f[keep], np.asarray(block.data)[keep],
-                                      (n_d, n_tok, block.shape[4]))
+        acts = read_chunk_acts(sae_arr, (author_idx, li, c, 0, 0)).docs(0, n_d)
         sl = (author_idx, slice(docs.start, docs.stop))
 
         def var(name: str, sl: tuple = sl) -> np.ndarray:
@@ -208,10 +198,7 @@ def write_slice(sl: ActSlice, path: str | Path, storage_format: str = "sparse",
     writer = RunWriter(str(path))
     for c, data in enumerate(sl.chunks):
         if storage_format == "dense":
-            a = data.acts[sl.key]
-            dense = np.zeros((len(data.doc_id_D), sl.n_tok, sl.n_features), dtype=np.float32)
-            dense[a.doc, a.tok, a.feature] = a.values
-            data = dataclasses.replace(data, acts={sl.key: dense})
+            data = dataclasses.replace(data, acts={sl.key: data.acts[sl.key].to_dense()})
         writer.write_chunk(0, c, data)
     finalize_run(str(path))
     return Path(path)

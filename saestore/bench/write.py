@@ -91,12 +91,9 @@ def child_write_seed(spec: dict[str, Any]) -> dict[str, Any]:
             current = a
             batches = {k: [] for k in keys}
             per_tok = {"valid": [], "token": [], "token_id": [], "ce": [], "entropy": [], "doc_id": [], "text": []}
-        n_d = data.valid_DT.shape[0]
         for key in keys:
             acts = data.acts[key]
-            dense = np.zeros((n_d, wl.n_tok, wl.n_features), dtype=np.float32)
-            dense[acts.doc, acts.tok, acts.feature] = acts.values
-            batches[key].append(torch.from_numpy(dense))
+            batches[key].append(torch.from_numpy(acts.to_dense()))
             nnz += acts.nnz
         per_tok["valid"].append(data.valid_DT)
         per_tok["token"].append(data.token_DT)

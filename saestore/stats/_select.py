@@ -29,7 +29,7 @@ import pandas as pd
 import sparse
 import xarray as xr
 
-from saestore import protocol
+from saestore import protocol, selection
 from saestore.errors import StatsError
 
 __all__ = ["Selection", "StatsError", "make_selection", "sae_array", "token_array", "doc_array", "per_block",
@@ -74,31 +74,6 @@ def check_by(by: str | None) -> By:
     raise StatsError(f"by must be 'author' or None (pooled), not {by!r}")
 
 
-def _as_list(value: Any) -> tuple[list[Any], bool]:
-    if isinstance(value, (str, bytes, int, np.integer)):
-        return [value], True
-    return list(value), False
-
-
-def _positions(name: str, wanted: Any, available: np.ndarray, convert: Callable[[Any], Any]) -> tuple[np.ndarray, bool]:
-    if wanted is None:
-        return np.arange(available.size), False
-    items, scalar = _as_list(wanted)
-    lookup = {convert(v): i for i, v in enumerate(available.tolist())}
-    out = []
-    for item in items:
-        key = convert(item)
-        if key not in lookup:
-            shown = ", ".join(map(repr, available.tolist()[:20])) + (" …" if available.size > 20 else "")
-            raise StatsError(f"{name} {item!r} is not in this run; it has {name}s {shown}")
-        out.append(lookup[key])
-    if len(set(out)) != len(out):
-        raise StatsError(f"{name} selection {items!r} names a {name} twice")
-    if not out:
-        raise StatsError(f"the {name} selection is empty")
-    return np.asarray(out, dtype=np.int64), scalar
-
-
 def make_selection(
     ds: xr.Dataset,
     layer_type: str | Sequence[str] | None = None,
@@ -113,44 +88,21 @@ def make_selection(
     layer or feature given as a scalar is dropped from the result's dimensions (kept as a scalar
     coordinate), like ``sel``."""
     present = tuple(lt for lt in LAYER_TYPES if lt in ds.data_vars)
-    if not present:
-        raise StatsError("the dataset holds no SAE variable (res, mlp or att); is it a saestore run?")
+    lts, lt_scalar = selection.layer_types(layer_type, present, error=StatsError)
     if "valid_mask" not in ds.data_vars:
         raise StatsError("the dataset has no valid_mask variable; statistics need it to skip padding")
-    if layer_type is None:
-        lts, lt_scalar = list(present), False
-    else:
-        lts, lt_scalar = _as_list(layer_type)
-        for lt in lts:
-            if lt not in present:
-                raise StatsError(f"layer type {lt!r} is not in this run; it has {', '.join(present)}")
     authors = np.asarray([str(a) for a in ds["author"].values], dtype=object)
-    a_idx, _ = _positions("author", author, authors, str)
+    a_idx, _ = selection.positions("author", author, authors, str, error=StatsError)
     layers = np.asarray(ds["layer"].values)
-    l_idx, l_scalar = _positions("layer", layer, layers, int)
-    n_docs = int(ds.sizes["doc"])
-    if doc is None:
-        d_idx = np.arange(n_docs)
-    elif isinstance(doc, slice):
-        d_idx = np.sort(np.arange(n_docs)[doc])
-    else:
-        items, _ = _as_list(doc)
-        d_idx = np.asarray(items, dtype=np.int64)
-        if d_idx.size and (d_idx.min() < -n_docs or d_idx.max() >= n_docs):
-            raise StatsError(f"doc positions {items!r} are out of range 0…{n_docs - 1}")
-        d_idx = np.where(d_idx < 0, d_idx + n_docs, d_idx)
-        if np.unique(d_idx).size != d_idx.size:
-            raise StatsError(f"doc selection {items!r} names a document twice")
-        d_idx = np.sort(d_idx)  # documents are always taken in stored order
-    if d_idx.size == 0:
-        raise StatsError("the doc selection is empty")
+    l_idx, l_scalar = selection.positions("layer", layer, layers, int, error=StatsError)
+    d_idx = selection.doc_positions(doc, int(ds.sizes["doc"]), error=StatsError)
     n_feat = int(ds.sizes["feature"])
     feature_values = np.asarray(ds["feature"].values)
     if feature is None:
         f_idx, f_scalar = None, False
         features = feature_values
     else:
-        f_idx, f_scalar = _positions("feature", feature, feature_values, int)
+        f_idx, f_scalar = selection.positions("feature", feature, feature_values, int, error=StatsError)
         features = feature_values[f_idx]
     return Selection(layer_types=tuple(lts), layer_type_scalar=lt_scalar, author_idx=a_idx, authors=authors[a_idx],
                      layer_idx=l_idx, layers=layers[l_idx], layer_scalar=l_scalar, doc_idx=d_idx,
@@ -293,7 +245,9 @@ def per_block(
 def _single(block: Any) -> Any:
     while isinstance(block, list):
         if len(block) != 1:
-            raise AssertionError(f"expected one block along a contracted axis, got {len(block)}")
+            # sae_array/token_array rechunk tok and feature to one chunk, so this is saestore's bug
+            raise StatsError(f"internal: {len(block)} blocks along a contracted (tok, feature) axis, expected one; "
+                             "please report this with the statistic's call")
         block = block[0]
     return block
 
@@ -338,9 +292,9 @@ def select_labels(ds: xr.Dataset, author: Any, layer: Any) -> xr.Dataset:
     """``ds`` restricted to the ``author`` names and ``layer`` numbers (None = all), checked like
     :func:`make_selection` (a :class:`StatsError` names what is missing); dimensions are kept."""
     if author is not None:
-        idx, _ = _positions("author", author, np.asarray(ds["author"].values), str)
+        idx, _ = selection.positions("author", author, np.asarray(ds["author"].values), str, error=StatsError)
         ds = ds.isel(author=idx)
     if layer is not None:
-        idx, _ = _positions("layer", layer, np.asarray(ds["layer"].values), int)
+        idx, _ = selection.positions("layer", layer, np.asarray(ds["layer"].values), int, error=StatsError)
         ds = ds.isel(layer=idx)
     return ds

@@ -14,10 +14,10 @@ import numpy as np
 import sparse
 import xarray as xr
 
+from saestore import selection
 from saestore.stats import kernels
 from saestore.stats._select import (
     StatsError,
-    _positions,
     check_by,
     group_coords,
     make_selection,
@@ -174,7 +174,8 @@ def cooccurrence(
     """
     by = check_by(by)
     sel = make_selection(ds, layer_type, author=author, layer=layer, doc=doc, feature=others)
-    query_idx, q_scalar = _positions("feature", feature, np.asarray(ds["feature"].values), int)
+    query_idx, q_scalar = selection.positions("feature", feature, np.asarray(ds["feature"].values), int,
+                                              error=StatsError)
     queries = np.asarray(ds["feature"].values)[query_idx]
     n_q = query_idx.size
 
