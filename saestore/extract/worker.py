@@ -1,8 +1,9 @@
 """One extraction worker: a model with SAEs on one device, streaming its authors into the run.
 
-Batches may span doc-chunks of one author; only nonzeros leave the device; a doc-chunk is written
-(payloads, then marker) as soon as its last document is done, so host memory holds at most one
-batch plus one doc-chunk of sparse results whatever the corpus size.
+Batches may span doc-chunks of one author; only nonzeros leave the device. A batch's results stay
+batch-level arrays (:class:`BatchResult`, one ``SparseActs`` per SAE over the whole batch), and each
+doc-chunk is a slice of them, written (payloads, then marker) as soon as its last document is done,
+so host memory holds at most one batch plus one doc-chunk of sparse results whatever the corpus size.
 """
 
 from __future__ import annotations
@@ -78,14 +79,56 @@ class WorkerStats:
         return next((m if repr(a) in m else f"{a!r}: {m}" for a, m in sorted(self.failed.items())), None)
 
 
-@dataclass
-class _DocResult:
-    token_ids: np.ndarray
-    ce: np.ndarray
-    entropy: np.ndarray
-    n_truncated: int
-    acts: dict[tuple[str, int], tuple[np.ndarray, np.ndarray, np.ndarray]]  # (tok, feature, value)
-    quality: dict[tuple[str, int | None], np.ndarray | float] = field(default_factory=dict)  # §2.6 variables
+@dataclass(frozen=True, kw_only=True)
+class BatchResult:
+    """What a batch leaves on the host, documents along the first axis of every array; a doc-chunk
+    is a slice of it (:meth:`docs`), or of several batches joined (:meth:`concat`) when
+    ``batch_size < chunk_docs``. Per-token arrays are ``(B, n_tok)`` with PROTOCOL.md §2.5's padding."""
+
+    token_ids: np.ndarray  # (B, T) int32, -1 at padding
+    valid: np.ndarray  # (B, T) bool
+    ce: np.ndarray  # (B, T) float32, NaN at padding
+    entropy: np.ndarray  # (B, T) float32, NaN at padding
+    n_truncated: np.ndarray  # (B,) int32
+    acts: dict[tuple[str, int], SparseActs]  # (layer type, layer) → (B, T, d_sae) nonzeros
+    per_sae: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # §2.6, (B, T) or (B,)
+    per_doc: dict[str, np.ndarray] = field(default_factory=dict)  # §2.6 without a layer, (B,)
+
+    @property
+    def n_docs(self) -> int:
+        return int(self.valid.shape[0])
+
+    def docs(self, start: int, stop: int) -> BatchResult:
+        """Documents ``start … stop-1``."""
+        return BatchResult(token_ids=self.token_ids[start:stop], valid=self.valid[start:stop], ce=self.ce[start:stop],
+                           entropy=self.entropy[start:stop], n_truncated=self.n_truncated[start:stop],
+                           acts={k: a.docs(start, stop) for k, a in self.acts.items()},
+                           per_sae={k: v[start:stop] for k, v in self.per_sae.items()},
+                           per_doc={k: v[start:stop] for k, v in self.per_doc.items()})
+
+    @classmethod
+    def concat(cls, parts: Sequence[BatchResult]) -> BatchResult:
+        """Batches one after the other."""
+        if len(parts) == 1:
+            return parts[0]
+
+        def cat(get: Any) -> np.ndarray:
+            return np.concatenate([get(p) for p in parts])
+
+        first = parts[0]
+        return cls(token_ids=cat(lambda p: p.token_ids), valid=cat(lambda p: p.valid), ce=cat(lambda p: p.ce),
+                   entropy=cat(lambda p: p.entropy), n_truncated=cat(lambda p: p.n_truncated),
+                   acts={k: SparseActs.concat([p.acts[k] for p in parts]) for k in first.acts},
+                   per_sae={k: cat(lambda p, k=k: p.per_sae[k]) for k in first.per_sae},
+                   per_doc={k: cat(lambda p, k=k: p.per_doc[k]) for k in first.per_doc})
+
+
+def _padded(x_BW: torch.Tensor, valid_BW: torch.Tensor, n_tok: int) -> np.ndarray:
+    """A ``(B, width)`` per-token tensor as a ``(B, n_tok)`` float32 host array, NaN at padding."""
+    x = torch.where(valid_BW, x_BW.float(), float("nan")).cpu().numpy()
+    out = np.full((x.shape[0], n_tok), np.nan, np.float32)
+    out[:, : x.shape[1]] = x
+    return out
 
 
 class Extractor:
@@ -128,8 +171,8 @@ class Extractor:
         return texts[inverse].reshape(np.shape(ids))
 
     @torch.inference_mode()
-    def run_batch(self, prompt: list[int], docs: Sequence[Document]) -> list[_DocResult]:
-        """Forward one batch of one author's documents; return per-document sparse results on the host."""
+    def run_batch(self, prompt: list[int], docs: Sequence[Document]) -> BatchResult:
+        """Forward one batch of one author's documents; return its sparse results on the host."""
         n_tok, p_len = self.cfg.n_tok, len(prompt)
         if p_len >= self.n_ctx:
             raise SaestoreError(
@@ -140,14 +183,18 @@ class Extractor:
                 f"prompt ({p_len} tokens) + max_seq_len - 1 ({n_tok}) exceeds the model context {self.n_ctx}; "
                 f"lower --max_seq_len to {self.n_ctx - p_len + 1}")
         doc_ids, truncated = encode_documents(self.tokenizer, [d.text for d in docs], n_tok)
-        lengths = torch.tensor([len(x) for x in doc_ids], device=self.device)
-        width = max(1, int(lengths.max()))
         B = len(docs)
-        input_ids = torch.full((B, p_len + width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((B, p_len + width), dtype=torch.long)
+        token_ids = np.full((B, n_tok), -1, np.int32)
         for b, ids in enumerate(doc_ids):
-            input_ids[b, : p_len + len(ids)] = torch.tensor(prompt + ids, dtype=torch.long)
-            mask[b, : p_len + len(ids)] = 1
+            token_ids[b, : len(ids)] = ids
+        valid_np = token_ids >= 0
+        width = max(1, int(valid_np.sum(axis=1).max()))
+        input_ids = torch.full((B, p_len + width), self.pad_id, dtype=torch.long)
+        input_ids[:, :p_len] = torch.tensor(prompt, dtype=torch.long)
+        input_ids[:, p_len:] = torch.from_numpy(np.where(valid_np, token_ids, self.pad_id)[:, :width])
+        mask = torch.zeros((B, p_len + width), dtype=torch.long)
+        mask[:, :p_len] = 1
+        mask[:, p_len:] = torch.from_numpy(valid_np[:, :width])
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         logits, cache = self.model.run_with_cache_with_saes(
             input_ids, saes=self.saes, attention_mask=mask, use_error_term=self.cfg.use_error_term,
@@ -158,10 +205,12 @@ class Extractor:
                 f"the model produced NaN/inf logits on documents {[d.doc_id for d in docs]}; "
                 f"try --dtype float32 (now {self.cfg.dtype})")
         ce, ent = token_metrics(logits, input_ids, p_len, width)
-        valid = torch.arange(width, device=self.device)[None, :] < lengths[:, None]
-        per_doc_acts: list[dict] = [{} for _ in docs]
+        valid = mask[:, p_len:].bool()
+        window = slice(p_len, p_len + width)
+        acts_out: dict[tuple[str, int], SparseActs] = {}
+        per_sae: dict[tuple[str, int], np.ndarray] = {}
         for spec, sae in zip(self.specs, self.saes, strict=True):
-            acts = cache[f"{spec.hook_name}.hook_sae_acts_post"][:, p_len : p_len + width]
+            acts = cache[f"{spec.hook_name}.hook_sae_acts_post"][:, window]
             acts = acts * valid[..., None]
             if not torch.isfinite(acts).all():
                 raise SaestoreError(f"{spec.layer_type} SAE at layer {spec.layer} produced NaN/inf activations")
@@ -171,87 +220,36 @@ class Extractor:
             nz = acts.nonzero()  # row-major (doc, tok, feature) order
             vals = acts[nz[:, 0], nz[:, 1], nz[:, 2]].float().cpu().numpy()
             nz = nz.cpu().numpy()
-            bounds = np.searchsorted(nz[:, 0], np.arange(B + 1))
-            for b in range(B):
-                s, e = bounds[b], bounds[b + 1]
-                per_doc_acts[b][(spec.layer_type, spec.layer)] = (nz[s:e, 1], nz[s:e, 2], vals[s:e])
-        per_doc_quality: list[dict] = [{} for _ in docs]
-        for spec in self.specs:
-            window = slice(p_len, p_len + width)
+            acts_out[(spec.layer_type, spec.layer)] = SparseActs.from_coords(nz[:, 0], nz[:, 1], nz[:, 2], vals,
+                                                                             (B, n_tok, spec.d_sae))
             metrics = recon_metrics(cache[f"{spec.hook_name}.hook_sae_input"][:, window],
                                     cache[f"{spec.hook_name}.hook_sae_recons"][:, window], valid)
             for field_name, values in metrics.items():
-                values = values.cpu().numpy()
-                for b in range(B):
-                    per_doc_quality[b][(f"{spec.layer_type}_{field_name}", spec.layer)] = values[b, : len(doc_ids[b])]
+                per_sae[(f"{spec.layer_type}_{field_name}", spec.layer)] = _padded(values, valid, n_tok)
+        per_doc: dict[str, np.ndarray] = {}
         if self.cfg.loss_recovered:
-            clean, per_sae = loss_recovered_ce(self.model, self.saes, [s.hook_name for s in self.specs], input_ids,
-                                               mask, p_len, width, valid)
-            for b in range(B):
-                per_doc_quality[b][("ce_clean", None)] = float(clean[b])
-                for spec, (spliced, zeroed) in zip(self.specs, per_sae, strict=True):
-                    per_doc_quality[b][(f"{spec.layer_type}_ce_spliced", spec.layer)] = float(spliced[b])
-                    per_doc_quality[b][(f"{spec.layer_type}_ce_zero", spec.layer)] = float(zeroed[b])
-        ce_np, ent_np = ce.cpu().numpy(), ent.cpu().numpy()
-        return [
-            _DocResult(token_ids=np.asarray(doc_ids[b], dtype=np.int32), ce=ce_np[b, : len(doc_ids[b])],
-                       entropy=ent_np[b, : len(doc_ids[b])], n_truncated=truncated[b], acts=per_doc_acts[b],
-                       quality=per_doc_quality[b])
-            for b in range(B)
-        ]
+            clean, per_spec = loss_recovered_ce(self.model, self.saes, [s.hook_name for s in self.specs], input_ids,
+                                                mask, p_len, width, valid)
+            per_doc["ce_clean"] = clean.float().cpu().numpy()
+            for spec, (spliced, zeroed) in zip(self.specs, per_spec, strict=True):
+                per_sae[(f"{spec.layer_type}_ce_spliced", spec.layer)] = spliced.float().cpu().numpy()
+                per_sae[(f"{spec.layer_type}_ce_zero", spec.layer)] = zeroed.float().cpu().numpy()
+        return BatchResult(token_ids=token_ids, valid=valid_np, ce=_padded(ce, valid, n_tok),
+                           entropy=_padded(ent, valid, n_tok), n_truncated=np.asarray(truncated, np.int32),
+                           acts=acts_out, per_sae=per_sae, per_doc=per_doc)
 
-    def chunk_data(self, docs: Sequence[Document], results: Sequence[_DocResult]) -> ChunkData:
-        """Assemble one doc-chunk's ChunkData from its documents' results."""
-        n_tok, D = self.cfg.n_tok, len(docs)
-        token_id = np.full((D, n_tok), -1, np.int32)
-        token = np.full((D, n_tok), "", dtype=object)
-        valid = np.zeros((D, n_tok), bool)
-        ce = np.full((D, n_tok), np.nan, np.float32)
-        ent = np.full((D, n_tok), np.nan, np.float32)
-        for d, r in enumerate(results):
-            n = r.token_ids.size
-            token_id[d, :n] = r.token_ids
-            token[d, :n] = self.token_text(r.token_ids)
-            valid[d, :n] = True
-            ce[d, :n], ent[d, :n] = r.ce, r.entropy
-        acts: dict[tuple[str, int], SparseActs | np.ndarray] = {}
-        for spec in self.specs:
-            key = (spec.layer_type, spec.layer)
-            parts = [r.acts[key] for r in results]
-            sp = SparseActs.from_coords(
-                np.concatenate([np.full(p[0].size, d, np.int64) for d, p in enumerate(parts)]),
-                np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
-                np.concatenate([p[2] for p in parts]), (D, n_tok, spec.d_sae))
-            if self.cfg.storage_format == "dense":
-                dense = np.zeros((D, n_tok, spec.d_sae), np.float32)
-                dense[sp.doc, sp.tok, sp.feature] = sp.values
-                acts[key] = dense
-            else:
-                acts[key] = sp
+    def chunk_data(self, docs: Sequence[Document], result: BatchResult) -> ChunkData:
+        """One doc-chunk's ChunkData from its documents and their slice of the batch results."""
+        token = np.full(result.valid.shape, "", dtype=object)
+        token[result.valid] = self.token_text(result.token_ids[result.valid])
+        dense = self.cfg.storage_format == "dense"
         return ChunkData(
-            token_id_DT=token_id, token_DT=token, valid_DT=valid, ce_loss_DT=ce, entropy_DT=ent,
-            text_D=[d.text for d in docs], doc_id_D=np.array([d.doc_id for d in docs], np.int64),
-            doc_length_D=valid.sum(axis=1).astype(np.int32),
-            n_truncated_D=np.array([r.n_truncated for r in results], np.int32), acts=acts,
-            **self._quality_arrays(results))
-
-    def _quality_arrays(self, results: Sequence[_DocResult]) -> dict[str, dict[Any, np.ndarray]]:
-        """§2.6 variables of a doc-chunk as ChunkData's ``per_sae`` ((name, layer) → (D, T) or (D,)) and
-        ``per_doc`` (name → (D,))."""
-        per_sae: dict[Any, np.ndarray] = {}
-        per_doc: dict[Any, np.ndarray] = {}
-        for (name, layer), value in results[0].quality.items():
-            if isinstance(value, np.ndarray):
-                arr = np.full((len(results), self.cfg.n_tok), np.nan, np.float32)
-                for d, r in enumerate(results):
-                    arr[d, : r.quality[(name, layer)].size] = r.quality[(name, layer)]
-            else:
-                arr = np.array([r.quality[(name, layer)] for r in results], np.float32)
-            if layer is None:
-                per_doc[name] = arr
-            else:
-                per_sae[(name, layer)] = arr
-        return {"per_sae": per_sae, "per_doc": per_doc}
+            token_id_DT=result.token_ids, token_DT=token, valid_DT=result.valid, ce_loss_DT=result.ce,
+            entropy_DT=result.entropy, text_D=[d.text for d in docs],
+            doc_id_D=np.array([d.doc_id for d in docs], np.int64),
+            doc_length_D=result.valid.sum(axis=1).astype(np.int32), n_truncated_D=result.n_truncated,
+            acts={k: a.to_dense() if dense else a for k, a in result.acts.items()},
+            per_sae=result.per_sae, per_doc=result.per_doc)
 
 
 def _groups(writer: RunWriter, work: AuthorWork, batch_size: int) -> Iterator[tuple[int, list[int], list[Document]]]:
@@ -280,25 +278,29 @@ def extract_author(ex: Extractor, writer: RunWriter, work: AuthorWork, stats: Wo
     prompt = ex.prompt_ids(work.author)
     layout = writer.layout
     for first, pending, docs in _groups(writer, work, ex.cfg.batch_size):
-        results: list[_DocResult] = []
+        held: BatchResult | None = None  # results of documents held_from … done-1 of the group
+        held_from = 0
         for start in range(0, len(docs), ex.cfg.batch_size):
             batch = docs[start : start + ex.cfg.batch_size]
             t0 = time.perf_counter()
             out = ex.run_batch(prompt, batch)
-            results += out
-            n_tok = sum(int(r.token_ids.size) for r in out)
+            held = out if held is None else BatchResult.concat([held, out])
+            done = start + len(batch)
+            n_tok = int(out.valid.sum())
             stats.n_docs += len(batch)
             stats.n_tokens += n_tok
-            for r in out:
-                for (lt, layer), (tok, _, _) in r.acts.items():
-                    key = f"{lt}/{layer}"
-                    stats.nnz[key] = stats.nnz.get(key, 0) + int(tok.size)
+            for (lt, layer), acts in out.acts.items():
+                stats.nnz[f"{lt}/{layer}"] = stats.nnz.get(f"{lt}/{layer}", 0) + acts.nnz
             while pending:
                 r = layout.chunk_docs_range(work.author_idx, pending[0])
-                if r.stop - first > len(results):
+                if r.stop - first > done:
                     break
-                sl = slice(r.start - first, r.stop - first)
-                writer.write_chunk(work.author_idx, pending.pop(0), ex.chunk_data(docs[sl], results[sl]))
+                part = held.docs(r.start - first - held_from, r.stop - first - held_from)
+                writer.write_chunk(work.author_idx, pending.pop(0), ex.chunk_data(docs[r.start - first:r.stop - first],
+                                                                                  part))
+            keep_from = layout.chunk_docs_range(work.author_idx, pending[0]).start - first if pending else done
+            drop = min(keep_from, done) - held_from
+            held, held_from = held.docs(drop, held.n_docs), held_from + drop
             if pbar is not None:
                 pbar.update(len(batch))
                 pbar.set_postfix_str(f"{work.author[:16]} {n_tok / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
