@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from saestore.bench.baselines import delphi_split_bounds, seed_module
+from saestore.bench import seed
+from saestore.bench.baselines import delphi_split_bounds
 from saestore.bench.report import LIBRARIES
 from saestore.bench.run import SECTIONS
 
@@ -114,7 +115,6 @@ def test_seed_csr_from_nonzeros_equals_the_dense_path(tmp_path):
     """The large baseline files are built from nonzeros; they must be the seed's exact bytes."""
     import scipy.sparse
 
-    seed = seed_module()
     rng = np.random.default_rng(0)
     dense = (rng.random((3, 7, 50)) < 0.1) * rng.lognormal(size=(3, 7, 50))
     dense = dense.astype(np.float32)

@@ -56,11 +56,11 @@ def child_write_saestore(spec: dict[str, Any]) -> dict[str, Any]:
 
 def child_write_seed(spec: dict[str, Any]) -> dict[str, Any]:
     """The seed's path on the workload: dense torch batches held per author, then CSR + save."""
+    import scipy.sparse  # noqa: F401  (imported before the baseline RSS and the clock, as the seed's script does)
     import torch
 
-    from saestore.bench.baselines import seed_module
+    from saestore.bench import seed
 
-    seed = seed_module()
     wl = SyntheticWorkload.from_json(spec["workload"])
     root = Path(spec["path"])
     base = rss_mb()
