@@ -26,7 +26,7 @@ from saestore.bench.report import evaluate_targets, machine_info, render_markdow
 from saestore.bench.seed import seed_stem
 from saestore.bench.sizes import compare_whole_run, measure_sizes, write_seed_for_run
 from saestore.bench.stats_speed import compare_results
-from saestore.bench.workloads import ActSlice, SyntheticWorkload, make_attrs, read_slice, slice_from_chunks
+from saestore.bench.workloads import ActSlice, SyntheticWorkload, read_slice, slice_from_chunks, synthetic_attrs
 from saestore.errors import BenchError
 
 __all__ = ["BenchConfig", "FULL", "QUICK", "SECTIONS", "run_benchmarks"]
@@ -74,7 +74,7 @@ def write_run_and_seed(wl: SyntheticWorkload, run_path: Path, seed_root: Path, l
     from saestore.writer import RunWriter, create_run, finalize_run
 
     layout = wl.layout()
-    create_run(str(run_path), layout, make_attrs(layout), mode="overwrite")
+    create_run(str(run_path), layout, synthetic_attrs(layout), mode="overwrite")
     writer = RunWriter(str(run_path))
     pending: list[tuple[int, int, Any]] = []
 
