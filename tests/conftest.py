@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from needs import MARKERS, skip_reason
+from tests.helpers.needs import MARKERS, skip_reason
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -15,7 +15,7 @@ Layout, one triple per vector (as numcodecs does for its codecs):
 
 Usage (refuses to overwrite existing files)::
 
-    python tests/make_codec_fixtures.py [--out tests/fixtures/sparse_coo]
+    python -m tests.make_codec_fixtures [--out tests/fixtures/sparse_coo]   # from the repository root
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Generator of the cross-version fixture runs in tests/fixtures/runs/.
 
-Each ``zarr-X.Y.zarr`` is the synthetic statistics run (tests/stats_fixtures.py, seed 0, sparse)
+Each ``zarr-X.Y.zarr`` is the synthetic statistics run (tests/helpers/stats_run.py, seed 0, sparse)
 written through the writer API with zarr X.Y installed. tests/test_compat.py reads every one of
 them with whatever zarr is installed and checks it against the reference it was drawn from, so a
 store written on one zarr line must read identically on every other (CI runs zarr 3.1 on Python
@@ -8,7 +8,7 @@ store written on one zarr line must read identically on every other (CI runs zar
 
 Run it once per zarr line that writes a new fixture (refuses to overwrite)::
 
-    python tests/make_run_fixtures.py          # writes tests/fixtures/runs/zarr-<installed>.zarr
+    python -m tests.make_run_fixtures          # from the repository root: writes tests/fixtures/runs/zarr-<installed>.zarr
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ from pathlib import Path
 
 import zarr
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from stats_fixtures import write_run
+from tests.helpers.stats_run import write_run
 
 FIXTURES = Path(__file__).parent / "fixtures" / "runs"
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from saestore.bench.baselines import delphi_split_bounds, seed_module
+from saestore.bench import seed
+from saestore.bench.baselines import delphi_split_bounds
 from saestore.bench.report import LIBRARIES
 from saestore.bench.run import SECTIONS
 
@@ -114,7 +115,6 @@ def test_seed_csr_from_nonzeros_equals_the_dense_path(tmp_path):
     """The large baseline files are built from nonzeros; they must be the seed's exact bytes."""
     import scipy.sparse
 
-    seed = seed_module()
     rng = np.random.default_rng(0)
     dense = (rng.random((3, 7, 50)) < 0.1) * rng.lognormal(size=(3, 7, 50))
     dense = dense.astype(np.float32)
@@ -138,3 +138,17 @@ def test_cli_rejects_an_unknown_section():
     res = subprocess.run([sys.executable, "-m", "saestore.bench", "--only", "nowhere"], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 2 and "invalid choice" in res.stderr
+
+
+def test_codec_option_measures_the_chain_alone(tmp_path):
+    """``--codec`` (what scripts/bench_codec_bytes.py did): the table, codec_bytes.json, no report;
+    the workload options size its chunk, and a non-positive size is refused."""
+    from saestore.bench.__main__ import main
+
+    assert main(["--codec", "--chunk-docs", "2", "--n-tok", "64", "--features", "512", "--l0", "20", "--repeat", "1",
+                 "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "codec_bytes.json").read_text(encoding="utf-8"))
+    assert doc["workload"]["shape"] == [2, 64, 512] and not (tmp_path / "bench.json").exists()
+    assert {r["name"].split(" ")[0] for r in doc["results"]} >= {"sparse_coo", "dense", "naive", "information"}
+    with pytest.raises(SystemExit):
+        main(["--codec", "--n-tok", "0"])

@@ -26,7 +26,7 @@ from saestore.codec import SparseCOOCodec
 from saestore.errors import CorruptChunkError, ProtocolError
 from saestore.reader import is_sparse_variable
 
-from stats_fixtures import write_run
+from tests.helpers.stats_run import write_run
 
 REPO = Path(__file__).resolve().parent.parent
 

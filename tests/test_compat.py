@@ -20,7 +20,7 @@ import saestore.stats as st
 from saestore import protocol
 from saestore.validate import validate_run
 
-from stats_fixtures import AUTHORS, LAYER_TYPES, make_reference, write_run
+from tests.helpers.stats_run import AUTHORS, LAYER_TYPES, make_reference, write_run
 
 FIXTURES = Path(__file__).parent / "fixtures" / "runs"
 WRITTEN_BY = sorted(p.name for p in FIXTURES.glob("zarr-*.zarr"))

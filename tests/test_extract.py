@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from needs import module_needs
+from tests.helpers.needs import module_needs
 
 module_needs("extract")
 

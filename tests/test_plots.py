@@ -14,7 +14,7 @@ import saestore
 import saestore.stats as st
 from saestore import plots
 
-from stats_fixtures import write_run
+from tests.helpers.stats_run import write_run
 
 
 @pytest.fixture(scope="module")

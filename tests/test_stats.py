@@ -12,7 +12,7 @@ import xarray as xr
 import saestore
 import saestore.stats as st
 
-from stats_fixtures import AUTHORS, LAYER_TYPES, LAYERS, N_FEAT, N_TOK, Reference, write_run
+from tests.helpers.stats_run import AUTHORS, LAYER_TYPES, LAYERS, N_FEAT, N_TOK, Reference, write_run
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import saestore
 import saestore.stats as st
 from saestore.stats import cli
 
-from stats_fixtures import write_run
+from tests.helpers.stats_run import write_run
 
 distributed = pytest.importorskip("distributed")
 

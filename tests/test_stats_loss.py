@@ -12,7 +12,7 @@ import zarr
 import saestore
 import saestore.stats as st
 
-from stats_fixtures import write_run
+from tests.helpers.stats_run import write_run
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,11 @@ import xarray as xr
 import zarr
 
 from saestore import protocol
+from saestore.bench.workloads import synthetic_attrs
 from saestore.errors import ConfigMismatchError, CorruptChunkError, ProtocolError, ProtocolVersionError, RunLockedError
 from saestore.lock import RunLock
 from saestore.reader import open_run
 from saestore.writer import ChunkData, RunLayout, RunWriter, SparseActs, create_run, finalize_run, read_progress
-
-from run_factory import synthetic_attrs
 
 N_TOK, N_FEAT = 12, 96
 LAYERS = (1, 3)
@@ -34,7 +33,8 @@ def make_layout(storage_format: str = "sparse", value_dtype: str = "float32") ->
 
 
 def make_attrs(layout: RunLayout, config: dict | None = None) -> protocol.RunAttrs:
-    return synthetic_attrs(layout, config or {"model": "synthetic", "seed": 0})
+    return synthetic_attrs(layout, config or {"model": "synthetic", "seed": 0}, expected_l0=4.0, sae_path="/nowhere",
+                           hook_layer=1)
 
 
 def chunk_payload(layout: RunLayout, a: int, c: int) -> ChunkData:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from needs import module_needs
+from tests.helpers.needs import module_needs
 
 module_needs("torch")
 
@@ -18,10 +18,9 @@ import xarray as xr
 from torch.utils.data import DataLoader
 
 from saestore import protocol
+from saestore.bench.workloads import synthetic_attrs
 from saestore.torch import DocumentDataset, ShuffledTokenDataset, SparseBatch, TokenDataset, TorchReaderError
 from saestore.writer import ChunkData, RunLayout, RunWriter, SparseActs, create_run, finalize_run
-
-from run_factory import synthetic_attrs
 
 N_TOK, N_FEAT, CHUNK_DOCS = 12, 64, 3
 AUTHORS = ("zeta", "a/b", "ünï", "d")  # deliberately unsorted: the run keeps the writer's order
@@ -32,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _attrs(layout: RunLayout) -> protocol.RunAttrs:
-    return synthetic_attrs(layout, {"model": "synthetic", "storage": layout.storage.format})
+    return synthetic_attrs(layout, {"model": "synthetic", "storage": layout.storage.format}, expected_l0=4.0,
+                           sae_path="/nowhere", hook_layer=1)
 
 
 def _payload(layout: RunLayout, a: int, c: int) -> ChunkData:

@@ -5,12 +5,16 @@ delphi-style cache), 2 write throughput and peak RSS (saestore writer vs the see
 3 statistics throughput (sparse dask vs dense ``xr.open_zarr`` vs the seed), 4 one-document
 random reads, 5 storage share and peak RSS of a real extraction. Prints the markdown report and
 writes ``bench.json`` and ``bench.md`` to DIR (default ``bench_out/``). BENCHMARKS.md holds the last
-full run.
+full run. ``--docs``, ``--n-tok``, ``--features``, ``--l0``, ``--chunk-docs`` and ``--stats-growth``
+resize the synthetic workload (e.g. ``--only stats --docs 4 --n-tok 256``). ``--codec`` instead
+measures the codec chain alone on one synthetic chunk (:mod:`saestore.bench.codec_bytes`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
 import time
@@ -29,7 +33,24 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only these sections (default: all)")
     parser.add_argument("--keep", action="store_true", help="keep the stores and files under DIR/work")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    sizes = parser.add_argument_group("sizes", "override the synthetic workload of the chosen mode "
+                                      "(--chunk-docs, --n-tok, --features and --l0 also size --codec's chunk)")
+    sizes.add_argument("--docs", type=_positive(int), help="documents per author")
+    sizes.add_argument("--n-tok", type=_positive(int), help="token positions per document")
+    sizes.add_argument("--features", type=_positive(int), help="SAE width")
+    sizes.add_argument("--l0", type=_positive(float), help="mean active features per real token")
+    sizes.add_argument("--chunk-docs", type=_positive(int), help="documents per doc-chunk")
+    sizes.add_argument("--stats-growth", type=_positive(int),
+                       help="the larger run of sections 3 and 4 has this many times the documents per author")
+    codec = parser.add_argument_group("codec chain", "bytes per nonzero and throughput of the sparse codec chain on "
+                                      "one synthetic chunk, against dense, naive COO, the seed's CSR and the bound")
+    codec.add_argument("--codec", action="store_true",
+                       help="run only this (no extra needed): print the table, write codec_bytes.json to DIR")
+    codec.add_argument("--repeat", type=_positive(int), default=5, help="timing repetitions, best reported (default 5)")
+    codec.add_argument("--check", action="store_true", help="exit 1 if a bytes-per-nonzero target is missed")
     args = parser.parse_args(argv)
+    if args.codec:
+        return _codec(args)
     from saestore.extras import MissingExtraError, require
 
     try:
@@ -46,8 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*Consolidated metadata.*")
     warnings.filterwarnings("ignore", message=".*not part of the Zarr format 3 specification.*")
     t0 = time.perf_counter()
+    cfg = QUICK if args.quick else FULL
+    workload = {k: v for k, v in (("n_docs", args.docs), ("n_tok", args.n_tok), ("n_features", args.features),
+                                  ("l0", args.l0), ("chunk_docs", args.chunk_docs)) if v is not None}
+    cfg = dataclasses.replace(cfg, synthetic=dataclasses.replace(cfg.synthetic, **workload),
+                              stats_growth=args.stats_growth or cfg.stats_growth)
     try:
-        report = run_benchmarks(QUICK if args.quick else FULL, args.out, sections=tuple(args.only), keep=args.keep)
+        report = run_benchmarks(cfg, args.out, sections=tuple(args.only), keep=args.keep)
     except BenchError as e:
         print(f"saestore.bench: error: {e}", file=sys.stderr)
         return 1
@@ -56,6 +82,35 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(report['targets']) - n_miss}/{len(report['targets'])} targets met; "
           f"report in {args.out}/bench.json and bench.md ({time.perf_counter() - t0:.0f} s)")
     return 0
+
+
+def _positive(kind: type) -> object:
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
+
+
+def _codec(args: argparse.Namespace) -> int:
+    from saestore.bench.codec_bytes import markdown, measure_codec
+
+    sizes = {k: v for k, v in (("n_docs", args.chunk_docs), ("n_tok", args.n_tok), ("n_features", args.features),
+                               ("l0", args.l0)) if v is not None}
+    try:
+        doc = measure_codec(**sizes, repeat=args.repeat)
+    except BenchError as e:
+        print(f"saestore.bench: error: {e}", file=sys.stderr)
+        return 1
+    print(markdown(doc))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "codec_bytes.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    if doc["missed"]:
+        print(f"targets missed: {doc['missed']}", file=sys.stderr)
+    return 1 if (args.check and doc["missed"]) else 0
 
 
 if __name__ == "__main__":

@@ -40,9 +40,8 @@ def measure_access(run_path: Path, seed_root: Path, *, layer_type: str, layer: i
     import zarr
 
     import saestore
-    from saestore.bench.baselines import seed_module
+    from saestore.bench import seed as base
 
-    base = seed_module()
     t = time.perf_counter()
     ds = saestore.open_run(run_path)
     open_s = time.perf_counter() - t

@@ -1,58 +1,32 @@
 """The formats saestore is compared with: the seed's files and a delphi-style latent cache.
 
 The seed's format (CSR ``.sparse.npz`` or dense ``.npz`` plus a metadata file) is implemented in
-``scripts/seed_baseline.py``, outside this package, because its metadata file is an executable
-serialization that saestore itself must never write; :func:`seed_module` loads it from the
-repository checkout. The delphi-style cache is implemented here: delphi's ``LatentCache.save_splits``
-layout (per feature range, ``locations`` (nnz, 3) uint16 = sequence, position, feature − start,
-``activations`` float16, and by default the ``tokens`` of every sequence, in safetensors).
+:mod:`saestore.bench.seed`, the one module of the package allowed to import pickle (the seed's
+metadata file is an executable serialization that saestore itself must never write; only the
+benchmark imports it). The delphi-style cache is implemented here: delphi's
+``LatentCache.save_splits`` layout (per feature range, ``locations`` (nnz, 3) uint16 = sequence,
+position, feature − start, ``activations`` float16, and by default the ``tokens`` of every
+sequence, in safetensors).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from functools import lru_cache
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 
+from saestore.bench import seed
 from saestore.bench.workloads import ActSlice
 from saestore.errors import BenchError
 
-__all__ = ["BenchError", "seed_module", "seed_meta", "write_seed_sparse", "write_seed_dense", "write_delphi",
-           "DELPHI_SPLITS"]
+__all__ = ["BenchError", "seed_meta", "write_seed_sparse", "write_seed_dense", "write_delphi", "DELPHI_SPLITS"]
 
 DELPHI_SPLITS = 5
 """delphi's default ``n_splits`` (CacheConfig)."""
 
 
-def repo_root() -> Path:
-    """The checkout saestore is installed from (editable installs)."""
-    import saestore
-
-    return Path(saestore.__file__).resolve().parents[1]
-
-
-@lru_cache(maxsize=1)
-def seed_module() -> ModuleType:
-    """``scripts/seed_baseline.py`` of the checkout, imported by path."""
-    path = repo_root() / "scripts" / "seed_baseline.py"
-    if not path.is_file():
-        raise BenchError(f"the seed baseline {path} is missing: run the benchmarks from a repository checkout "
-                         "(pip install -e .)")
-    spec = importlib.util.spec_from_file_location("seed_baseline", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["seed_baseline"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def seed_meta(sl: ActSlice) -> dict:
     """The seed's metadata object for a slice (texts, ids, tokens, metrics, mask)."""
-    seed = seed_module()
     valid = sl.per_token("valid")
     tokens = sl.per_token("token")
     return seed.make_meta(
@@ -66,19 +40,19 @@ def seed_meta(sl: ActSlice) -> dict:
 def seed_csr(sl: ActSlice, values: np.ndarray | None = None):
     """The seed's CSR matrix of a slice; ``values`` replaces the stored values (index-only sizing)."""
     d, t, f, v = sl.nonzeros()
-    return seed_module().csr_from_nonzeros(d * sl.n_tok + t, f, v if values is None else values,
+    return seed.csr_from_nonzeros(d * sl.n_tok + t, f, v if values is None else values,
                                            (sl.n_docs * sl.n_tok, sl.n_features))
 
 
 def write_seed_sparse(sl: ActSlice, stem: Path) -> dict[str, int]:
     """Write the seed's sparse pair for a slice; return ``{"acts": bytes, "meta": bytes}``."""
-    npz, meta = seed_module().save_sparse(seed_csr(sl), seed_meta(sl), stem)
+    npz, meta = seed.save_sparse(seed_csr(sl), seed_meta(sl), stem)
     return {"acts": npz.stat().st_size, "meta": meta.stat().st_size}
 
 
 def write_seed_dense(sl: ActSlice, stem: Path) -> dict[str, int]:
     """Write the seed's dense pair (``np.savez_compressed``) for a slice."""
-    npz, meta = seed_module().save_dense(sl.dense(), seed_meta(sl), stem)
+    npz, meta = seed.save_dense(sl.dense(), seed_meta(sl), stem)
     return {"acts": npz.stat().st_size, "meta": meta.stat().st_size}
 
 

@@ -9,6 +9,7 @@ import platform
 import subprocess
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 __all__ = ["Target", "machine_info", "evaluate_targets", "render_markdown", "LIBRARIES"]
@@ -40,12 +41,14 @@ def _ram_gib() -> float | None:
 
 
 def _git_commit() -> str | None:
-    from saestore.bench.baselines import repo_root
+    """The commit of the checkout saestore is imported from (None outside a git checkout)."""
+    import saestore
 
+    checkout = Path(saestore.__file__).resolve().parents[1]
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo_root(), capture_output=True,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True,
                               text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo_root(), capture_output=True, text=True,
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=checkout, capture_output=True, text=True,
                                timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None

@@ -20,12 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from saestore.bench.baselines import seed_module, write_seed_sparse
+from saestore.bench.baselines import write_seed_sparse
 from saestore.bench.child import run_child
 from saestore.bench.report import evaluate_targets, machine_info, render_markdown
+from saestore.bench.seed import seed_stem
 from saestore.bench.sizes import compare_whole_run, measure_sizes, write_seed_for_run
 from saestore.bench.stats_speed import compare_results
-from saestore.bench.workloads import ActSlice, SyntheticWorkload, make_attrs, read_slice, slice_from_chunks
+from saestore.bench.workloads import ActSlice, SyntheticWorkload, read_slice, slice_from_chunks, synthetic_attrs
 from saestore.errors import BenchError
 
 __all__ = ["BenchConfig", "FULL", "QUICK", "SECTIONS", "run_benchmarks"]
@@ -73,7 +74,7 @@ def write_run_and_seed(wl: SyntheticWorkload, run_path: Path, seed_root: Path, l
     from saestore.writer import RunWriter, create_run, finalize_run
 
     layout = wl.layout()
-    create_run(str(run_path), layout, make_attrs(layout), mode="overwrite")
+    create_run(str(run_path), layout, synthetic_attrs(layout), mode="overwrite")
     writer = RunWriter(str(run_path))
     pending: list[tuple[int, int, Any]] = []
 
@@ -82,7 +83,7 @@ def write_run_and_seed(wl: SyntheticWorkload, run_path: Path, seed_root: Path, l
             a = pending[0][0]
             sl = slice_from_chunks(iter(pending), a, wl.authors[a], layer_type, layer, wl.n_tok, wl.n_features,
                                    wl.chunk_docs)
-            write_seed_sparse(sl, seed_module().seed_stem(seed_root, sl.author, layer_type, layer))
+            write_seed_sparse(sl, seed_stem(seed_root, sl.author, layer_type, layer))
             pending.clear()
 
     for a, c, data in wl.chunks():
@@ -134,7 +135,7 @@ def _section_stats(cfg: BenchConfig, work: Path, sizes: list[dict[str, Any]]) ->
     out_sizes = []
     for size in sizes:
         rows, results = [], {}
-        stems = [str(seed_module().seed_stem(size["seed_root"], a, lt, layer)) for a in wl.authors]
+        stems = [str(seed_stem(size["seed_root"], a, lt, layer)) for a in wl.authors]
         for mode in ("sparse", "dense", "seed"):
             out = work / f"stats-{size['label']}-{mode}.npz"
             spec = {"mode": mode, "layer_type": lt, "layer": layer, "path": str(size["run"]), "stems": stems,

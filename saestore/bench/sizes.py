@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from saestore.bench import seed
 from saestore.bench.baselines import (
     seed_csr,
-    seed_module,
     write_delphi,
     write_seed_dense,
     write_seed_sparse,
@@ -128,7 +128,7 @@ def measure_sizes(sl: ActSlice, work_dir: Path, *, include_dense: bool = True) -
         shutil.rmtree(path)
 
     seed_dir = work_dir / "seed"
-    stem = seed_module().seed_stem(seed_dir, sl.author, sl.layer_type, sl.layer)
+    stem = seed.seed_stem(seed_dir, sl.author, sl.layer_type, sl.layer)
     sp = write_seed_sparse(sl, stem)
     rows.append(_row("seed sparse (.sparse.npz + metadata)", sp["acts"], sp["meta"], nnz,
                      _seed_index_bytes(sl, seed_dir), key="seed_sparse"))
@@ -181,7 +181,7 @@ def write_seed_for_run(run_path: Path, seed_root: Path) -> None:
         for lt in layout.layer_types:
             for layer in layout.layers:
                 sl = read_slice(run_path, a, lt, layer)
-                write_seed_sparse(sl, seed_module().seed_stem(seed_root, author, lt, layer))
+                write_seed_sparse(sl, seed.seed_stem(seed_root, author, lt, layer))
 
 
 def compare_whole_run(run_path: Path, seed_root: Path) -> dict[str, Any]:
@@ -192,7 +192,6 @@ def compare_whole_run(run_path: Path, seed_root: Path) -> dict[str, Any]:
 
     layout = read_layout(zarr.open_group(str(run_path), mode="r"))
     ours = store_bytes(run_path, layout.layer_types)
-    seed = seed_module()
     seed_acts = sum(p.stat().st_size for p in seed_root.rglob("*" + seed.SPARSE_SUFFIX))
     seed_meta = sum(p.stat().st_size for p in seed_root.rglob("*" + seed.META_SUFFIX))
     ours_total = ours["acts"] + ours["meta"] + ours["overhead"]

@@ -5,7 +5,7 @@
 * ``dense``: the same function on plain ``xr.open_zarr(path, chunks={})`` (the codec decodes
   every chunk to a dense numpy block);
 * ``seed``: load every author's ``.sparse.npz`` (and its metadata for the valid-token count), then
-  scipy column reductions (``scripts/seed_baseline.py``).
+  scipy column reductions (:mod:`saestore.bench.seed`).
 
 Each child first runs a warm-up on part of one chunk (imports, numba compilation of ``sparse``),
 resets its peak-RSS counter (``/proc/self/clear_refs``), then times the full computation, so the
@@ -30,9 +30,8 @@ def child_stats(spec: dict[str, Any]) -> dict[str, Any]:
     """Compute frequency/mean/max by author for one layer type and layer; save them to ``spec["out"]``."""
     mode, lt, layer = spec["mode"], spec["layer_type"], int(spec["layer"])
     if mode == "seed":
-        from saestore.bench.baselines import seed_module
+        from saestore.bench import seed
 
-        seed = seed_module()
         stems = [Path(s) for s in spec["stems"]]
         seed.feature_stats(stems[:1])  # warm-up: imports, first file
         base, reset = rss_mb(), reset_peak_rss()

@@ -20,7 +20,7 @@ from saestore import protocol
 from saestore.nonzeros import SparseActs
 from saestore.writer import ChunkData, RunLayout, RunWriter, create_run, finalize_run
 
-__all__ = ["SyntheticWorkload", "ActSlice", "make_attrs", "read_slice", "write_slice", "tree_bytes"]
+__all__ = ["SyntheticWorkload", "ActSlice", "synthetic_attrs", "read_slice", "write_slice", "tree_bytes"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,20 +72,32 @@ class SyntheticWorkload:
         return dataclasses.replace(self, n_docs=self.n_docs * factor)
 
 
-def make_attrs(layout: RunLayout, model: str = "synthetic-bench") -> protocol.RunAttrs:
-    """Root attributes for a benchmark run (the config hash covers the layout)."""
-    config = {"model": model, "authors": list(layout.authors), "n_docs": list(layout.n_docs),
-              "n_tok": layout.n_tok, "n_features": layout.n_features, "layer_types": list(layout.layer_types),
-              "layers": list(layout.layers), "storage": dataclasses.asdict(layout.storage)}
-    saes = {lt: {str(layer): protocol.SAEInfo(release=None, sae_id=None, path=None,
-                                              hook_name=f"blocks.{layer}.hook_resid_post", width=layout.n_features,
-                                              expected_l0=None, architecture="jumprelu")
-                 for layer in layout.layers} for lt in layout.layer_types}
+def synthetic_attrs(layout: RunLayout, config: dict[str, Any] | None = None, *, model: str = "synthetic-bench",
+                    expected_l0: float | None = None, sae_path: str | None = None,
+                    hook_layer: int | None = None) -> protocol.RunAttrs:
+    """Root attributes of a synthetic run (benchmarks and tests): one made-up JumpReLU SAE per
+    (layer type, layer) of ``layout``, status running, a fixed creation time.
+
+    ``config`` is the run's configuration; by default the layout's sizes under ``model`` (so the
+    config hash covers the layout). The attributes' model is ``config["model"]`` ("synthetic" if
+    absent). Each SAE has ``expected_l0`` and ``sae_path`` as given and reads
+    ``blocks.{hook_layer}.hook_resid_post`` (default: its own layer)."""
+    if config is None:
+        config = {"model": model, "authors": list(layout.authors), "n_docs": list(layout.n_docs),
+                  "n_tok": layout.n_tok, "n_features": layout.n_features, "layer_types": list(layout.layer_types),
+                  "layers": list(layout.layers), "storage": dataclasses.asdict(layout.storage)}
+
+    def sae(layer: int) -> protocol.SAEInfo:
+        hook = f"blocks.{layer if hook_layer is None else hook_layer}.hook_resid_post"
+        return protocol.SAEInfo(release=None, sae_id=None, path=sae_path, hook_name=hook, width=layout.n_features,
+                                expected_l0=expected_l0, architecture="jumprelu")
+
+    saes = {lt: {str(layer): sae(layer) for layer in layout.layers} for lt in layout.layer_types}
     return protocol.RunAttrs(
         protocol_version=protocol.PROTOCOL_VERSION, layout=protocol.LAYOUT, status="running",
         created_at="2026-01-01T00:00:00+00:00", finalized_at=None, config=config,
-        config_hash=protocol.config_hash(config), model=model, setting="baseline", prompt_template=None,
-        use_error_term=False, storage=layout.storage, saes=saes)
+        config_hash=protocol.config_hash(config), model=str(config.get("model", "synthetic")), setting="baseline",
+        prompt_template=None, use_error_term=False, storage=layout.storage, saes=saes)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -194,7 +206,7 @@ def write_slice(sl: ActSlice, path: str | Path, storage_format: str = "sparse",
                 value_dtype: str = "float32") -> Path:
     """Store a slice as its own one-author saestore run (dense slices get dense SAE chunks)."""
     layout = sl.layout(storage_format, value_dtype)
-    create_run(str(path), layout, make_attrs(layout), mode="overwrite")
+    create_run(str(path), layout, synthetic_attrs(layout), mode="overwrite")
     writer = RunWriter(str(path))
     for c, data in enumerate(sl.chunks):
         if storage_format == "dense":

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from saestore.bench.child import rss_mb
-from saestore.bench.workloads import SyntheticWorkload, make_attrs
+from saestore.bench.workloads import SyntheticWorkload, synthetic_attrs
 
 __all__ = ["child_write_saestore", "child_write_seed"]
 
@@ -36,7 +36,7 @@ def child_write_saestore(spec: dict[str, Any]) -> dict[str, Any]:
     layout = wl.layout("sparse", spec.get("value_dtype", "float32"))
     base = rss_mb()
     t0 = time.perf_counter()
-    create_run(path, layout, make_attrs(layout), mode="overwrite")
+    create_run(path, layout, synthetic_attrs(layout), mode="overwrite")
     writer = RunWriter(path)
     create_s = time.perf_counter() - t0
     write_s, nnz, n_chunks = 0.0, 0, 0
@@ -56,11 +56,11 @@ def child_write_saestore(spec: dict[str, Any]) -> dict[str, Any]:
 
 def child_write_seed(spec: dict[str, Any]) -> dict[str, Any]:
     """The seed's path on the workload: dense torch batches held per author, then CSR + save."""
+    import scipy.sparse  # noqa: F401  (imported before the baseline RSS and the clock, as the seed's script does)
     import torch
 
-    from saestore.bench.baselines import seed_module
+    from saestore.bench import seed
 
-    seed = seed_module()
     wl = SyntheticWorkload.from_json(spec["workload"])
     root = Path(spec["path"])
     base = rss_mb()

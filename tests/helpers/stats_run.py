@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from saestore import protocol
+from saestore.bench.workloads import synthetic_attrs
 from saestore.writer import ChunkData, RunLayout, RunWriter, SparseActs, create_run, finalize_run
-
-from run_factory import synthetic_attrs
 
 AUTHORS = ("a/b", "zoë", "c")
 N_DOCS = (5, 3, 4)
@@ -45,7 +44,8 @@ def make_layout(storage_format: str = "sparse") -> RunLayout:
 
 
 def make_attrs(layout: RunLayout) -> protocol.RunAttrs:
-    return synthetic_attrs(layout, {"model": "synthetic-stats", "seed": 7}, expected_l0=5.0)
+    return synthetic_attrs(layout, {"model": "synthetic-stats", "seed": 7}, expected_l0=5.0, sae_path="/nowhere",
+                           hook_layer=1)
 
 
 def _density(rng: np.random.Generator, author: int) -> np.ndarray:

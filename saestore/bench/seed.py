@@ -1,9 +1,11 @@
 """BASELINE ONLY: the seed project's on-disk format, kept so the benchmarks can measure it.
 
-saestore never uses this module. It lives outside the ``saestore`` package on purpose: the seed
-stores its metadata with Python's pickle, which saestore's protocol forbids (PROTOCOL.md §4), and
-the repository's checks keep pickle out of ``saestore/``. ``python -m saestore.bench`` loads this
-file with importlib from the repository checkout.
+Why this module may import pickle (the one exception to tests/test_bad_input.py's "nothing
+executes from data" scan): it reproduces the format saestore replaces, whose metadata file is a
+pickle, and exists for the benchmark only. It only reads pickles it wrote itself, in the
+benchmark's temporary folder. saestore never writes or reads this format otherwise (PROTOCOL.md
+§4 forbids it): no module of the package outside ``saestore/bench/`` imports this one, which the
+same test checks, so extraction and reading can never reach it.
 
 What the seed script (``get_sae_features.py``) does, as modelled here:
 
@@ -18,7 +20,9 @@ What the seed script (``get_sae_features.py``) does, as modelled here:
 
 The exact fields of the seed's metadata object are an assumption (the seed's documents describe
 "a pickled metadata object" holding what saestore keeps in its per-token and per-document
-variables); the benchmarks count its bytes separately from the activations.
+variables); the benchmarks count its bytes separately from the activations. scipy (the ``bench``
+extra) is imported where it is used, so that importing this module, and with it
+``python -m saestore.bench``, needs only the core install (the command then names the extra).
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ from __future__ import annotations
 import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import scipy.sparse
+
+if TYPE_CHECKING:
+    import scipy.sparse
 
 SPARSE_SUFFIX = ".sparse.npz"
 DENSE_SUFFIX = ".npz"
@@ -68,6 +74,8 @@ def read_meta(stem: Path | str) -> dict[str, Any]:
 
 def save_sparse(csr: scipy.sparse.csr_matrix, meta: Mapping[str, Any], stem: Path | str) -> list[Path]:
     """Write ``{stem}.sparse.npz`` (CSR, deflate) and ``{stem}.meta.pkl``; return both paths."""
+    import scipy.sparse
+
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     npz = stem.with_name(stem.name + SPARSE_SUFFIX)
@@ -86,6 +94,8 @@ def save_dense(acts_DTF: np.ndarray, meta: Mapping[str, Any], stem: Path | str) 
 
 def csr_from_dense(acts_DTF: np.ndarray) -> scipy.sparse.csr_matrix:
     """The seed's conversion: the dense (doc, tok, feature) array as a (doc · tok, feature) CSR."""
+    import scipy.sparse
+
     n_docs, n_tok, n_features = acts_DTF.shape
     return scipy.sparse.csr_matrix(acts_DTF.reshape(n_docs * n_tok, n_features))
 
@@ -94,6 +104,8 @@ def csr_from_nonzeros(rows: np.ndarray, cols: np.ndarray, values: np.ndarray,
                       shape: tuple[int, int]) -> scipy.sparse.csr_matrix:
     """The same CSR matrix as :func:`csr_from_dense` gives, built from row-major nonzeros (no dense
     detour; used to lay out large baseline files cheaply — the bytes are identical)."""
+    import scipy.sparse
+
     rows = np.asarray(rows, dtype=np.int64)
     indptr = np.zeros(shape[0] + 1, dtype=np.int32)
     np.cumsum(np.bincount(rows, minlength=shape[0]), out=indptr[1:])
@@ -112,6 +124,8 @@ def save_from_torch(batches_BTF: Sequence[Any], meta: Mapping[str, Any], stem: P
 
 def load_sparse(stem: Path | str) -> scipy.sparse.csr_matrix:
     """Read one CSR file back (the whole author, every token)."""
+    import scipy.sparse
+
     stem = Path(stem)
     return scipy.sparse.load_npz(stem.with_name(stem.name + SPARSE_SUFFIX)).tocsr()
 

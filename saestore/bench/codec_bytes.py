@@ -12,16 +12,14 @@ the zarr codec objects of a real array — for each value dtype, next to baselin
 Throughput is nonzeros per second, best of ``--repeat`` runs, one thread: "encode" from sparse
 triples, "decode" to (coords, values) as the sparse reader does; "chain" includes zstd and crc32c.
 
-Usage::
-
-    python scripts/bench_codec_bytes.py [--json bench_out/codec_bytes.json] [--check]
+Not a section of the report: ``python -m saestore.bench --codec [--check]`` runs it alone, prints
+the table and writes ``codec_bytes.json`` to the output folder (``--chunk-docs``, ``--n-tok``,
+``--features``, ``--l0``, ``--repeat`` size it).
 """
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import platform
 import sys
 import time
@@ -29,7 +27,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,7 +38,10 @@ from zarr.storage import MemoryStore
 from saestore import chunkio, sparse_coo
 from saestore.bench.synthetic import SyntheticChunk, index_entropy_bound_bits, synthetic_sae_chunk
 from saestore.codec import SparseCOOCodec
+from saestore.errors import BenchError
 from saestore.writer import DENSE_ZSTD_LEVEL, SPARSE_ZSTD_LEVEL
+
+__all__ = ["TARGETS", "measure_codec", "markdown"]
 
 TARGETS = {"float32": 4.8, "bfloat16": 2.8}  # bytes per nonzero, full chain
 
@@ -101,10 +101,10 @@ def sparse_chain(chunk: SyntheticChunk, value_dtype: str, repeat: int, verify: b
     nnz = chunk.nnz
     if not (np.array_equal(coords, np.vstack([chunk.doc, chunk.tok, chunk.feature]))
             and np.allclose(values, chunk.values, rtol=2.0**-8, atol=0)):
-        raise SystemExit(f"{value_dtype}: the chain does not decode to the input")
+        raise BenchError(f"{value_dtype}: the chain does not decode to the input")
     if verify and value_dtype == "float32":  # the sparse path's bytes equal the dense (zarr) path's
         if sparse_coo.encode_dense(chunk.to_dense()) != raw:
-            raise SystemExit("encode_rows and encode_dense disagree")
+            raise BenchError("encode_rows and encode_dense disagree")
     n_bytes = len(stored.as_numpy_array())
     return Row(name=f"sparse_coo {value_dtype} → zstd-{SPARSE_ZSTD_LEVEL} → crc32c", n_bytes=n_bytes,
                bytes_per_nnz=n_bytes / nnz, encode_nnz_per_s=nnz / t_raw, decode_nnz_per_s=nnz / t_draw,
@@ -164,7 +164,9 @@ def _fmt_rate(x: float | None) -> str:
     return "" if x is None else f"{x / 1e6:.1f}"
 
 
-def markdown(rows: list[Row], workload: dict[str, Any], repeat: int) -> str:
+def markdown(doc: dict[str, Any]) -> str:
+    """The table of a :func:`measure_codec` document."""
+    workload, repeat = doc["workload"], doc["repeat"]
     lines = [
         f"Chunk {workload['shape']} (doc × tok × feature), {workload['nnz']:,} nonzeros, "
         f"{workload['n_valid_tokens']:,} real tokens (padding {workload['padding']:.1%}), "
@@ -173,55 +175,34 @@ def markdown(rows: list[Row], workload: dict[str, Any], repeat: int) -> str:
         "| encoding | bytes | B/nnz | encode | decode | chain encode | chain decode | target |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for r in rows:
-        target = "" if r.target is None else f"≤ {r.target} {'PASS' if r.ok else 'FAIL'}"
-        lines.append(f"| {r.name} | {r.n_bytes:,} | {r.bytes_per_nnz:.2f} | {_fmt_rate(r.encode_nnz_per_s)} | "
-                     f"{_fmt_rate(r.decode_nnz_per_s)} | {_fmt_rate(r.chain_encode_nnz_per_s)} | "
-                     f"{_fmt_rate(r.chain_decode_nnz_per_s)} | {target} |")
+    for r in doc["results"]:
+        target = "" if r["target"] is None else f"≤ {r['target']} {'PASS' if r['ok'] else 'FAIL'}"
+        lines.append(f"| {r['name']} | {r['n_bytes']:,} | {r['bytes_per_nnz']:.2f} | {_fmt_rate(r['encode_nnz_per_s'])} | "
+                     f"{_fmt_rate(r['decode_nnz_per_s'])} | {_fmt_rate(r['chain_encode_nnz_per_s'])} | "
+                     f"{_fmt_rate(r['chain_decode_nnz_per_s'])} | {target} |")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-docs", type=int, default=4, help="documents per chunk")
-    parser.add_argument("--n-tok", type=int, default=1024, help="token positions per document")
-    parser.add_argument("--n-features", type=int, default=16384, help="SAE width")
-    parser.add_argument("--l0", type=float, default=70, help="mean active features per real token")
-    parser.add_argument("--pad-frac", type=float, default=0.49, help="fraction of padding positions")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeat", type=int, default=5, help="timing repetitions (best is reported)")
-    parser.add_argument("--no-verify", action="store_true", help="skip the dense-path byte check")
-    parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
-    parser.add_argument("--check", action="store_true", help="exit 1 if a bytes/nnz target is missed")
-    args = parser.parse_args(argv)
-
-    chunk = synthetic_sae_chunk(args.n_docs, args.n_tok, n_features=args.n_features, l0=args.l0,
-                                pad_frac=args.pad_frac, seed=args.seed)
+def measure_codec(*, n_docs: int = 4, n_tok: int = 1024, n_features: int = 16384, l0: float = 70,
+                  pad_frac: float = 0.49, seed: int = 0, repeat: int = 5, verify: bool = True) -> dict[str, Any]:
+    """Every row for one synthetic chunk of ``n_docs`` × ``n_tok`` × ``n_features``, as a JSON-able
+    document: the workload, one result per :class:`Row` (with its ``ok``), the missed targets,
+    library versions and the machine."""
+    chunk = synthetic_sae_chunk(n_docs, n_tok, n_features=n_features, l0=l0, pad_frac=pad_frac, seed=seed)
     n_valid = int(chunk.valid_DT.sum())
     workload = {"shape": list(chunk.shape), "nnz": chunk.nnz, "n_valid_tokens": n_valid,
                 "padding": 1 - n_valid / chunk.valid_DT.size, "mean_l0": chunk.nnz / n_valid,
-                "l0": args.l0, "pad_frac": args.pad_frac, "seed": args.seed, "generator": "saestore.bench.synthetic"}
-    rows = [sparse_chain(chunk, vd, args.repeat, verify=not args.no_verify) for vd in sparse_coo.VALUE_DTYPES]
-    rows += baselines(chunk, args.repeat)
-    print(markdown(rows, workload, args.repeat))
-    if args.json:
-        versions = {}
-        for name in ("saestore", "zarr", "numcodecs", "numpy", "scipy"):
-            try:
-                versions[name] = metadata.version(name)
-            except metadata.PackageNotFoundError:
-                pass
-        doc = {"workload": workload, "repeat": args.repeat,
-               "results": [{**asdict(r), "ok": r.ok} for r in rows],
-               "versions": versions, "python": platform.python_version(), "machine": platform.machine(),
-               "processor": platform.processor()}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    missed = [r.name for r in rows if r.ok is False]
-    if missed:
-        print(f"targets missed: {missed}", file=sys.stderr)
-    return 1 if (args.check and missed) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+                "l0": l0, "pad_frac": pad_frac, "seed": seed, "generator": "saestore.bench.synthetic"}
+    rows = [sparse_chain(chunk, vd, repeat, verify=verify) for vd in sparse_coo.VALUE_DTYPES]
+    rows += baselines(chunk, repeat)
+    versions = {}
+    for name in ("saestore", "zarr", "numcodecs", "numpy", "scipy"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"workload": workload, "repeat": repeat,
+            "results": [{**asdict(r), "ok": r.ok} for r in rows],
+            "missed": [r.name for r in rows if r.ok is False],
+            "versions": versions, "python": platform.python_version(), "machine": platform.machine(),
+            "processor": platform.processor()}
