@@ -39,9 +39,9 @@ def seed_meta(sl: ActSlice) -> dict:
 
 def seed_csr(sl: ActSlice, values: np.ndarray | None = None):
     """The seed's CSR matrix of a slice; ``values`` replaces the stored values (index-only sizing)."""
-    d, t, f, v = sl.nonzeros()
-    return seed.csr_from_nonzeros(d * sl.n_tok + t, f, v if values is None else values,
-                                           (sl.n_docs * sl.n_tok, sl.n_features))
+    a = sl.acts()
+    return seed.csr_from_nonzeros(a.rows, a.cols, a.values if values is None else values,
+                                  (sl.n_docs * sl.n_tok, sl.n_features))
 
 
 def write_seed_sparse(sl: ActSlice, stem: Path) -> dict[str, int]:

@@ -81,13 +81,10 @@ def _author_token_ids(tokenizer) -> dict[str, list[int]]:
 class _CleanStats:
     """What every width's SAE at one hook derives from clean activations."""
 
-    mu_d: Any
-    Xc_Nd: Any
-    """Centred clean activations of all demo-corpus tokens."""
-    data_dirs_Gd: Any
-    """Data-derived directions (author means, then token means), unnormalised."""
-    data_freqs: list[float]
-    """Target firing frequency of each data-derived direction."""
+    mu_d: Any  # mean clean activation
+    Xc_Nd: Any  # centred clean activations of all demo-corpus tokens
+    data_dirs_Gd: Any  # data-derived directions (author means, then token means), unnormalised
+    data_freqs: list[float]  # target firing frequency of each data-derived direction
 
 
 def _clean_stats(X_Nd, token_ids_N, author_ids: dict[str, list[int]]) -> _CleanStats:

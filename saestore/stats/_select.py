@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import dask.array as da
 import numpy as np
@@ -32,11 +32,25 @@ import xarray as xr
 from saestore import protocol, selection
 from saestore.errors import StatsError
 
-__all__ = ["Selection", "StatsError", "make_selection", "sae_array", "token_array", "doc_array", "per_block",
+__all__ = ["Selection", "SelectionKw", "StatsError", "make_selection", "sae_array", "token_array", "doc_array", "per_block",
            "check_by", "By", "group_coords", "over_layer_types"]
 
 LAYER_TYPES = protocol.LAYER_TYPES
 By = Literal["author"] | None
+LayerTypes = str | Sequence[str] | None
+Authors = str | Sequence[str] | None
+Layers = int | Sequence[int] | None
+Docs = int | slice | Sequence[int] | None
+Features = int | Sequence[int] | None
+
+
+class SelectionKw(TypedDict, total=False):
+    """The keyword selection every SAE statistic takes after ``layer_type`` (:func:`make_selection`)."""
+
+    author: Authors  # author name(s); None = all
+    layer: Layers  # layer number(s); None = all
+    doc: Docs  # document position(s): an int, a slice or a list, taken in stored order; None = all
+    feature: Features  # feature id(s); None = all
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,15 +88,8 @@ def check_by(by: str | None) -> By:
     raise StatsError(f"by must be 'author' or None (pooled), not {by!r}")
 
 
-def make_selection(
-    ds: xr.Dataset,
-    layer_type: str | Sequence[str] | None = None,
-    *,
-    author: str | Sequence[str] | None = None,
-    layer: int | Sequence[int] | None = None,
-    doc: int | slice | Sequence[int] | None = None,
-    feature: int | Sequence[int] | None = None,
-) -> Selection:
+def make_selection(ds: xr.Dataset, layer_type: LayerTypes = None, *, author: Authors = None, layer: Layers = None,
+                   doc: Docs = None, feature: Features = None) -> Selection:
     """Resolve names to positions: authors by name, layers by layer number, docs by position
     (``int``, ``slice`` or list; taken in stored order), features by id. A single layer type,
     layer or feature given as a scalar is dropped from the result's dimensions (kept as a scalar

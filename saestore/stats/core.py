@@ -14,7 +14,7 @@ are dropped (kept as scalar coordinates) when named by a scalar.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Unpack
 
 import dask.array as da
 import numpy as np
@@ -22,7 +22,10 @@ import xarray as xr
 
 from saestore.stats import kernels
 from saestore.stats._select import (
-    Selection,
+    Authors,
+    Docs,
+    LayerTypes,
+    SelectionKw,
     StatsError,
     check_by,
     group_coords,
@@ -39,16 +42,6 @@ __all__ = [
     "l0", "l0_histogram", "l0_summary", "n_valid_tokens",
 ]
 
-LayerTypes = str | Sequence[str] | None
-Authors = str | Sequence[str] | None
-Layers = int | Sequence[int] | None
-Docs = int | slice | Sequence[int] | None
-Features = int | Sequence[int] | None
-
-
-def _select(ds: xr.Dataset, layer_type: LayerTypes, author: Authors, layer: Layers, doc: Docs,
-            feature: Features) -> Selection:
-    return make_selection(ds, layer_type, author=author, layer=layer, doc=doc, feature=feature)
 
 
 def _n_valid(valid_ADT: da.Array, by: str | None) -> da.Array:
@@ -59,7 +52,7 @@ def _n_valid(valid_ADT: da.Array, by: str | None) -> da.Array:
 def n_valid_tokens(ds: xr.Dataset, *, by: str | None = None, author: Authors = None, doc: Docs = None) -> xr.DataArray:
     """Number of valid tokens in the selection, per author (``by="author"``) or pooled (lazy)."""
     by = check_by(by)
-    sel = _select(ds, None, author, None, doc, None)
+    sel = make_selection(ds, None, author=author, doc=doc)
     like = sae_array(ds, sel, sel.layer_types[0])
     n = _n_valid(token_array(ds, sel, "valid_mask", like), by)
     if by == "author":
@@ -72,10 +65,7 @@ def feature_stats(
     layer_type: LayerTypes = None,
     *,
     by: str | None = None,
-    author: Authors = None,
-    layer: Layers = None,
-    doc: Docs = None,
-    feature: Features = None,
+    **selection: Unpack[SelectionKw],
 ) -> xr.Dataset:
     """One pass over the SAE blocks giving, per feature (dims ``[author,] layer, feature``):
 
@@ -87,7 +77,7 @@ def feature_stats(
       of a non-negative SAE; NaN if the selection has no valid token).
     """
     by = check_by(by)
-    sel = _select(ds, layer_type, author, layer, doc, feature)
+    sel = make_selection(ds, layer_type, **selection)
 
     def one(lt: str) -> xr.Dataset:
         acts = sae_array(ds, sel, lt)
@@ -173,10 +163,7 @@ def histogram(
     *,
     edges: np.ndarray | None = None,
     by: str | None = None,
-    author: Authors = None,
-    layer: Layers = None,
-    doc: Docs = None,
-    feature: Features = None,
+    **selection: Unpack[SelectionKw],
 ) -> xr.DataArray:
     """Counts of each feature's nonzero values per bin, dims ``[author,] layer, feature, bin``.
 
@@ -190,7 +177,7 @@ def histogram(
     edges = np.asarray(log_bins() if edges is None else edges, dtype=np.float64)
     if edges.ndim != 1 or edges.size < 2 or (np.diff(edges) <= 0).any():
         raise StatsError("edges must be a 1-d increasing array of at least 2 values")
-    sel = _select(ds, layer_type, author, layer, doc, feature)
+    sel = make_selection(ds, layer_type, **selection)
     nb = edges.size + 1
 
     def one(lt: str) -> xr.DataArray:
@@ -286,15 +273,11 @@ def quantiles(
 def l0(
     ds: xr.Dataset,
     layer_type: LayerTypes = None,
-    *,
-    author: Authors = None,
-    layer: Layers = None,
-    doc: Docs = None,
-    feature: Features = None,
+    **selection: Unpack[SelectionKw],
 ) -> xr.DataArray:
     """Active features per token, dims ``[layer_type,] author, layer, doc, tok`` (int32; -1 at
     padding, like ``token_id``). Lazy and chunked like the run: one int per token."""
-    sel = _select(ds, layer_type, author, layer, doc, feature)
+    sel = make_selection(ds, layer_type, **selection)
 
     def one(lt: str) -> xr.DataArray:
         acts = sae_array(ds, sel, lt)
@@ -313,15 +296,12 @@ def l0_histogram(
     layer_type: LayerTypes = None,
     *,
     by: str | None = None,
-    author: Authors = None,
-    layer: Layers = None,
-    doc: Docs = None,
-    feature: Features = None,
+    **selection: Unpack[SelectionKw],
 ) -> xr.DataArray:
     """Distribution of L0 over valid tokens: number of tokens with exactly ``l0`` active features,
     dims ``[author,] layer, l0`` with ``l0 = 0 … n_features`` (exact, no binning)."""
     by = check_by(by)
-    sel = _select(ds, layer_type, author, layer, doc, feature)
+    sel = make_selection(ds, layer_type, **selection)
 
     def one(lt: str) -> xr.DataArray:
         acts = sae_array(ds, sel, lt)

@@ -12,9 +12,9 @@ data is needed); the window tokens and document texts are then gathered from the
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, Unpack
 
 import dask
 import dask.array as da
@@ -24,7 +24,9 @@ from dask.delayed import Delayed
 
 from saestore.stats import kernels
 from saestore.stats._select import (
+    LayerTypes,
     Selection,
+    SelectionKw,
     StatsError,
     check_by,
     doc_array,
@@ -87,18 +89,8 @@ def _gathered(pos: da.Array, blocks: da.Array, n_docs_sel: int, n_tok: int, wind
     return da.from_delayed(result, shape=shape, dtype=dtype)
 
 
-def top_examples(
-    ds: xr.Dataset,
-    layer_type: str | Sequence[str] | None = None,
-    *,
-    feature: int | Sequence[int] | None = None,
-    k: int = 10,
-    window: int = 5,
-    by: str | None = None,
-    author: str | Sequence[str] | None = None,
-    layer: int | Sequence[int] | None = None,
-    doc: int | slice | Sequence[int] | None = None,
-) -> xr.Dataset:
+def top_examples(ds: xr.Dataset, layer_type: LayerTypes = None, *, k: int = 10, window: int = 5,
+                 by: str | None = None, **selection: Unpack[SelectionKw]) -> xr.Dataset:
     """The ``k`` largest activations of each feature over valid tokens, dims
     ``[author,] layer, feature, rank[, offset]``:
 
@@ -113,7 +105,7 @@ def top_examples(
     by = check_by(by)
     if k < 1 or window < 0:
         raise StatsError(f"need k >= 1 and window >= 0, got k={k}, window={window}")
-    sel = make_selection(ds, layer_type, author=author, layer=layer, doc=doc, feature=feature)
+    sel = make_selection(ds, layer_type, **selection)
     n_w = 2 * window + 1
     merge = partial(kernels.merge_top_k, k=k)
 
@@ -204,18 +196,8 @@ def _final_top_tokens(sums: Triple, counts: Triple, n_feat: int, n: int, min_cou
     return out
 
 
-def top_tokens(
-    ds: xr.Dataset,
-    layer_type: str | Sequence[str] | None = None,
-    *,
-    feature: int | Sequence[int] | None = None,
-    n: int = 10,
-    min_count: int = 1,
-    by: str | None = None,
-    author: str | Sequence[str] | None = None,
-    layer: int | Sequence[int] | None = None,
-    doc: int | slice | Sequence[int] | None = None,
-) -> xr.Dataset:
+def top_tokens(ds: xr.Dataset, layer_type: LayerTypes = None, *, n: int = 10, min_count: int = 1,
+               by: str | None = None, **selection: Unpack[SelectionKw]) -> xr.Dataset:
     """Per feature, the ``n`` token ids with the highest mean activation over their valid
     occurrences (zeros included), among tokens seen at least ``min_count`` times; dims
     ``[author,] layer, feature, rank``. Variables: ``token_id`` (-1 for an empty rank), ``token``,
@@ -224,7 +206,7 @@ def top_tokens(
     by = check_by(by)
     if n < 1 or min_count < 1:
         raise StatsError(f"need n >= 1 and min_count >= 1, got n={n}, min_count={min_count}")
-    sel: Selection = make_selection(ds, layer_type, author=author, layer=layer, doc=doc, feature=feature)
+    sel: Selection = make_selection(ds, layer_type, **selection)
 
     def one(lt: str) -> xr.Dataset:
         acts = sae_array(ds, sel, lt)

@@ -15,17 +15,8 @@ import sparse
 import xarray as xr
 
 from saestore import selection
-from saestore.stats import kernels
-from saestore.stats._select import (
-    StatsError,
-    check_by,
-    group_coords,
-    make_selection,
-    over_layer_types,
-    per_block,
-    sae_array,
-    token_array,
-)
+from saestore.errors import StatsError
+from saestore.stats import _select, kernels
 from saestore.stats.core import feature_stats
 
 __all__ = ["doc_vectors", "author_specificity", "top_author_features", "cooccurrence", "metric_by_activity"]
@@ -54,21 +45,21 @@ def doc_vectors(
     bad = set(stats) - set(POOL_STATS)
     if bad or not stats:
         raise StatsError(f"stats must be a non-empty subset of {POOL_STATS}, got {list(stats)}")
-    sel = make_selection(ds, layer_type, author=author, layer=layer, doc=doc, feature=feature)
+    sel = _select.make_selection(ds, layer_type, author=author, layer=layer, doc=doc, feature=feature)
     meta = sparse.COO.from_numpy(np.zeros((0, 0, 0, 0)))
 
     def one(lt: str) -> xr.Dataset:
-        acts = sae_array(ds, sel, lt)
-        valid = token_array(ds, sel, "valid_mask", acts)
+        acts = _select.sae_array(ds, sel, lt)
+        valid = _select.token_array(ds, sel, "valid_mask", acts)
         coords = {"author": sel.authors.astype(str), "layer": sel.layers, "doc": sel.docs, "feature": sel.features}
         out = {}
         for stat in stats:
-            x = per_block(kernels.doc_pool, acts, [valid], new_axes={"g": sel.n_features}, out_ind="aldg",
+            x = _select.per_block(kernels.doc_pool, acts, [valid], new_axes={"g": sel.n_features}, out_ind="aldg",
                           keep_docs=True, dtype=np.float64, meta=meta, feature_idx=sel.feature_idx, stat=stat)
             out[stat] = (["author", "layer", "doc", "feature"], x)
         return xr.Dataset(out, coords=coords)
 
-    return over_layer_types(sel, one)
+    return _select.over_layer_types(sel, one)
 
 
 def author_specificity(
@@ -172,26 +163,26 @@ def cooccurrence(
     * ``p_given_query`` = count / n_query; ``lift`` = p_given_query / (n_feature / n_valid);
     * ``jaccard`` = count / (n_query + n_feature − count).
     """
-    by = check_by(by)
-    sel = make_selection(ds, layer_type, author=author, layer=layer, doc=doc, feature=others)
+    by = _select.check_by(by)
+    sel = _select.make_selection(ds, layer_type, author=author, layer=layer, doc=doc, feature=others)
     query_idx, q_scalar = selection.positions("feature", feature, np.asarray(ds["feature"].values), int,
                                               error=StatsError)
     queries = np.asarray(ds["feature"].values)[query_idx]
     n_q = query_idx.size
 
     def one(lt: str) -> xr.Dataset:
-        acts = sae_array(ds, sel, lt)
-        valid = token_array(ds, sel, "valid_mask", acts)
-        parts = per_block(kernels.cooccurrence, acts, [valid], new_axes={"q": n_q + 1, "g": sel.n_features},
+        acts = _select.sae_array(ds, sel, lt)
+        valid = _select.token_array(ds, sel, "valid_mask", acts)
+        parts = _select.per_block(kernels.cooccurrence, acts, [valid], new_axes={"q": n_q + 1, "g": sel.n_features},
                           dtype=np.int64, query_idx=query_idx, feature_idx=sel.feature_idx)
-        stats_q = per_block(kernels.feature_moments, acts, [valid], new_axes={"g": n_q, "s": 3}, dtype=np.float64,
+        stats_q = _select.per_block(kernels.feature_moments, acts, [valid], new_axes={"g": n_q, "s": 3}, dtype=np.float64,
                             feature_idx=query_idx)[..., 0]
         counts = parts.sum(axis=2)
         n_query = stats_q.sum(axis=2).astype(np.int64)
         n_valid = valid.sum(axis=(1, 2), dtype=np.int64)
         if by is None:
             counts, n_query, n_valid = counts.sum(axis=0), n_query.sum(axis=0), n_valid.sum()
-        dims, coords = group_coords(sel, by)
+        dims, coords = _select.group_coords(sel, by)
         coords.update(feature=("feature", sel.features), query=("query", queries))
         def wrap(x: da.Array, d: list[str]) -> xr.DataArray:
             return xr.DataArray(x, dims=d, coords={k: v for k, v in coords.items() if v[0] in d})
@@ -207,7 +198,7 @@ def cooccurrence(
             "lift": p / base.where(base > 0), "jaccard": both / (nq + n_feature - both).where(nq + n_feature > 0),
         })
 
-    out = over_layer_types(sel, one)
+    out = _select.over_layer_types(sel, one)
     return out.isel(query=0) if q_scalar else out
 
 
@@ -227,23 +218,23 @@ def metric_by_activity(
     ``m_active``, ``m_inactive``, ``m_diff`` (active − inactive; NaN where either side is empty);
     plus ``n_active``/``n_inactive`` (valid tokens with a finite first metric). Tokens where a
     metric is NaN are left out of that metric."""
-    by = check_by(by)
+    by = _select.check_by(by)
     metrics = list(metrics)
     for m in metrics:
         if m not in ds.data_vars or ds[m].dims != ("author", "doc", "tok"):
             raise StatsError(f"{m!r} is not a per-token variable of this run")
     if not metrics:
         raise StatsError("name at least one metric")
-    sel = make_selection(ds, layer_type, author=author, layer=layer, doc=doc, feature=feature)
+    sel = _select.make_selection(ds, layer_type, author=author, layer=layer, doc=doc, feature=feature)
 
     def one(lt: str) -> xr.Dataset:
-        acts = sae_array(ds, sel, lt)
-        valid = token_array(ds, sel, "valid_mask", acts)
-        mvals = [token_array(ds, sel, m, acts) for m in metrics]
-        parts = per_block(kernels.metric_sums, acts, [valid, *mvals],
+        acts = _select.sae_array(ds, sel, lt)
+        valid = _select.token_array(ds, sel, "valid_mask", acts)
+        mvals = [_select.token_array(ds, sel, m, acts) for m in metrics]
+        parts = _select.per_block(kernels.metric_sums, acts, [valid, *mvals],
                           new_axes={"g": sel.n_features, "s": 2 * len(metrics)}, dtype=np.float64,
                           feature_idx=sel.feature_idx).sum(axis=2)
-        dims, coords = group_coords(sel, by)
+        dims, coords = _select.group_coords(sel, by)
         coords["feature"] = ("feature", sel.features)
         out: dict[str, xr.DataArray] = {}
         for i, (m, mv) in enumerate(zip(metrics, mvals, strict=True)):
@@ -265,4 +256,4 @@ def metric_by_activity(
                 out["n_active"], out["n_inactive"] = n_act_x.astype(np.int64), n_in.astype(np.int64)
         return xr.Dataset(out)
 
-    return over_layer_types(sel, one)
+    return _select.over_layer_types(sel, one)
