@@ -24,7 +24,7 @@ from saestore.bench.baselines import delphi_split_bounds
 from saestore.bench.report import LIBRARIES
 from saestore.bench.run import SECTIONS
 
-SECTION_KEYS = {"bytes", "write", "stats", "access", "extract"}
+SECTION_KEYS = {"bytes", "write", "stats", "access", "extract", "pipeline"}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,11 @@ def test_report_files_and_keys(quick_report):
     assert len(report["sections"]["stats"]["sizes"]) == 2
     assert all(s["check"]["agree"] for s in report["sections"]["stats"]["sizes"]), "the three stats paths disagree"
     assert all(s["result"]["agree"] for s in report["sections"]["access"]["sizes"])
-    assert [r["n_docs_per_author"] for r in report["sections"]["extract"]["runs"]] == [1, 2]
+    assert [(r["n_docs_per_author"], r["write_ahead"]) for r in report["sections"]["extract"]["runs"]] == \
+        [(1, 2), (2, 2), (2, 0)]  # the largest corpus again with the writer inline
+    pipe = report["sections"]["pipeline"]
+    assert [r["loop"] for r in pipe["rows"]] == ["storage alone", "sequential", "pipelined"]
+    assert pipe["same_markers"], "the pipelined and the sequential loop must store the same doc-chunks"
     assert "targets met" in stdout
 
 
@@ -97,7 +101,8 @@ def test_markdown_tables_are_well_formed(quick_report):
     out, report, _ = quick_report
     md = (out / "bench.md").read_text(encoding="utf-8")
     for heading in ("## Targets", "## 1. Bytes per nonzero — synthetic", "## 1. Bytes per nonzero — tiny",
-                    "## 2. Write", "## 3. Statistics", "## 4. Random access", "## 5. Extraction"):
+                    "## 2. Write", "## 3. Statistics", "## 4. Random access", "## 5. Extraction",
+                    "## 6. Storage overlapping"):
         assert heading in md, heading
     tables = [block.splitlines() for block in re.findall(r"(?m)(?:^\|.*\n?)+", md)]
     assert len(tables) >= 7

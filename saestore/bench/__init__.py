@@ -4,7 +4,8 @@ One module per concern: :mod:`~saestore.bench.synthetic` (the generator), :mod:`
 (runs and one-SAE slices), :mod:`~saestore.bench.seed` (the seed's format, the package's one pickle),
 :mod:`~saestore.bench.baselines` (the seed's files of a slice, a delphi-style cache),
 one module per section (:mod:`~saestore.bench.sizes`, :mod:`~saestore.bench.write`,
-:mod:`~saestore.bench.stats_speed`, :mod:`~saestore.bench.access`, :mod:`~saestore.bench.extraction`),
+:mod:`~saestore.bench.stats_speed`, :mod:`~saestore.bench.access`, :mod:`~saestore.bench.extraction`,
+:mod:`~saestore.bench.pipeline`),
 :mod:`~saestore.bench.codec_bytes` (the codec chain alone on one chunk, ``--codec``),
 :mod:`~saestore.bench.child` (measured subprocesses), :mod:`~saestore.bench.run` (the driver) and
 :mod:`~saestore.bench.report` (targets, machine, markdown). BENCHMARKS.md holds the last full run.

@@ -3,7 +3,8 @@
 Sections: 1 bytes per nonzero (synthetic and a tiny-model run; saestore vs the seed's files and a
 delphi-style cache), 2 write throughput and peak RSS (saestore writer vs the seed's save path),
 3 statistics throughput (sparse dask vs dense ``xr.open_zarr`` vs the seed), 4 one-document
-random reads, 5 storage share and peak RSS of a real extraction. Prints the markdown report and
+random reads, 5 storage share and peak RSS of a real extraction, 6 storage overlapping a simulated
+device (the worker loop with a fixed-latency forward). Prints the markdown report and
 writes ``bench.json`` and ``bench.md`` to DIR (default ``bench_out/``). BENCHMARKS.md holds the last
 full run. ``--docs``, ``--n-tok``, ``--features``, ``--l0``, ``--chunk-docs`` and ``--stats-growth``
 resize the synthetic workload (e.g. ``--only stats --docs 4 --n-tok 256``). ``--codec`` instead

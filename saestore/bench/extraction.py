@@ -1,16 +1,21 @@
 """Section 5: how much of an extraction is spent storing, and its peak memory as the corpus grows.
 
 Each run is a real ``python -m saestore.extract`` of the demo corpus with the tiny model and its
-16k SAEs on one CPU worker (in the measured process), with three methods timed in place:
+16k SAEs on one CPU worker (in the measured process), with these methods timed in place:
 
+* ``worker.extract_author`` — the extraction loop of one author, in the forward thread;
 * ``Extractor.run_batch`` — the model and SAE forward, the nonzero extraction and the copy to host;
-* ``Extractor.chunk_data`` — assembling a doc-chunk's arrays on the host for the writer;
-* ``RunWriter.write_chunk`` — encoding and writing every payload of the doc-chunk and its marker.
+* ``Extractor.chunk_data`` — assembling a doc-chunk's arrays for the writer (in the writer thread);
+* ``RunWriter.write_chunk`` — encoding and writing every payload of the doc-chunk and its marker
+  (in the writer thread).
 
-"Storing" is ``chunk_data + write_chunk``; its share is reported of the extraction loop
-(forward + storing) and of the whole wall time (which also holds imports, model and SAE loading,
-``create_run`` and ``finalize_run``). The largest corpus also runs with torch pinned to one thread:
-on a shared CPU two threads contend and the forward slows down, which would flatter the share.
+The worker writes doc-chunks in a background thread (``batches.ChunkSink``), so storage costs the
+forward only where the forward thread waits for it or hands work over: the storage share of the
+loop is ``(loop - run_batch) / loop``, and of the whole wall time (imports, model and SAE
+loading, ``create_run`` and ``finalize_run`` included) ``(loop - run_batch) / wall``. The largest
+corpus also runs with torch pinned to one thread (on a shared 2-core CPU the writer thread and
+torch's threads contend, which slows the forward), and with the writer inline (write-ahead 0, the
+sequential loop this replaced), for the side-by-side ratio ``inline loop / pipelined loop``.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ def child_extract(spec: dict[str, Any]) -> dict[str, Any]:
     from saestore.extract.launch import extract
     from saestore.writer import RunWriter
 
-    timers = {"write_chunk": 0.0, "run_batch": 0.0, "chunk_data": 0.0}
+    timers = {"write_chunk": 0.0, "run_batch": 0.0, "chunk_data": 0.0, "extract_author": 0.0}
     calls = {k: 0 for k in timers}
 
     def timed(cls: type, name: str) -> None:
@@ -61,7 +66,10 @@ def child_extract(spec: dict[str, Any]) -> dict[str, Any]:
 
         torch.set_num_threads(int(threads))
         torch.set_num_threads = lambda n: None  # type: ignore[assignment]
+    if "write_ahead" in spec:  # the worker's default depth, for an inline (0) side-by-side run
+        worker.WRITE_AHEAD = int(spec["write_ahead"])
     timed(RunWriter, "write_chunk")
+    timed(worker, "extract_author")
     timed(worker.Extractor, "run_batch")
     timed(worker.Extractor, "chunk_data")
     cfg = parse_args(spec["argv"])
@@ -72,9 +80,10 @@ def child_extract(spec: dict[str, Any]) -> dict[str, Any]:
     from saestore.writer import read_progress
 
     progress = read_progress(path)
-    storing = timers["write_chunk"] + timers["chunk_data"]
-    loop = storing + timers["run_batch"]
+    loop = timers["extract_author"]
+    storing = loop - timers["run_batch"]
     return {"exit_code": code, "path": str(path), "wall_s": wall, **{f"{k}_s": v for k, v in timers.items()},
+            "loop_s": loop, "write_ahead": worker.WRITE_AHEAD,
             "calls": calls, "storing_s": storing, "storing_frac_of_loop": storing / loop,
             "storing_frac_of_wall": storing / wall, "n_tokens": int(progress[..., 1].sum()),
             "nnz": int(progress[..., 2].sum()), "end_rss_mb": rss_mb(), "torch_threads": threads or "default"}

@@ -33,7 +33,7 @@ __all__ = ["BenchConfig", "FULL", "QUICK", "SECTIONS", "run_benchmarks"]
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("bytes", "write", "stats", "access", "extract")
+SECTIONS = ("bytes", "write", "stats", "access", "extract", "pipeline")
 REPORT_SCHEMA = "saestore.bench/1"
 
 
@@ -59,13 +59,16 @@ class BenchConfig:
     access_growth: int | None = 16
     """section 4 also reads from a run with this many times the documents per author (res only)."""
     child_timeout_s: float = 900.0
+    pipeline: SyntheticWorkload = SyntheticWorkload(n_authors=4, n_docs=32, n_tok=511)
+    """section 6's run (batches of 8 documents: 16 simulated forward passes)."""
 
 
 FULL = BenchConfig(mode="full", synthetic=SyntheticWorkload(n_authors=4, n_docs=8, n_tok=511))
 QUICK = BenchConfig(mode="quick",
                     synthetic=SyntheticWorkload(n_authors=2, n_docs=4, n_tok=127, layer_types=("res", "mlp")),
                     n_reads=5, extract_docs=(1, 2), extract_pinned_threads=None, access_growth=None,
-                    child_timeout_s=300.0)
+                    child_timeout_s=300.0,
+                    pipeline=SyntheticWorkload(n_authors=2, n_docs=8, n_tok=127, layer_types=("res",)))
 
 
 def write_run_and_seed(wl: SyntheticWorkload, run_path: Path, seed_root: Path, layer_type: str, layer: int) -> None:
@@ -201,9 +204,17 @@ def _section_extract(cfg: BenchConfig, work: Path) -> tuple[dict[str, Any], str]
                         timeout=cfg.child_timeout_s)
         res["n_docs_per_author"] = n
         runs.append(res)
+    n = cfg.extract_docs[-1]
+    argv = extract_argv(n_docs_per_author=n, output_dir=str(work / "extract"), run_name=f"docs{n}-inline",
+                        layers=cfg.extract_layers, layer_types=cfg.extract_layer_types,
+                        max_seq_len=cfg.extract_max_seq_len)
+    inline = run_child("extract", {"argv": argv, "write_ahead": 0}, timeout=cfg.child_timeout_s)
+    inline["n_docs_per_author"] = n
+    runs.append(inline)
     ratios = {f"peak_rss_{r['n_docs_per_author']}_over_{scaling[0]['n_docs_per_author']}_docs":
               r["peak_rss_mb"] / scaling[0]["peak_rss_mb"] for r in scaling[1:]}
-    largest = [r for r in runs if r["n_docs_per_author"] == cfg.extract_docs[-1]]
+    largest = [r for r in runs if r["n_docs_per_author"] == cfg.extract_docs[-1] and r["write_ahead"] > 0]
+    ratios["inline_loop_over_pipelined_loop_largest"] = inline["loop_s"] / largest[0]["loop_s"]
     ratios["storing_frac_of_loop_largest"] = max(r["storing_frac_of_loop"] for r in largest)
     ratios["storing_frac_of_wall_largest"] = max(r["storing_frac_of_wall"] for r in largest)
     if len(largest) > 1:
@@ -214,6 +225,17 @@ def _section_extract(cfg: BenchConfig, work: Path) -> tuple[dict[str, Any], str]
             f"batch 8, chunk_docs 4, 5 authors (the demo corpus). The tiny bundle was ready in {prep['seconds']:.1f} s "
             f"before the first measured run.\n\n{head}")
     return {"description": desc, "runs": runs, "ratios": ratios, "prepare": prep}, scaling[-1]["path"]
+
+
+def _section_pipeline(cfg: BenchConfig, work: Path) -> dict[str, Any]:
+    from saestore.bench.pipeline import __doc__ as pipeline_doc
+    from saestore.bench.pipeline import measure_overlap
+
+    folder = work / "pipeline"
+    folder.mkdir(parents=True, exist_ok=True)
+    res = measure_overlap(cfg.pipeline, folder)
+    res["description"] = f"{res['description']}\n\n{_doc_body(pipeline_doc)}"
+    return res
 
 
 def _doc_body(doc: str | None) -> str:
@@ -316,14 +338,19 @@ def run_benchmarks(cfg: BenchConfig, out_dir: Path, *, sections: tuple[str, ...]
                 write_seed_for_run(Path(tiny_run), work / "seed" / "tiny")
                 results["bytes"]["tiny"]["whole_run"] = compare_whole_run(Path(tiny_run), work / "seed" / "tiny")
                 timings["bytes_tiny"] = time.perf_counter() - t
+        if "pipeline" in sections:
+            t = time.perf_counter()
+            log.info("section 6: storage overlapping a simulated device")
+            results["pipeline"] = _section_pipeline(cfg, work)
+            timings["pipeline"] = time.perf_counter() - t
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
     machine["loadavg_end"] = list(os.getloadavg())
     targets = evaluate_targets(results)
     report = {"schema": REPORT_SCHEMA, "mode": cfg.mode, "machine": machine,
-              "config": {**{k: v for k, v in dataclasses.asdict(cfg).items() if k != "synthetic"},
-                         "synthetic": wl.to_json()},
+              "config": {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("synthetic", "pipeline")},
+                         "synthetic": wl.to_json(), "pipeline": cfg.pipeline.to_json()},
               "sections": results, "targets": [t.to_json() for t in targets], "section_seconds": timings,
               "runtime_s": time.perf_counter() - t_start}
     bad = _finite_ratios(report)

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from saestore import faults
-from saestore.errors import SaestoreError, StoreWriteError
+from saestore.errors import SaestoreError
+from saestore.extract.batches import WRITE_AHEAD, BatchResult, ChunkSink
 from saestore.extract.config import ExtractConfig
 from saestore.extract.data import Document
 from saestore.extract.metrics import token_metrics
@@ -79,55 +80,14 @@ class WorkerStats:
         return next((m if repr(a) in m else f"{a!r}: {m}" for a, m in sorted(self.failed.items())), None)
 
 
-@dataclass(frozen=True, kw_only=True)
-class BatchResult:
-    """What a batch leaves on the host, documents along the first axis of every array; a doc-chunk
-    is a slice of it (:meth:`docs`), or of several batches joined (:meth:`concat`) when
-    ``batch_size < chunk_docs``. Per-token arrays are ``(B, n_tok)`` with PROTOCOL.md §2.5's padding."""
-
-    token_ids: np.ndarray  # (B, T) int32, -1 at padding
-    valid: np.ndarray  # (B, T) bool
-    ce: np.ndarray  # (B, T) float32, NaN at padding
-    entropy: np.ndarray  # (B, T) float32, NaN at padding
-    n_truncated: np.ndarray  # (B,) int32
-    acts: dict[tuple[str, int], SparseActs]  # (layer type, layer) → (B, T, d_sae) nonzeros
-    per_sae: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # §2.6, (B, T) or (B,)
-    per_doc: dict[str, np.ndarray] = field(default_factory=dict)  # §2.6 without a layer, (B,)
-
-    @property
-    def n_docs(self) -> int:
-        return int(self.valid.shape[0])
-
-    def docs(self, start: int, stop: int) -> BatchResult:
-        """Documents ``start … stop-1``."""
-        return BatchResult(token_ids=self.token_ids[start:stop], valid=self.valid[start:stop], ce=self.ce[start:stop],
-                           entropy=self.entropy[start:stop], n_truncated=self.n_truncated[start:stop],
-                           acts={k: a.docs(start, stop) for k, a in self.acts.items()},
-                           per_sae={k: v[start:stop] for k, v in self.per_sae.items()},
-                           per_doc={k: v[start:stop] for k, v in self.per_doc.items()})
-
-    @classmethod
-    def concat(cls, parts: Sequence[BatchResult]) -> BatchResult:
-        """Batches one after the other."""
-        if len(parts) == 1:
-            return parts[0]
-
-        def cat(get: Any) -> np.ndarray:
-            return np.concatenate([get(p) for p in parts])
-
-        first = parts[0]
-        return cls(token_ids=cat(lambda p: p.token_ids), valid=cat(lambda p: p.valid), ce=cat(lambda p: p.ce),
-                   entropy=cat(lambda p: p.entropy), n_truncated=cat(lambda p: p.n_truncated),
-                   acts={k: SparseActs.concat([p.acts[k] for p in parts]) for k in first.acts},
-                   per_sae={k: cat(lambda p, k=k: p.per_sae[k]) for k in first.per_sae},
-                   per_doc={k: cat(lambda p, k=k: p.per_doc[k]) for k in first.per_doc})
-
-
-def _padded(x_BW: torch.Tensor, valid_BW: torch.Tensor, n_tok: int) -> np.ndarray:
-    """A ``(B, width)`` per-token tensor as a ``(B, n_tok)`` float32 host array, NaN at padding."""
-    x = torch.where(valid_BW, x_BW.float(), float("nan")).cpu().numpy()
-    out = np.full((x.shape[0], n_tok), np.nan, np.float32)
-    out[:, : x.shape[1]] = x
+def _host(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` as ``dtype`` on the host: on a GPU through pinned memory with a non-blocking copy (the
+    caller synchronizes once per batch before reading it), on the CPU as it is."""
+    t = t.to(dtype)
+    if t.device.type != "cuda":
+        return t
+    out = torch.empty(t.shape, dtype=dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
     return out
 
 
@@ -172,7 +132,14 @@ class Extractor:
 
     @torch.inference_mode()
     def run_batch(self, prompt: list[int], docs: Sequence[Document]) -> BatchResult:
-        """Forward one batch of one author's documents; return its sparse results on the host."""
+        """Forward one batch of one author's documents; return its sparse results on the host.
+
+        Each SAE's nonzeros and §2.6 metrics are taken by hooks as the forward reaches it, so no
+        SAE's activations, input or reconstruction outlive its layer; on a GPU the nonzeros go to
+        the host as int32 rows/columns through pinned memory, and the batch synchronizes once.
+        NaN/inf and negative values are checked on the nonzeros, NaN/inf logits on the stored CE
+        and entropy (both are NaN wherever a logit they depend on is).
+        """
         n_tok, p_len = self.cfg.n_tok, len(prompt)
         if p_len >= self.n_ctx:
             raise SaestoreError(
@@ -196,60 +163,104 @@ class Extractor:
         mask[:, :p_len] = 1
         mask[:, p_len:] = torch.from_numpy(valid_np[:, :width])
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        logits, cache = self.model.run_with_cache_with_saes(
-            input_ids, saes=self.saes, attention_mask=mask, use_error_term=self.cfg.use_error_term,
-            names_filter=lambda name: name.endswith(("hook_sae_acts_post", "hook_sae_input", "hook_sae_recons")))
-        faults.point("forward")
-        if not torch.isfinite(logits).all():
-            raise SaestoreError(
-                f"the model produced NaN/inf logits on documents {[d.doc_id for d in docs]}; "
-                f"try --dtype float32 (now {self.cfg.dtype})")
-        ce, ent = token_metrics(logits, input_ids, p_len, width)
         valid = mask[:, p_len:].bool()
-        window = slice(p_len, p_len + width)
-        acts_out: dict[tuple[str, int], SparseActs] = {}
-        per_sae: dict[tuple[str, int], np.ndarray] = {}
-        for spec, sae in zip(self.specs, self.saes, strict=True):
-            acts = cache[f"{spec.hook_name}.hook_sae_acts_post"][:, window]
-            acts = acts * valid[..., None]
-            if not torch.isfinite(acts).all():
-                raise SaestoreError(f"{spec.layer_type} SAE at layer {spec.layer} produced NaN/inf activations")
-            arch = _architecture(sae)
-            if arch in NON_NEGATIVE and bool((acts < 0).any()):
-                raise SaestoreError(f"{spec.layer_type} SAE at layer {spec.layer} ({arch}) produced negative activations")
-            nz = acts.nonzero()  # row-major (doc, tok, feature) order
-            vals = acts[nz[:, 0], nz[:, 1], nz[:, 2]].float().cpu().numpy()
-            nz = nz.cpu().numpy()
-            acts_out[(spec.layer_type, spec.layer)] = SparseActs.from_coords(nz[:, 0], nz[:, 1], nz[:, 2], vals,
-                                                                             (B, n_tok, spec.d_sae))
-            metrics = recon_metrics(cache[f"{spec.hook_name}.hook_sae_input"][:, window],
-                                    cache[f"{spec.hook_name}.hook_sae_recons"][:, window], valid)
-            for field_name, values in metrics.items():
-                per_sae[(f"{spec.layer_type}_{field_name}", spec.layer)] = _padded(values, valid, n_tok)
+        taken = _SAEHooks(self.specs, slice(p_len, p_len + width), valid, n_tok)
+        with self.model.saes(saes=self.saes, use_error_term=self.cfg.use_error_term):
+            logits = self.model.run_with_hooks(input_ids, attention_mask=mask, fwd_hooks=taken.hooks())
+        faults.point("forward")
+        ce, ent = token_metrics(logits, input_ids, p_len, width)
+        del logits
         per_doc: dict[str, np.ndarray] = {}
+        per_sae_doc: dict[tuple[str, int], torch.Tensor] = {}
         if self.cfg.loss_recovered:
             clean, per_spec = loss_recovered_ce(self.model, self.saes, [s.hook_name for s in self.specs], input_ids,
                                                 mask, p_len, width, valid)
             per_doc["ce_clean"] = clean.float().cpu().numpy()
             for spec, (spliced, zeroed) in zip(self.specs, per_spec, strict=True):
-                per_sae[(f"{spec.layer_type}_ce_spliced", spec.layer)] = spliced.float().cpu().numpy()
-                per_sae[(f"{spec.layer_type}_ce_zero", spec.layer)] = zeroed.float().cpu().numpy()
-        return BatchResult(token_ids=token_ids, valid=valid_np, ce=_padded(ce, valid, n_tok),
-                           entropy=_padded(ent, valid, n_tok), n_truncated=np.asarray(truncated, np.int32),
-                           acts=acts_out, per_sae=per_sae, per_doc=per_doc)
+                per_sae_doc[(f"{spec.layer_type}_ce_spliced", spec.layer)] = spliced
+                per_sae_doc[(f"{spec.layer_type}_ce_zero", spec.layer)] = zeroed
+        # one blocking copy of every per-token value; the nonzeros' non-blocking copies precede it
+        names = [("ce", None), ("entropy", None), *taken.metric_names()]
+        stacked = torch.stack([torch.where(valid, ce, float("nan")), torch.where(valid, ent, float("nan")),
+                               *taken.metric_values()]).float().cpu().numpy()
+        per_token = np.full((len(names), B, n_tok), np.nan, np.float32)
+        per_token[:, :, :width] = stacked
+        if not (np.isfinite(per_token[0][valid_np]).all() and np.isfinite(per_token[1][valid_np]).all()):
+            raise SaestoreError(
+                f"the model produced NaN/inf logits on documents {[d.doc_id for d in docs]}; "
+                f"try --dtype float32 (now {self.cfg.dtype})")
+        acts = {}
+        for spec, sae in zip(self.specs, self.saes, strict=True):
+            nz = taken.nonzeros(spec, (B, n_tok, spec.d_sae))
+            if not np.isfinite(nz.values).all():
+                raise SaestoreError(f"{spec.layer_type} SAE at layer {spec.layer} produced NaN/inf activations")
+            arch = _architecture(sae)
+            if arch in NON_NEGATIVE and (nz.values < 0).any():
+                raise SaestoreError(f"{spec.layer_type} SAE at layer {spec.layer} ({arch}) produced negative activations")
+            acts[(spec.layer_type, spec.layer)] = nz
+        per_sae = {key: per_token[i] for i, key in enumerate(names) if key[1] is not None}
+        per_sae.update({key: v.float().cpu().numpy() for key, v in per_sae_doc.items()})
+        token = np.full((B, n_tok), "", dtype=object)
+        token[valid_np] = self.token_text(token_ids[valid_np])
+        return BatchResult(token_ids=token_ids, token=token, valid=valid_np, ce=per_token[0], entropy=per_token[1],
+                           n_truncated=np.asarray(truncated, np.int32), acts=acts, per_sae=per_sae, per_doc=per_doc)
 
     def chunk_data(self, docs: Sequence[Document], result: BatchResult) -> ChunkData:
         """One doc-chunk's ChunkData from its documents and their slice of the batch results."""
-        token = np.full(result.valid.shape, "", dtype=object)
-        token[result.valid] = self.token_text(result.token_ids[result.valid])
         dense = self.cfg.storage_format == "dense"
         return ChunkData(
-            token_id_DT=result.token_ids, token_DT=token, valid_DT=result.valid, ce_loss_DT=result.ce,
+            token_id_DT=result.token_ids, token_DT=result.token, valid_DT=result.valid, ce_loss_DT=result.ce,
             entropy_DT=result.entropy, text_D=[d.text for d in docs],
             doc_id_D=np.array([d.doc_id for d in docs], np.int64),
             doc_length_D=result.valid.sum(axis=1).astype(np.int32), n_truncated_D=result.n_truncated,
             acts={k: a.to_dense() if dense else a for k, a in result.acts.items()},
             per_sae=result.per_sae, per_doc=result.per_doc)
+
+
+class _SAEHooks:
+    """Forward hooks that take, per SAE, its nonzeros at valid tokens (on ``hook_sae_acts_post``)
+    and its §2.6 metrics (``hook_sae_input`` is held until ``hook_sae_recons``, then dropped)."""
+
+    def __init__(self, specs: Sequence[SAESpec], window: slice, valid_BW: torch.Tensor, n_tok: int) -> None:
+        self.specs, self.window, self.valid, self.n_tok = list(specs), window, valid_BW, n_tok
+        self._inputs: dict[str, torch.Tensor] = {}
+        self._metrics: dict[str, dict[str, torch.Tensor]] = {}
+        self._nonzeros: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def hooks(self) -> list[tuple[str, Any]]:
+        out = []
+        for spec in self.specs:
+            h = spec.hook_name
+            out += [(f"{h}.hook_sae_input", lambda x, hook, h=h: self._input(h, x)),
+                    (f"{h}.hook_sae_acts_post", lambda x, hook, h=h: self._acts(h, x)),
+                    (f"{h}.hook_sae_recons", lambda x, hook, h=h: self._recons(h, x))]
+        return out
+
+    def _input(self, h: str, x: torch.Tensor) -> None:
+        self._inputs[h] = x[:, self.window]
+
+    def _recons(self, h: str, xhat: torch.Tensor) -> None:
+        self._metrics[h] = recon_metrics(self._inputs.pop(h), xhat[:, self.window], self.valid)
+
+    def _acts(self, h: str, acts: torch.Tensor) -> None:
+        a = acts[:, self.window]
+        nz = ((a != 0) & self.valid[..., None]).nonzero()  # row-major (doc, tok, feature); NaN kept, checked later
+        values = a[nz[:, 0], nz[:, 1], nz[:, 2]]
+        rows = nz[:, 0] * self.n_tok + nz[:, 1]
+        narrow = torch.int32 if acts.device.type == "cuda" else torch.int64
+        self._nonzeros[h] = (_host(rows, narrow), _host(nz[:, 2], narrow), _host(values, torch.float32))
+
+    def metric_names(self) -> list[tuple[str, int]]:
+        return [(f"{s.layer_type}_{name}", s.layer) for s in self.specs for name in self._metrics[s.hook_name]]
+
+    def metric_values(self) -> list[torch.Tensor]:
+        return [v for s in self.specs for v in self._metrics[s.hook_name].values()]
+
+    def nonzeros(self, spec: SAESpec, shape: tuple[int, int, int]) -> SparseActs:
+        """The nonzeros of ``spec``'s SAE (after the batch's synchronizing copy)."""
+        rows, cols, values = (t.numpy() for t in self._nonzeros.pop(spec.hook_name))
+        return SparseActs(rows=rows.astype(np.int64, copy=False), cols=cols.astype(np.int64, copy=False),
+                          values=values, shape=shape)
 
 
 def _groups(writer: RunWriter, work: AuthorWork, batch_size: int) -> Iterator[tuple[int, list[int], list[Document]]]:
@@ -273,69 +284,97 @@ def _groups(writer: RunWriter, work: AuthorWork, batch_size: int) -> Iterator[tu
             yield first, pending, list(work.docs[first:last])
 
 
-def extract_author(ex: Extractor, writer: RunWriter, work: AuthorWork, stats: WorkerStats, pbar: Any) -> None:
-    """Extract every pending doc-chunk of one author, writing each as soon as its documents are done."""
+def extract_author(ex: Extractor, writer: RunWriter, work: AuthorWork, stats: WorkerStats, pbar: Any,
+                   sink: ChunkSink) -> None:
+    """Extract every pending doc-chunk of one author, handing each to ``sink`` as soon as its
+    documents are done. The sink may still be writing the author's last doc-chunks on return (the
+    next author's forward overlaps them); a failed write raises here or at a later author."""
     prompt = ex.prompt_ids(work.author)
     layout = writer.layout
-    for first, pending, docs in _groups(writer, work, ex.cfg.batch_size):
-        held: BatchResult | None = None  # results of documents held_from … done-1 of the group
-        held_from = 0
-        for start in range(0, len(docs), ex.cfg.batch_size):
-            batch = docs[start : start + ex.cfg.batch_size]
-            t0 = time.perf_counter()
-            out = ex.run_batch(prompt, batch)
-            held = out if held is None else BatchResult.concat([held, out])
-            done = start + len(batch)
-            n_tok = int(out.valid.sum())
-            stats.n_docs += len(batch)
-            stats.n_tokens += n_tok
-            for (lt, layer), acts in out.acts.items():
-                stats.nnz[f"{lt}/{layer}"] = stats.nnz.get(f"{lt}/{layer}", 0) + acts.nnz
-            while pending:
-                r = layout.chunk_docs_range(work.author_idx, pending[0])
-                if r.stop - first > done:
-                    break
-                part = held.docs(r.start - first - held_from, r.stop - first - held_from)
-                writer.write_chunk(work.author_idx, pending.pop(0), ex.chunk_data(docs[r.start - first:r.stop - first],
-                                                                                  part))
-            keep_from = layout.chunk_docs_range(work.author_idx, pending[0]).start - first if pending else done
-            drop = min(keep_from, done) - held_from
-            held, held_from = held.docs(drop, held.n_docs), held_from + drop
-            if pbar is not None:
-                pbar.update(len(batch))
-                pbar.set_postfix_str(f"{work.author[:16]} {n_tok / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
-        assert not pending, "every pending doc-chunk of the group must have been written"
+    try:
+        for first, pending, docs in _groups(writer, work, ex.cfg.batch_size):
+            held: BatchResult | None = None  # results of documents held_from … done-1 of the group
+            held_from = 0
+            for start in range(0, len(docs), ex.cfg.batch_size):
+                batch = docs[start : start + ex.cfg.batch_size]
+                t0 = time.perf_counter()
+                out = ex.run_batch(prompt, batch)
+                held = out if held is None else BatchResult.concat([held, out])
+                done = start + len(batch)
+                n_tok = int(out.valid.sum())
+                stats.n_docs += len(batch)
+                stats.n_tokens += n_tok
+                for (lt, layer), acts in out.acts.items():
+                    stats.nnz[f"{lt}/{layer}"] = stats.nnz.get(f"{lt}/{layer}", 0) + acts.nnz
+                while pending:
+                    r = layout.chunk_docs_range(work.author_idx, pending[0])
+                    if r.stop - first > done:
+                        break
+                    part = held.docs(r.start - first - held_from, r.stop - first - held_from)
+                    sink.submit((work.author_idx, pending.pop(0), docs[r.start - first:r.stop - first], part))
+                keep_from = layout.chunk_docs_range(work.author_idx, pending[0]).start - first if pending else done
+                drop = min(keep_from, done) - held_from
+                held, held_from = held.docs(drop, held.n_docs), held_from + drop
+                if pbar is not None:
+                    pbar.update(len(batch))
+                    pbar.set_postfix_str(f"{work.author[:16]} {n_tok / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
+            assert not pending, "every pending doc-chunk of the group must have been submitted"
+    except BaseException as e:
+        failed_write = sink.drain(raise_errors=False)  # the finished doc-chunks are still written
+        if failed_write is not None and failed_write is not e:
+            raise failed_write from e
+        raise
 
 
 def run_worker(path: str, cfg: ExtractConfig, specs: Sequence[SAESpec], work: Sequence[AuthorWork], device: str,
-               rank: int = 0, n_threads: int | None = None) -> WorkerStats:
-    """Extract ``work`` (this worker's authors) into the run at ``path``. One author's failure is
-    recorded and the worker goes on with the next author."""
+               rank: int = 0, n_threads: int | None = None, write_ahead: int | None = None) -> WorkerStats:
+    """Extract ``work`` (this worker's authors) into the run at ``path``, doc-chunks written by a
+    background writer up to ``write_ahead`` (default ``WRITE_AHEAD``) doc-chunks behind the forward
+    (0: inline). One
+    author's failure is recorded and the worker goes on with the next author. With nothing pending
+    (a rerun of a complete run) it returns without loading the model."""
     if n_threads:
         torch.set_num_threads(n_threads)
     stats = WorkerStats()
     t0 = time.perf_counter()
-    ex = Extractor(cfg, specs, device)
     writer = RunWriter(path)
     total = sum(len(docs) for w in work for _, _, docs in _groups(writer, w, cfg.batch_size))
+    if total == 0:
+        stats.seconds = time.perf_counter() - t0
+        return stats
+    ex = Extractor(cfg, specs, device)
     pbar = None
     if not cfg.quiet:
         from tqdm.auto import tqdm
 
         pbar = tqdm(total=total, desc=f"worker {rank} [{device}]", unit="doc", position=rank, leave=True,
                     dynamic_ncols=True)
+
+    def write(job: tuple[int, int, Sequence[Document], BatchResult]) -> None:
+        author_idx, chunk_idx, docs, part = job
+        writer.write_chunk(author_idx, chunk_idx, ex.chunk_data(docs, part))
+
     try:
-        for i, w in enumerate(work):
+        with ChunkSink(write, WRITE_AHEAD if write_ahead is None else write_ahead) as sink:
             try:
-                extract_author(ex, writer, w, stats, pbar)
-            except StoreWriteError as e:  # the store cannot be written: the other authors would fail alike
-                log.error("worker %d: stopping: %s", rank, e)
-                for rest in work[i:]:
-                    stats.failed[rest.author] = f"{type(e).__name__}: {e}"
-                break
+                for w in work:
+                    try:
+                        extract_author(ex, writer, w, stats, pbar, sink)
+                    except (SaestoreError, RuntimeError, ValueError, OSError) as e:
+                        if sink.failed_job is not None:
+                            raise
+                        log.error("worker %d: author %r failed: %s", rank, w.author, e)
+                        stats.failed[w.author] = f"{type(e).__name__}: {e}"
+                sink.drain()
             except (SaestoreError, RuntimeError, ValueError, OSError) as e:
-                log.error("worker %d: author %r failed: %s", rank, w.author, e)
-                stats.failed[w.author] = f"{type(e).__name__}: {e}"
+                if sink.failed_job is None:
+                    raise
+                # a failed write (the store cannot be written?): the writes after it would fail alike.
+                # Doc-chunks are written in order, so the authors before the failed one are complete.
+                log.error("worker %d: stopping: %s", rank, e)
+                first = next(i for i, w in enumerate(work) if w.author_idx == sink.failed_job[0])
+                for rest in work[first:]:
+                    stats.failed.setdefault(rest.author, f"{type(e).__name__}: {e}")
     finally:
         if pbar is not None:
             pbar.close()
