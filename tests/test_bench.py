@@ -157,3 +157,24 @@ def test_codec_option_measures_the_chain_alone(tmp_path):
     assert {r["name"].split(" ")[0] for r in doc["results"]} >= {"sparse_coo", "dense", "naive", "information"}
     with pytest.raises(SystemExit):
         main(["--codec", "--n-tok", "0"])
+
+
+@pytest.mark.slow
+@pytest.mark.extract
+def test_gpu_bench_runs_on_small_shapes_on_the_cpu(tmp_path):
+    """``--gpu --quick``: the Gemma-2 architecture at small shapes with random SAEs; every loop runs,
+    the calibrated SAEs fire about as often as asked, and one line per ratio is printed."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "saestore.bench", "--gpu", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "gpu.json").read_text(encoding="utf-8"))
+    assert set(res["rows"]) == {"forward", "sae_loop", "saestore"}
+    assert res["shape"]["small"] and res["shape"]["model"].startswith("google/gemma-2-2b")
+    for name, value in res["ratios"].items():
+        assert math.isfinite(value) and value > 0, name
+        assert f"{name}: {value:.3f}" in proc.stdout
+    stored = res["stored"]
+    assert stored["n_tokens"] == res["shape"]["n_tokens"]
+    assert 0.3 * res["shape"]["l0"] < stored["mean_l0"] < 3 * res["shape"]["l0"], stored
+    assert not list(out.glob("tmp*")), "the work folder is removed"

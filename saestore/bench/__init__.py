@@ -7,6 +7,7 @@ one module per section (:mod:`~saestore.bench.sizes`, :mod:`~saestore.bench.writ
 :mod:`~saestore.bench.stats_speed`, :mod:`~saestore.bench.access`, :mod:`~saestore.bench.extraction`,
 :mod:`~saestore.bench.pipeline`),
 :mod:`~saestore.bench.codec_bytes` (the codec chain alone on one chunk, ``--codec``),
+:mod:`~saestore.bench.gpu` (device speed on random Gemma-2-2b weights, ``--gpu``),
 :mod:`~saestore.bench.child` (measured subprocesses), :mod:`~saestore.bench.run` (the driver) and
 :mod:`~saestore.bench.report` (targets, machine, markdown). BENCHMARKS.md holds the last full run.
 """

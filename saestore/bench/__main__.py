@@ -49,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
                        help="run only this (no extra needed): print the table, write codec_bytes.json to DIR")
     codec.add_argument("--repeat", type=_positive(int), default=5, help="timing repetitions, best reported (default 5)")
     codec.add_argument("--check", action="store_true", help="exit 1 if a bytes-per-nonzero target is missed")
+    gpu = parser.add_argument_group("device speed", "extraction vs the bare SAE loop and the bare forward on random "
+                                    "Gemma-2-2b weights with 12 random 16k SAEs (saestore.bench.gpu)")
+    gpu.add_argument("--gpu", action="store_true",
+                     help="run only this: on the first GPU, or on small shapes on the CPU (also with --quick); "
+                          "prints one line per ratio, writes gpu.json to DIR")
     args = parser.parse_args(argv)
     if args.codec:
         return _codec(args)
@@ -67,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", message=".*Consolidated metadata.*")
     warnings.filterwarnings("ignore", message=".*not part of the Zarr format 3 specification.*")
+    if args.gpu:
+        return _gpu(args)
     t0 = time.perf_counter()
     cfg = QUICK if args.quick else FULL
     workload = {k: v for k, v in (("n_docs", args.docs), ("n_tok", args.n_tok), ("n_features", args.features),
@@ -112,6 +119,28 @@ def _codec(args: argparse.Namespace) -> int:
     if doc["missed"]:
         print(f"targets missed: {doc['missed']}", file=sys.stderr)
     return 1 if (args.check and doc["missed"]) else 0
+
+
+
+def _gpu(args: argparse.Namespace) -> int:
+    import json
+    import tempfile
+
+    from saestore.bench.gpu import FULL_GPU, QUICK_CPU, run_gpu_bench
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.out) as work:
+        res = run_gpu_bench(QUICK_CPU if args.quick else FULL_GPU, Path(work))
+    sh = res["shape"]
+    print(f"{sh['model']} on {sh['gpu'] or sh['device']}: {len(sh['layer_types']) * len(sh['layers'])} SAEs of "
+          f"{sh['d_sae']:,} features, batch {sh['batch_size']} x {sh['n_tok'] + 1} tokens, {sh['n_tokens']:,} tokens")
+    for name, row in res["rows"].items():
+        gpu_mb = f", peak GPU {row['peak_gpu_mb']:,.0f} MiB" if row["peak_gpu_mb"] is not None else ""
+        print(f"{name}: {row['tokens_per_s']:,.0f} tokens/s{gpu_mb}, host RSS {row['host_rss_mb']:,.0f} MiB")
+    for name, value in res["ratios"].items():
+        print(f"{name}: {value:.3f}")
+    (args.out / "gpu.json").write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+    return 0
 
 
 if __name__ == "__main__":

@@ -95,15 +95,26 @@ class Extractor:
     """A loaded model + SAEs on one device, turning documents into stored doc-chunks."""
 
     def __init__(self, cfg: ExtractConfig, specs: Sequence[SAESpec], device: str) -> None:
-        from saestore.extract.models import check_sae_matches_model, load_model, load_sae
+        from saestore.extract.models import load_model, load_sae
 
-        self.cfg, self.specs, self.device = cfg, list(specs), device
-        self.model = load_model(cfg.model, device, cfg.dtype)
-        self.saes = []
-        for spec in self.specs:
-            sae = load_sae(spec, device, cfg.dtype)
+        model = load_model(cfg.model, device, cfg.dtype)
+        self._attach(cfg, specs, device, model, [load_sae(spec, device, cfg.dtype) for spec in specs])
+
+    @classmethod
+    def from_loaded(cls, cfg: ExtractConfig, specs: Sequence[SAESpec], device: str, model: Any,
+                    saes: Sequence[Any]) -> Extractor:
+        """An extractor around a model and SAEs already in memory (the GPU benchmark's random ones);
+        the model needs a tokenizer."""
+        ex = cls.__new__(cls)
+        ex._attach(cfg, specs, device, model, list(saes))
+        return ex
+
+    def _attach(self, cfg: ExtractConfig, specs: Sequence[SAESpec], device: str, model: Any, saes: list[Any]) -> None:
+        from saestore.extract.models import check_sae_matches_model
+
+        self.cfg, self.specs, self.device, self.model, self.saes = cfg, list(specs), device, model, saes
+        for spec, sae in zip(self.specs, self.saes, strict=True):
             check_sae_matches_model(sae, self.model, spec)
-            self.saes.append(sae)
         self.tokenizer = self.model.tokenizer
         bos = self.tokenizer.bos_token_id
         self.bos_id = bos if bos is not None else self.tokenizer.eos_token_id
