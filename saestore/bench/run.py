@@ -14,6 +14,8 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -227,6 +229,17 @@ def _section_extract(cfg: BenchConfig, work: Path) -> tuple[dict[str, Any], str]
     return {"description": desc, "runs": runs, "ratios": ratios, "prepare": prep}, scaling[-1]["path"]
 
 
+@contextmanager
+def _timed(timings: dict[str, float], key: str, message: str, *args: Any) -> Iterator[None]:
+    """Log ``message`` and record the block's wall time as ``timings[key]``."""
+    log.info(message, *args)
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = time.perf_counter() - t
+
+
 def _section_pipeline(cfg: BenchConfig, work: Path) -> dict[str, Any]:
     from saestore.bench.pipeline import __doc__ as pipeline_doc
     from saestore.bench.pipeline import measure_overlap
@@ -284,65 +297,51 @@ def run_benchmarks(cfg: BenchConfig, out_dir: Path, *, sections: tuple[str, ...]
     try:
         sizes: list[dict[str, Any]] = []
         if need_store:
-            t = time.perf_counter()
-            log.info("section 2: write throughput (%d authors × %d docs)", wl.n_authors, wl.n_docs)
-            write, run_small, seed_small = _section_write(cfg, work)
-            if "write" in sections:
-                results["write"] = write
-            sizes.append({"label": "small", "n_docs": wl.n_docs, "run": run_small, "seed_root": seed_small})
-            timings["write"] = time.perf_counter() - t
+            with _timed(timings, "write", "section 2: write throughput (%d authors × %d docs)", wl.n_authors,
+                        wl.n_docs):
+                write, run_small, seed_small = _section_write(cfg, work)
+                if "write" in sections:
+                    results["write"] = write
+                sizes.append({"label": "small", "n_docs": wl.n_docs, "run": run_small, "seed_root": seed_small})
         if "bytes" in sections:
-            t = time.perf_counter()
-            log.info("section 1: bytes per nonzero (synthetic)")
-            sl = read_slice(sizes[0]["run"], 0, wl.layer_types[0], wl.layers[0])
-            results.setdefault("bytes", {})["synthetic"] = measure_sizes(sl, work / "bytes-synthetic")
-            results["bytes"]["synthetic"]["whole_run"] = compare_whole_run(sizes[0]["run"], sizes[0]["seed_root"])
-            timings["bytes_synthetic"] = time.perf_counter() - t
+            with _timed(timings, "bytes_synthetic", "section 1: bytes per nonzero (synthetic)"):
+                sl = read_slice(sizes[0]["run"], 0, wl.layer_types[0], wl.layers[0])
+                results.setdefault("bytes", {})["synthetic"] = measure_sizes(sl, work / "bytes-synthetic")
+                results["bytes"]["synthetic"]["whole_run"] = compare_whole_run(sizes[0]["run"], sizes[0]["seed_root"])
         if "stats" in sections or "access" in sections:
-            t = time.perf_counter()
             big = wl.scaled(cfg.stats_growth)
-            log.info("setup: larger run (%d docs/author)", big.n_docs)
-            run_big, seed_big = work / "runs" / "large.zarr", work / "seed" / "large"
-            write_run_and_seed(big, run_big, seed_big, cfg.stats_layer_type, wl.layers[0])
-            sizes.append({"label": "large", "n_docs": big.n_docs, "run": run_big, "seed_root": seed_big})
-            timings["setup_large"] = time.perf_counter() - t
+            with _timed(timings, "setup_large", "setup: larger run (%d docs/author)", big.n_docs):
+                run_big, seed_big = work / "runs" / "large.zarr", work / "seed" / "large"
+                write_run_and_seed(big, run_big, seed_big, cfg.stats_layer_type, wl.layers[0])
+                sizes.append({"label": "large", "n_docs": big.n_docs, "run": run_big, "seed_root": seed_big})
         access_sizes = list(sizes)
         if "access" in sections and cfg.access_growth:
-            t = time.perf_counter()
             huge = dataclasses.replace(wl.scaled(cfg.access_growth), layer_types=(cfg.stats_layer_type,))
-            log.info("setup: run for random access (%d docs/author, %s only)", huge.n_docs, cfg.stats_layer_type)
-            run_huge, seed_huge = work / "runs" / "xlarge.zarr", work / "seed" / "xlarge"
-            write_run_and_seed(huge, run_huge, seed_huge, cfg.stats_layer_type, wl.layers[0])
-            access_sizes.append({"label": "xlarge", "n_docs": huge.n_docs, "run": run_huge, "seed_root": seed_huge})
-            timings["setup_xlarge"] = time.perf_counter() - t
+            with _timed(timings, "setup_xlarge", "setup: run for random access (%d docs/author, %s only)",
+                        huge.n_docs, cfg.stats_layer_type):
+                run_huge, seed_huge = work / "runs" / "xlarge.zarr", work / "seed" / "xlarge"
+                write_run_and_seed(huge, run_huge, seed_huge, cfg.stats_layer_type, wl.layers[0])
+                access_sizes.append({"label": "xlarge", "n_docs": huge.n_docs, "run": run_huge,
+                                     "seed_root": seed_huge})
         if "stats" in sections:
-            t = time.perf_counter()
-            log.info("section 3: statistics")
-            results["stats"] = _section_stats(cfg, work, sizes)
-            timings["stats"] = time.perf_counter() - t
+            with _timed(timings, "stats", "section 3: statistics"):
+                results["stats"] = _section_stats(cfg, work, sizes)
         if "access" in sections:
-            t = time.perf_counter()
-            log.info("section 4: random access")
-            results["access"] = _section_access(cfg, access_sizes)
-            timings["access"] = time.perf_counter() - t
+            with _timed(timings, "access", "section 4: random access"):
+                results["access"] = _section_access(cfg, access_sizes)
         if "extract" in sections:
-            t = time.perf_counter()
-            log.info("section 5: extraction (%s docs/author)", ", ".join(map(str, cfg.extract_docs)))
-            results["extract"], tiny_run = _section_extract(cfg, work)
-            timings["extract"] = time.perf_counter() - t
+            with _timed(timings, "extract", "section 5: extraction (%s docs/author)",
+                        ", ".join(map(str, cfg.extract_docs))):
+                results["extract"], tiny_run = _section_extract(cfg, work)
             if "bytes" in sections:
-                t = time.perf_counter()
-                log.info("section 1: bytes per nonzero (tiny model run)")
-                sl: ActSlice = read_slice(tiny_run, 0, cfg.extract_layer_types[0], cfg.extract_layers[0])
-                results.setdefault("bytes", {})["tiny"] = measure_sizes(sl, work / "bytes-tiny")
-                write_seed_for_run(Path(tiny_run), work / "seed" / "tiny")
-                results["bytes"]["tiny"]["whole_run"] = compare_whole_run(Path(tiny_run), work / "seed" / "tiny")
-                timings["bytes_tiny"] = time.perf_counter() - t
+                with _timed(timings, "bytes_tiny", "section 1: bytes per nonzero (tiny model run)"):
+                    sl: ActSlice = read_slice(tiny_run, 0, cfg.extract_layer_types[0], cfg.extract_layers[0])
+                    results.setdefault("bytes", {})["tiny"] = measure_sizes(sl, work / "bytes-tiny")
+                    write_seed_for_run(Path(tiny_run), work / "seed" / "tiny")
+                    results["bytes"]["tiny"]["whole_run"] = compare_whole_run(Path(tiny_run), work / "seed" / "tiny")
         if "pipeline" in sections:
-            t = time.perf_counter()
-            log.info("section 6: storage overlapping a simulated device")
-            results["pipeline"] = _section_pipeline(cfg, work)
-            timings["pipeline"] = time.perf_counter() - t
+            with _timed(timings, "pipeline", "section 6: storage overlapping a simulated device"):
+                results["pipeline"] = _section_pipeline(cfg, work)
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
