@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from saestore.errors import SaestoreError
@@ -102,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     except SaestoreError as e:
         print(f"saestore {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `... | head` closed the pipe: stop quietly, as a killed-by-SIGPIPE tool would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

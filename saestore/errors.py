@@ -31,6 +31,10 @@ class ProtocolError(SaestoreError):
     """A store does not follow PROTOCOL.md (missing arrays, wrong layout, invalid attributes)."""
 
 
+class RunNotFoundError(ProtocolError, FileNotFoundError):
+    """There is no run at the path: nothing there, or a folder that is not a Zarr store."""
+
+
 class ProtocolVersionError(ProtocolError):
     """A store was written by a protocol major version this saestore cannot read."""
 

@@ -22,7 +22,7 @@ from dask.base import tokenize
 
 from saestore import chunkio, protocol, sparse_coo
 from saestore.codec import SparseCOOCodec
-from saestore.errors import CorruptChunkError
+from saestore.errors import CorruptChunkError, RunNotFoundError
 from saestore.nonzeros import SparseActs
 
 T = TypeVar("T")
@@ -177,7 +177,11 @@ def open_run(path: str | Path, *, sparse_variables: bool = True, check: bool = T
     """
     path = str(path)
     open_kwargs.setdefault("chunks", {})
-    ds = xr.open_zarr(path, **open_kwargs)
+    try:
+        ds = xr.open_zarr(path, **open_kwargs)
+    except FileNotFoundError as e:  # zarr's GroupNotFoundError too
+        raise RunNotFoundError(f"no saestore run at {path} ({e}); give the folder of a run, e.g. "
+                               "runs/demo/tiny/demo.zarr (`python -m saestore runs list` shows them)") from e
     if check:
         protocol.read_attrs(ds.attrs, where=path)
     if not sparse_variables:

@@ -435,6 +435,79 @@ def case_codec_entry_with_unknown_configuration_key(request):
     assert _tree(path) == before
 
 
+def _cli(*argv: str) -> tuple[int, str, str]:
+    """``python -m saestore ARGV`` in this process: (exit code, stdout, stderr)."""
+    from saestore.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def _one_line(code: int, err: str, command: str, *words: str) -> None:
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"saestore {command}: error:"), err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+def case_info_on_a_missing_path(request):
+    """``info`` / ``open_run`` on a path with nothing there: RunNotFoundError, one line naming the
+    path and where runs are listed."""
+    from saestore.errors import RunNotFoundError
+    from saestore.reader import open_run
+
+    missing = request.getfixturevalue("tmp_path") / "nope.zarr"
+    _one_line(*_cli("info", str(missing))[::2], "info", "no saestore run at", "runs list")
+    with pytest.raises(RunNotFoundError, match="no saestore run at"):
+        open_run(missing)
+    assert not missing.exists()
+
+
+def case_info_on_a_folder_that_is_not_a_store(request):
+    """``info`` / ``open_run`` on a folder that is not a Zarr store: the same one line."""
+    from saestore.errors import RunNotFoundError
+    from saestore.reader import open_run
+
+    folder = request.getfixturevalue("tmp_path") / "plain"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not a run")
+    _one_line(*_cli("info", str(folder))[::2], "info", "no saestore run at", str(folder))
+    with pytest.raises(RunNotFoundError):
+        open_run(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+
+
+def case_info_json_into_a_closed_pipe(request):
+    """``info --json RUN | head`` when the reader is gone: no traceback, exit 141 (what a tool
+    killed by SIGPIPE returns)."""
+    import subprocess
+    import sys
+
+    run = request.getfixturevalue("data_run")
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "saestore", "info", "--json", str(run["path"])],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr
+
+
+def case_stats_out_in_a_missing_folder(request):
+    """``stats --out /missing/folder/f.csv``: refused in one line before anything is computed; an
+    unknown --out format too."""
+    run = request.getfixturevalue("data_run")
+    missing = request.getfixturevalue("tmp_path") / "missing" / "f.csv"
+    _one_line(*_cli("stats", str(run["path"]), "--stat", "frequency", "--out", str(missing))[::2], "stats",
+              "does not exist", "--out")
+    _one_line(*_cli("stats", str(run["path"]), "--stat", "frequency", "--out", str(missing.with_suffix(".xlsx")))[::2],
+              "stats", "--out must end in one of")
+    assert not missing.parent.exists()
+
+
 CASES: dict[str, Callable] = {
     name.removeprefix("case_").replace("_", "-"): fn for name, fn in globals().items() if name.startswith("case_")
 }

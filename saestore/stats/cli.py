@@ -159,11 +159,7 @@ def write_result(ds: Any, out: str | Path) -> str:
     import sparse
 
     out = str(out)
-    suffix = next((s for s in FORMATS if out.endswith(s)), None)
-    if suffix is None:
-        from saestore.stats import StatsError
-
-        raise StatsError(f"--out must end in one of {', '.join(FORMATS)}, got {out!r}")
+    suffix = _out_format(out)
     is_sparse = any(isinstance(v.data, sparse.SparseArray) for v in ds.data_vars.values())
     if suffix in (".csv", ".parquet"):
         df = _sparse_table(ds) if is_sparse else ds.to_dataframe(dim_order=_dim_order(ds)).reset_index()
@@ -242,11 +238,37 @@ def require_extras(out: str, scheduler: str | None) -> None:
         require("distributed", what="--scheduler")
 
 
+def _out_format(out: str) -> str:
+    """The format (suffix) of ``--out``, or a StatsError naming the ones there are."""
+    from saestore.errors import StatsError
+
+    suffix = next((s for s in FORMATS if str(out).endswith(s)), None)
+    if suffix is None:
+        raise StatsError(f"--out must end in one of {', '.join(FORMATS)}, got {out!r}")
+    return suffix
+
+
+def _check_out(out: str) -> None:
+    """Before anything is computed: ``--out`` has a known format and, if local, a writable folder."""
+    from saestore.errors import StatsError
+    from saestore.location import is_url
+
+    _out_format(out)
+    if is_url(out):
+        return
+    parent = Path(out).expanduser().resolve().parent
+    if not parent.is_dir():
+        raise StatsError(f"cannot write {out}: the folder {parent} does not exist; create it or choose another --out")
+    if not os.access(parent, os.W_OK):
+        raise StatsError(f"cannot write {out}: the folder {parent} is not writable; choose another --out")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the ``stats`` command from parsed arguments; returns the exit code."""
     from saestore.reader import open_run
 
     require_extras(args.out, args.scheduler)
+    _check_out(args.out)
     t0 = time.perf_counter()
     ds = open_run(args.run)
     lazy = compute_stat(ds, args)
