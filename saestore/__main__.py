@@ -39,6 +39,8 @@ def _registry(args: argparse.Namespace):
 
 
 def _cmd_runs(args: argparse.Namespace) -> int:
+    from saestore.registry import shown_status
+
     reg = _registry(args)
     if args.action == "list":
         rows = reg.list(model=args.model, dataset=args.dataset)
@@ -46,12 +48,15 @@ def _cmd_runs(args: argparse.Namespace) -> int:
             print("no runs")
         for r in rows:
             tokens = f"{r.n_tokens:,}" if r.n_tokens is not None else "-"
-            print(f"{r.status:<9} {r.started_at}  {r.model:<24} {r.dataset:<10} {tokens:>12} tok  {r.path}")
+            print(f"{shown_status(r):<11} {r.started_at}  {r.model:<24} {r.dataset:<10} {tokens:>12} tok  {r.path}")
         return 0
     if not args.run:
         raise SaestoreError("runs show needs a run path or name")
     rec = reg.get(args.run)
-    print(json.dumps(rec.__dict__, indent=2, sort_keys=True))
+    shown = {**rec.__dict__, "status": shown_status(rec)}
+    if shown["status"] != rec.status:
+        shown["registry_status"] = rec.status
+    print(json.dumps(shown, indent=2, sort_keys=True))
     return 0
 
 

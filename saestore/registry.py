@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
+import socket
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,6 +65,32 @@ class RunRecord:
     finished_at: str | None
     wall_s: float | None
     error: str | None
+
+
+def shown_status(record: RunRecord) -> str:
+    """The status to show for a run: ``interrupted`` for a ``running`` row whose writer is gone (the
+    run's lock file names a process of this host that no longer exists, or the run is there and its
+    lock file is not: a writer removes it only on a clean exit, which also updates the row),
+    else the stored status. A writer on another host cannot be checked, so it stays ``running``."""
+    if record.status != "running":
+        return record.status
+    from saestore.lock import RunLock
+
+    lock = RunLock(record.path)
+    if lock.path is None:
+        return record.status
+    holder = lock.holder()
+    if holder is None:
+        return "interrupted" if Path(record.path).exists() and not lock.path.exists() else record.status
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return record.status
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return "interrupted"
+    except PermissionError:  # alive, another user's
+        return record.status
+    return record.status
 
 
 class Registry:

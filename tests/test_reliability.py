@@ -216,6 +216,13 @@ def assert_same_run(path: Path, ref: Path, registry: Path | None = None) -> None
         assert status == ("complete",), status
 
 
+def _shown_status(registry: Path, path: Path) -> str:
+    """What ``runs list`` shows for the run at ``path``."""
+    from saestore.registry import Registry, shown_status
+
+    return next(shown_status(r) for r in Registry(registry).list() if Path(r.path).resolve() == path.resolve())
+
+
 def assert_marked_chunks_match(path: Path, ref: Path) -> int:
     """After a kill: every doc-chunk with a marker holds exactly the reference's bytes. Returns how many."""
     if not (path / protocol.PROGRESS_PATH / "zarr.json").exists():
@@ -283,6 +290,8 @@ def test_kill_at_every_fault_point_then_resume_exactly(procs, reference):
             marked = assert_marked_chunks_match(path, ref)
             if name.startswith("writer-behind"):
                 assert marked < 2, f"{name}: the kill found the writer caught up ({marked} doc-chunks marked)"
+            if name.startswith(("forward", "payload", "before-marker", "after-marker", "writer-behind")):
+                assert _shown_status(reference["registry"], path) == "interrupted", f"{name}: killed run not shown as interrupted"
         code = _run(procs, out, name, cache)
         assert code == 0, f"{name}: the rerun after {faults} failed"
         assert_same_run(path, ref, reference["registry"])
@@ -453,8 +462,10 @@ def test_second_writer_refused_then_dead_holder_taken_over(procs, reference):
     holder = rf"pid {first.proc.pid} on host {socket.gethostname()} since \d{{4}}-\d\d-\d\dT"
     assert re.search(holder, err), err
     np.testing.assert_array_equal(read_progress(path), marked)  # the refused writer wrote nothing
+    assert _shown_status(reference["registry"], path) == "running"  # its writer is alive
     first.proc.kill()  # SIGKILL while holding the lock
     assert first.wait() == -signal.SIGKILL
+    assert _shown_status(reference["registry"], path) == "interrupted"  # runs list: the writer is gone
     lock = Path(str(path) + ".lock")
     assert json.loads(lock.read_text())["pid"] == first.proc.pid  # left behind, naming the dead holder
     assert _run(procs, out, name, cache) == 0
