@@ -157,8 +157,9 @@ class Coordinator:
         lines = [f"run: {self.path}", f"status: {attrs.status}",
                  f"authors: {len(layout.authors)}  documents: {sum(layout.n_docs)}  tokens: {n_tokens:,}  "
                  f"nonzeros: {n_nonzero:,}",
-                 f"bytes on disk: {_du(self.path):,}  wall time: {wall:.1f}s  "
-                 f"({stats.n_tokens / max(wall, 1e-9):,.0f} tokens/s this session)"]
+                 f"bytes on disk: {_du(self.path):,}  wall time: {wall:.1f}s = extraction {stats.extract_s:.1f}s "
+                 f"({stats.n_tokens / max(stats.extract_s, 1e-9):,.0f} tokens/s this session) + start-up and "
+                 f"finish {max(wall - stats.extract_s, 0.0):.1f}s (imports, model and SAE loading, store creation)"]
         for key, nnz in sorted(stats.nnz.items()):
             lt, layer = key.split("/")
             expected = attrs.saes[lt][layer].expected_l0

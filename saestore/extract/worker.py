@@ -55,6 +55,8 @@ class WorkerStats:
     n_tokens: int = 0
     nnz: dict[str, int] = field(default_factory=dict)  # "res/3" -> nonzeros
     seconds: float = 0.0
+    extract_s: float = 0.0
+    """seconds from the first forward to the last doc-chunk written (model loading excluded)."""
     failed: dict[str, str] = field(default_factory=dict)  # author -> error
 
     @classmethod
@@ -70,6 +72,7 @@ class WorkerStats:
             total.n_docs += s.n_docs
             total.n_tokens += s.n_tokens
             total.seconds = max(total.seconds, s.seconds)
+            total.extract_s = max(total.extract_s, s.extract_s)
             total.failed.update(s.failed)
             for k, v in s.nnz.items():
                 total.nnz[k] = total.nnz.get(k, 0) + v
@@ -365,6 +368,7 @@ def run_worker(path: str, cfg: ExtractConfig, specs: Sequence[SAESpec], work: Se
         author_idx, chunk_idx, docs, part = job
         writer.write_chunk(author_idx, chunk_idx, ex.chunk_data(docs, part))
 
+    t_loop = time.perf_counter()
     try:
         with ChunkSink(write, WRITE_AHEAD if write_ahead is None else write_ahead) as sink:
             try:
@@ -387,6 +391,7 @@ def run_worker(path: str, cfg: ExtractConfig, specs: Sequence[SAESpec], work: Se
                 for rest in work[first:]:
                     stats.failed.setdefault(rest.author, f"{type(e).__name__}: {e}")
     finally:
+        stats.extract_s = time.perf_counter() - t_loop
         if pbar is not None:
             pbar.close()
     stats.seconds = time.perf_counter() - t0
