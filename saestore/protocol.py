@@ -23,7 +23,7 @@ from saestore.errors import ProtocolError, ProtocolVersionError
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION: Final = "1.1"
+PROTOCOL_VERSION: Final = "1.2"
 LAYOUT: Final = "saestore.run"
 ATTRS_KEY: Final = "saestore"  # the root attribute holding RunAttrs
 PROGRESS_PATH: Final = "_saestore/progress"
@@ -32,9 +32,13 @@ PROGRESS_FIELDS: Final = ("done", "n_valid_tokens", "n_nonzero", "written_at_ns"
 SAE_DIMS: Final = ("author", "layer", "doc", "tok", "feature")
 TOKEN_DIMS: Final = ("author", "doc", "tok")
 DOC_DIMS: Final = ("author", "doc")
-SAE_TOKEN_DIMS: Final = ("author", "layer", "doc", "tok")
 SAE_DOC_DIMS: Final = ("author", "layer", "doc")
-COORDS: Final = ("author", "layer", "doc", "tok", "feature")
+METRIC_DIMS: Final = ("author", "layer", "doc", "tok", "metric")
+COORDS: Final = ("author", "layer", "doc", "tok", "feature", "metric")
+#: the protocol version that added each coordinate (absent: 1.0)
+COORDS_SINCE: Final = {"metric": "1.2"}
+#: the default documents per shard (a multiple of chunk_docs near it is used; PROTOCOL.md §2.3)
+DEFAULT_SHARD_DOCS: Final = 128
 Status = Literal["running", "complete", "failed"]
 StorageFormat = Literal["sparse", "dense"]
 ValueDtype = Literal["float32", "float16", "bfloat16"]
@@ -89,12 +93,19 @@ class VariableSpec:
         return float("nan") if self.fill_value == "NaN" else self.fill_value
 
     def chunk_shape(self, shape: tuple[int, ...], chunk_docs: int) -> tuple[int, ...]:
-        """§2.3: one chunk per author, layer and doc-chunk, whole along ``tok`` and ``feature``; a
-        variable without a ``doc`` dim is one chunk."""
+        """§2.3: one chunk per author, layer and doc-chunk, whole along ``tok``, ``feature`` and
+        ``metric``; a variable without a ``doc`` dim is one chunk."""
         if "doc" not in self.dims:
             return tuple(shape)
         per_dim = {"author": 1, "layer": 1, "doc": chunk_docs}
         return tuple(per_dim.get(d, n) for d, n in zip(self.dims, shape, strict=True))
+
+    def shard_shape(self, shape: tuple[int, ...], storage: StorageInfo) -> tuple[int, ...] | None:
+        """§2.3: the shard of a variable with a ``doc`` dim is its chunk with ``shard_docs`` documents;
+        None for variables without one and for unsharded (1.1) stores."""
+        if "doc" not in self.dims or storage.shard_docs is None:
+            return None
+        return self.chunk_shape(shape, storage.shard_docs)
 
     def data_type(self, storage: StorageInfo) -> str:
         """The array's Zarr data type: dense SAE arrays store their value dtype, the rest as listed."""
@@ -112,8 +123,7 @@ class VariableSpec:
         elif self.is_sae:
             serializer, level = ("bytes", {"endian": "little"}), DENSE_ZSTD_LEVEL
         else:
-            serializer = ("vlen-utf8", {}) if self.dtype == "string" else ("bytes", {"endian": "little"})
-            level = VARIABLE_ZSTD_LEVEL
+            return plain_codecs(self.dtype)
         return (serializer, ("zstd", {"level": level, "checksum": False}), ("crc32c", {}))
 
     def for_layer_type(self, layer_type: str) -> VariableSpec:
@@ -128,18 +138,39 @@ class VariableSpec:
         return self.name == ph or self.name.startswith(ph + "_")
 
 
+def plain_codecs(dtype: str) -> tuple[Codec, ...]:
+    """§5.1: the chain of every array but the SAE variables (per-token and per-document variables,
+    coordinates, progress markers): ``bytes`` (little-endian), or ``vlen-utf8`` for strings, then
+    zstd, then crc32c."""
+    serializer: Codec = ("vlen-utf8", {}) if dtype == "string" else ("bytes", {"endian": "little"})
+    return (serializer, ("zstd", {"level": VARIABLE_ZSTD_LEVEL, "checksum": False}), ("crc32c", {}))
+
+
+def _load_variables_json() -> dict[str, Any]:
+    return json.loads((Path(__file__).resolve().parent / "schema" / "variables.json").read_text(encoding="utf-8"))
+
+
 def _load_table() -> tuple[VariableSpec, ...]:
-    data = json.loads((Path(__file__).resolve().parent / "schema" / "variables.json").read_text(encoding="utf-8"))
-    return tuple(VariableSpec(**{**v, "dims": tuple(v["dims"])}) for v in data["variables"])
+    return tuple(VariableSpec(**{**v, "dims": tuple(v["dims"])}) for v in _load_variables_json()["variables"])
+
+
+def _load_metrics() -> dict[str, str]:
+    return {m["name"]: m["meaning"] for m in _load_variables_json()["metrics"]}
 
 
 #: every row of schema/variables.json, in its order (``T`` rows are templates, one per layer type)
 VARIABLE_TABLE: Final = _load_table()
 #: the always-present variables without a layer type (PROTOCOL.md §2.2)
 VARIABLES: Final = tuple(v for v in VARIABLE_TABLE if not v.per_layer_type and v.when is None)
-#: per-token reconstruction metrics stored for every SAE (PROTOCOL.md §2.6), as ``{layer_type}_{field}``
-QUALITY_FIELDS: Final = {v.name[len(LAYER_TYPE_PLACEHOLDER) + 1:]: v.meaning for v in VARIABLE_TABLE
-                         if v.per_layer_type and v.dims == SAE_TOKEN_DIMS}
+#: per-token reconstruction metrics stored for every SAE (PROTOCOL.md §2.6): the ``metric`` coordinate
+#: of the ``{layer_type}_quality`` variables, in order, and what each means
+QUALITY_METRICS: Final = _load_metrics()
+QUALITY_FIELDS: Final = QUALITY_METRICS  # the name 1.1 code used
+
+
+def quality_name(layer_type: str) -> str:
+    """The variable holding the §2.6 per-token metrics of one layer type (``res_quality`` …)."""
+    return next(v for v in VARIABLE_TABLE if v.dims == METRIC_DIMS).for_layer_type(layer_type).name
 
 
 def run_variables(layer_types: tuple[str, ...], *, options: tuple[str, ...] = ()) -> tuple[VariableSpec, ...]:
@@ -205,6 +236,11 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def default_shard_docs(chunk_docs: int) -> int:
+    """The multiple of ``chunk_docs`` nearest ``DEFAULT_SHARD_DOCS`` (at least ``chunk_docs``)."""
+    return chunk_docs * max(1, round(DEFAULT_SHARD_DOCS / chunk_docs))
+
+
 @dataclass(frozen=True, kw_only=True)
 class StorageInfo:
     """How the SAE variables are stored."""
@@ -215,6 +251,20 @@ class StorageInfo:
     """dtype of the stored nonzero values (the arrays are always float32)."""
     chunk_docs: int
     """documents per chunk along ``doc``; the progress unit is one (author, doc-chunk)."""
+    shard_docs: int | None | Literal["auto"] = "auto"
+    """documents per shard along ``doc``, a multiple of ``chunk_docs``: variables with a ``doc`` dim are
+    Zarr ``sharding_indexed`` arrays whose inner chunks are the chunks above (§2.3). ``auto``: the
+    multiple of ``chunk_docs`` nearest ``DEFAULT_SHARD_DOCS``; None: unsharded (stores of protocol
+    1.1 and earlier)."""
+
+    def __post_init__(self) -> None:
+        if self.shard_docs == "auto":
+            object.__setattr__(self, "shard_docs", default_shard_docs(self.chunk_docs))
+
+    @property
+    def chunks_per_shard(self) -> int:
+        """Doc-chunks per shard: the unit a writer stores whole and a rerun redoes (1 when unsharded)."""
+        return 1 if self.shard_docs is None else int(self.shard_docs) // self.chunk_docs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -260,7 +310,9 @@ class RunAttrs:
         known = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in data.items() if k in known}  # newer minor versions may add keys
         storage_fields = {f.name for f in dataclasses.fields(StorageInfo)}
-        kw["storage"] = StorageInfo(**{k: v for k, v in kw["storage"].items() if k in storage_fields})
+        # a store without shard_docs (protocol <= 1.1) is unsharded
+        kw["storage"] = StorageInfo(**{"shard_docs": None,
+                                       **{k: v for k, v in kw["storage"].items() if k in storage_fields}})
         sae_fields = {f.name for f in dataclasses.fields(SAEInfo)}
         kw["saes"] = {lt: {layer: SAEInfo(**{k: v for k, v in info.items() if k in sae_fields})
                            for layer, info in by_layer.items()}

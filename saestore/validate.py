@@ -74,7 +74,11 @@ def run_specs(group: zarr.Group, attrs: protocol.RunAttrs) -> tuple[protocol.Var
 
 def _required(spec: protocol.VariableSpec, version: str) -> bool:
     """Whether a store of protocol ``version`` must hold ``spec`` (variables are added in minor versions)."""
-    return tuple(map(int, spec.since.split("."))) <= tuple(map(int, version.split(".")))
+    return _required_since(spec.since, version)
+
+
+def _required_since(since: str, version: str) -> bool:
+    return tuple(map(int, since.split("."))) <= tuple(map(int, version.split(".")))
 
 
 def _check_array(arr: zarr.Array, spec: protocol.VariableSpec, storage: protocol.StorageInfo) -> list[str]:
@@ -86,16 +90,32 @@ def _check_array(arr: zarr.Array, spec: protocol.VariableSpec, storage: protocol
     want_dtype = spec.data_type(storage)
     if meta["data_type"] != want_dtype:
         out.append(f"data_type {meta['data_type']} != {want_dtype}")
-    chunks = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+    grid = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+    codecs = meta["codecs"]
+    want_shard = spec.shard_shape(tuple(arr.shape), storage)
+    sharding = codecs[0]["configuration"] if len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed" else None
+    if sharding is not None:
+        chunks, codecs = tuple(sharding["chunk_shape"]), list(sharding["codecs"])
+        index = [(c["name"], c.get("configuration", {})) for c in sharding["index_codecs"]]
+        if want_shard is not None and grid != want_shard:
+            out.append(f"shard shape {grid} breaks the sharding rule (PROTOCOL.md §2.3: {want_shard})")
+        if index != [("bytes", {"endian": "little"}), ("crc32c", {})] or sharding.get("index_location", "end") != "end":
+            out.append(f"shard index {index} at {sharding.get('index_location')} is not bytes (little) + crc32c at "
+                       "the end (PROTOCOL.md §2.3)")
+    else:
+        chunks = grid
+    if (sharding is None) != (want_shard is None):
+        out.append("sharded, but PROTOCOL.md §2.3 says unsharded" if want_shard is None else
+                   f"not sharded; PROTOCOL.md §2.3 says shards of {want_shard}")
     if chunks != spec.chunk_shape(tuple(arr.shape), storage.chunk_docs):
         out.append(f"chunk shape {chunks} breaks the chunking rule (PROTOCOL.md §2.3)")
-    names = [c["name"] for c in meta["codecs"]]
+    names = [c["name"] for c in codecs]
     want = [name for name, _ in spec.codecs(storage)]
     if names != want:
         out.append(f"codec chain {names} != {want}")
     elif want[0] == "saestore.sparse_coo":
         try:
-            protocol.validate_json(meta["codecs"][0], "sparse_coo_codec")
+            protocol.validate_json(codecs[0], "sparse_coo_codec")
         except SaestoreError as e:
             out.append(str(e))
     if meta["fill_value"] != spec.fill_value:
@@ -106,7 +126,7 @@ def _check_array(arr: zarr.Array, spec: protocol.VariableSpec, storage: protocol
 def _check_layout(group: zarr.Group, attrs: protocol.RunAttrs, where: str) -> list[Problem]:
     problems = []
     for name in protocol.COORDS:
-        if name not in group:
+        if name not in group and _required_since(protocol.COORDS_SINCE.get(name, "1.0"), attrs.protocol_version):
             problems.append(Problem(kind="layout", where=name, message="coordinate array is missing"))
     for spec in run_specs(group, attrs):
         try:
@@ -121,7 +141,30 @@ def _check_layout(group: zarr.Group, attrs: protocol.RunAttrs, where: str) -> li
         problems += [Problem(kind="layout", where=spec.name, message=m) for m in _check_array(arr, spec, attrs.storage)]
     if protocol.PROGRESS_PATH not in group:
         problems.append(Problem(kind="layout", where=protocol.PROGRESS_PATH, message="progress array is missing"))
+    elif _required_since("1.2", attrs.protocol_version):  # chains and progress layout exact since 1.2
+        for name in (*protocol.COORDS, protocol.PROGRESS_PATH):
+            if name in group:
+                problems += [Problem(kind="layout", where=name, message=m) for m in _check_plain(group, name, attrs)]
     return problems
+
+
+def _check_plain(group: zarr.Group, name: str, attrs: protocol.RunAttrs) -> list[str]:
+    """A coordinate's or the progress array's metadata against §2.1, §3 and §5.1."""
+    meta = group[name].metadata.to_dict()
+    dtype = "string" if meta["data_type"] == "string" else meta["data_type"]
+    names = [c["name"] for c in meta["codecs"]]
+    want = [n for n, _ in protocol.plain_codecs(dtype)]
+    out = [] if names == want else [f"codec chain {names} != {want}"]
+    if name == protocol.PROGRESS_PATH:
+        grid = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+        want_grid = (1, attrs.storage.chunks_per_shard, len(protocol.PROGRESS_FIELDS))
+        if grid != want_grid:
+            out.append(f"chunk shape {grid} != {want_grid} (one chunk per author and shard, PROTOCOL.md §3)")
+        if list(meta.get("attributes", {}).get("fields", [])) != list(protocol.PROGRESS_FIELDS):
+            out.append(f"attribute 'fields' != {list(protocol.PROGRESS_FIELDS)}")
+    elif tuple(meta.get("dimension_names") or ()) != (name,):
+        out.append(f"dimension_names {meta.get('dimension_names')} != [{name!r}]")
+    return out
 
 
 def _grid(arr: zarr.Array) -> list[tuple[int, ...]]:
@@ -130,11 +173,11 @@ def _grid(arr: zarr.Array) -> list[tuple[int, ...]]:
     return [tuple(int(i) for i in idx) for idx in np.ndindex(*counts)]
 
 
-def _block(arr: zarr.Array, coords: tuple[int, ...], keep: int) -> np.ndarray:
-    """Chunk ``coords`` of ``arr`` as its last ``keep`` axes (zarr 3.1 drops the axes an integer block
-    index selects, zarr >= 3.2 keeps them with length 1)."""
-    block = np.asarray(arr.blocks[coords])
-    return block.reshape(block.shape[-keep:])
+def _block(arr: zarr.Array, coords: tuple[int, ...], keep: int | None = None) -> np.ndarray:
+    """(Inner) chunk ``coords`` of ``arr``, up to the array edge, as its last ``keep`` axes (all by default)."""
+    region = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(coords, arr.chunks, arr.shape, strict=True))
+    block = np.asarray(arr[region])
+    return block if keep is None else block.reshape(block.shape[-keep:])
 
 
 def _is_fill(values: np.ndarray, spec: protocol.VariableSpec) -> np.ndarray:
@@ -165,12 +208,14 @@ def _token_problems(group: zarr.Group, specs: Sequence[protocol.VariableSpec], a
         if rule is None or spec.name not in group:
             continue
         layered = "layer" in spec.dims
-        per_doc = spec.dims[-1] == "doc"
+        trailing = len(spec.dims) - spec.dims.index("doc")  # doc, then tok and metric if it has them
         for li in range(n_layers) if layered else (None,):
-            coords = (a, *(() if li is None else (li,)), c, *(() if per_doc else (0,)))
-            values = _block(group[spec.name], coords, 1 if per_doc else 2)
+            coords = (a, *(() if li is None else (li,)), c, *(0,) * (trailing - 1))
+            values = _block(group[spec.name], coords, trailing)
             blocks.setdefault(spec.name, values)
             fill = _is_fill(values, spec)
+            if fill.ndim > mask.ndim:  # per-token metrics: a token is padding-like only if all of them are
+                fill = fill.all(axis=tuple(range(mask.ndim, fill.ndim)))
             label = spec.name if li is None else f"{spec.name} (layer position {li})"
             if rule == "exactly":
                 check(fill == ~mask, label, f"{spec.fill_value!r} exactly at {where}")
@@ -246,7 +291,7 @@ def _decode_chunks(group: zarr.Group, specs: Sequence[protocol.VariableSpec], la
                 if sparse_var:
                     count = read_chunk_acts(arr, coords).nnz
                 else:
-                    block = arr.blocks[coords]
+                    block = _block(arr, coords)
                     count = int(np.count_nonzero(block)) if spec.is_sae else 0
                     if spec.name == "valid_mask":
                         stored.n_valid[(a, c)] += int(np.count_nonzero(block))

@@ -81,6 +81,10 @@ class RunLayout:
             raise SaestoreError("every author needs at least one document")
         if self.n_tok < 1 or self.n_features < 1 or self.storage.chunk_docs < 1:
             raise SaestoreError("n_tok, n_features and chunk_docs must be positive")
+        sd, cd = self.storage.shard_docs, self.storage.chunk_docs
+        if sd is not None and (sd < cd or sd % cd):
+            raise SaestoreError(f"shard_docs {sd} is not a multiple of chunk_docs {cd}: pass --shard_docs "
+                                f"{max(cd, sd // cd * cd)} or {(sd // cd + 1) * cd}")
         bad = set(self.layer_types) - set(protocol.LAYER_TYPES)
         if bad or not self.layer_types:
             raise SaestoreError(f"layer types must be a non-empty subset of {protocol.LAYER_TYPES}, got {self.layer_types}")
@@ -124,6 +128,21 @@ class RunLayout:
     def chunk_docs_range(self, author_idx: int, chunk_idx: int) -> range:
         cd = self.storage.chunk_docs
         return range(chunk_idx * cd, min((chunk_idx + 1) * cd, self.n_docs[author_idx]))
+
+    @property
+    def chunks_per_shard(self) -> int:
+        return self.storage.chunks_per_shard
+
+    def shard_chunks(self, author_idx: int, shard_idx: int) -> range:
+        """The doc-chunks of author ``author_idx`` in shard ``shard_idx``: written together, redone together."""
+        k = self.chunks_per_shard
+        return range(shard_idx * k, min((shard_idx + 1) * k, self.n_chunks(author_idx)))
+
+    def shard_span(self, shard_idx: int) -> range:
+        """The documents shard ``shard_idx`` covers in every array, up to the array edge (``max_docs``)."""
+        k = self.chunks_per_shard
+        return range(self.chunk_span(shard_idx * k).start,
+                     self.chunk_span(min((shard_idx + 1) * k, self.n_chunks_max) - 1).stop)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -218,7 +237,8 @@ def create_run(
     A, L, D, T, F = len(layout.authors), len(layout.layers), layout.max_docs, layout.n_tok, layout.n_features
 
     def coord(name: str, values: np.ndarray, dtype: Any) -> None:
-        arr = group.create_array(name, shape=values.shape, dtype=dtype, chunks=values.shape,
+        codecs = zarr_codecs(protocol.plain_codecs("string" if dtype is str else dtype))
+        arr = group.create_array(name, shape=values.shape, dtype=dtype, chunks=values.shape, **codecs,
                                  dimension_names=[name], fill_value=None if dtype is str else 0)
         arr[...] = values
         faults.point("create_array")
@@ -228,12 +248,14 @@ def create_run(
     coord("doc", np.arange(D, dtype=np.int64), "int64")
     coord("tok", np.arange(T, dtype=np.int64), "int64")
     coord("feature", np.arange(F, dtype=np.int64), "int64")
+    coord("metric", np.array(list(protocol.QUALITY_METRICS), dtype=object), str)
 
-    sizes = {"author": A, "layer": L, "doc": D, "tok": T, "feature": F}
+    sizes = {"author": A, "layer": L, "doc": D, "tok": T, "feature": F, "metric": len(protocol.QUALITY_METRICS)}
     for spec in layout.variables():
         shape = tuple(sizes[d] for d in spec.dims)
         dtype = spec.data_type(layout.storage)
         group.create_array(spec.name, shape=shape, chunks=spec.chunk_shape(shape, cd),
+                           shards=spec.shard_shape(shape, layout.storage),
                            dtype=str if dtype == "string" else dtype, fill_value=spec.zarr_fill_value,
                            dimension_names=list(spec.dims), attributes={"long_name": spec.meaning},
                            **zarr_codecs(spec.codecs(layout.storage)))
@@ -241,8 +263,8 @@ def create_run(
     group["n_docs"][...] = np.array(layout.n_docs, dtype=np.int32)
     progress = zarr.open_group(path, mode="a", path=protocol.PROGRESS_PATH.rsplit("/", 1)[0])
     progress.create_array(protocol.PROGRESS_PATH.rsplit("/", 1)[1], shape=(A, layout.n_chunks_max, len(protocol.PROGRESS_FIELDS)),
-                          chunks=(1, 1, len(protocol.PROGRESS_FIELDS)), dtype="int64", fill_value=0,
-                          dimension_names=["author", "doc_chunk", "field"],
+                          chunks=(1, layout.chunks_per_shard, len(protocol.PROGRESS_FIELDS)), dtype="int64", fill_value=0,
+                          dimension_names=["author", "doc_chunk", "field"], **zarr_codecs(protocol.plain_codecs("int64")),
                           attributes={"fields": list(protocol.PROGRESS_FIELDS)})
     attrs = replace(attrs, status="running", created_at=_now(), finalized_at=None,
                     library_versions=protocol.library_versions())
@@ -334,8 +356,28 @@ def finalize_run(path: str | Path, *, failed_authors: Sequence[str] = ()) -> Run
     return attrs
 
 
+@dataclass
+class _OpenShard:
+    """The doc-chunks of one (author, shard) received so far, held until the shard's last one."""
+
+    author_idx: int
+    shard_idx: int
+    sae: dict[tuple[str, int], dict[int, bytes]] = field(default_factory=dict)
+    """(layer type, layer) → inner-chunk position → serializer bytes (absent: no value stored)."""
+    values: dict[tuple[str, int | None], dict[int, np.ndarray]] = field(default_factory=dict)
+    """(variable, layer or None) → doc-chunk → its documents' values."""
+    markers: dict[int, tuple[int, int]] = field(default_factory=dict)
+    """doc-chunk → (valid tokens, nonzeros) for its progress marker."""
+
+
 class RunWriter:
-    """A worker's handle on a run: writes whole (author, doc-chunk) units and their markers."""
+    """A worker's handle on a run: writes whole shards of its authors' doc-chunks, then their markers.
+
+    :meth:`write_chunk` takes one (author, doc-chunk) at a time, in order; SAE chunks are encoded at
+    once (only their bytes are held), and when the last doc-chunk of a shard arrives the whole shard
+    of every variable is stored, then the markers of all its doc-chunks in one write (PROTOCOL.md §3,
+    §6). Host memory therefore holds at most one shard's encoded SAE chunks and per-token values.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
@@ -343,17 +385,24 @@ class RunWriter:
         self.layout = read_layout(self.group)
         self.arrays = {spec.name: self.group[spec.name] for spec in self.layout.variables()}
         self.progress = zarr.open_array(self.path, path=protocol.PROGRESS_PATH, mode="r+")
+        self._open: _OpenShard | None = None
 
     def done_chunks(self, author_idx: int) -> set[int]:
-        """Doc-chunks of this author whose progress marker is set."""
+        """Doc-chunks of this author whose progress marker is set and whose whole shard is done (a
+        shard is redone whole: PROTOCOL.md §3)."""
         marks = _read_markers(self.progress, (author_idx, slice(None), 0), self.path)
-        return {int(c) for c in np.flatnonzero(marks == 1)}
+        done = {int(c) for c in np.flatnonzero(marks == 1)}
+        n_shards = math.ceil(self.layout.n_chunks(author_idx) / self.layout.chunks_per_shard)
+        return {c for s in range(n_shards) for chunks in [self.layout.shard_chunks(author_idx, s)]
+                if all(x in done for x in chunks) for c in chunks}
 
     def write_chunk(self, author_idx: int, chunk_idx: int, data: ChunkData) -> None:
-        """Write every payload of one (author, doc-chunk), then its progress marker.
+        """Take one (author, doc-chunk); store its shard when it is the shard's last doc-chunk.
 
-        A failing write (disk full, I/O error) raises :class:`StoreWriteError` naming the payload;
-        that doc-chunk is left without a marker, and every doc-chunk with a marker is untouched.
+        The doc-chunks of a shard must arrive in order; one of another shard drops the doc-chunks held
+        for an unfinished shard (they have no marker and are redone by a rerun). A failing write (disk
+        full, I/O error) raises :class:`StoreWriteError` naming the payload; that shard is left without
+        markers, and every doc-chunk with a marker is untouched.
         """
         layout = self.layout
         docs = layout.chunk_docs_range(author_idx, chunk_idx)
@@ -362,41 +411,99 @@ class RunWriter:
             raise SaestoreError(f"chunk {chunk_idx} of author {layout.authors[author_idx]!r} has no documents")
         if data.valid_DT.shape != (n_d, n_t):
             raise SaestoreError(f"chunk data covers {data.valid_DT.shape}, expected {(n_d, n_t)}")
-        nnz = 0
-        steps: list[tuple[str, Callable[[], None]]] = []
-        for (lt, layer), acts in data.acts.items():
-            li = layout.layers.index(layer)
-            if isinstance(acts, SparseActs):
-                nnz += acts.nnz
-                steps.append((f"{lt} layer {layer}", partial(self._write_sae_sparse, lt, author_idx, li, chunk_idx, acts)))
-            else:
-                nnz += int(np.count_nonzero(acts))
-                steps.append((f"{lt} layer {layer}",
-                              partial(self._write_sae_dense, lt, author_idx, li, chunk_idx, np.asarray(acts))))
-        # every other variable of the table covers the chunk up to the array edge (no partial writes)
-        span = layout.chunk_span(chunk_idx)
         given = data.variables()
-        for spec in layout.variables():
-            if spec.is_sae:
-                continue
-            for layer, values in self._values_of(spec, given, data):
-                arr = self.arrays[spec.name]
-                index = (author_idx,) if layer is None else (author_idx, layout.layers.index(layer))
-                dtype = object if spec.dtype == "string" else spec.dtype
-                full = np.full((len(span), *arr.shape[len(index) + 1:]), spec.zarr_fill_value, dtype=dtype)
-                full[:n_d] = values
-                steps.append((spec.name, partial(arr.__setitem__, (*index, slice(span.start, span.stop)), full)))
         unknown = sorted({*given, *(name for name, _ in data.per_sae)} - set(self.arrays))
         if unknown:
             raise SaestoreError(f"{', '.join(unknown)}: not a variable of this run (PROTOCOL.md §2.2, §2.6)")
-        n_valid = int(np.count_nonzero(data.valid_DT))
-        for what, write in steps:
-            self._guarded(what, author_idx, chunk_idx, write)
+        k = layout.chunks_per_shard
+        shard_idx, pos = divmod(chunk_idx, k)
+        shard = self._open
+        expected = layout.shard_chunks(author_idx, shard_idx)[0] if shard is None or \
+            (shard.author_idx, shard.shard_idx) != (author_idx, shard_idx) else max(shard.markers) + 1
+        if chunk_idx != expected:
+            raise SaestoreError(f"doc-chunk {chunk_idx} of author {layout.authors[author_idx]!r} arrived out of order: "
+                                f"the doc-chunks of a shard are written in order, from {expected}")
+        if shard is None or (shard.author_idx, shard.shard_idx) != (author_idx, shard_idx):
+            if shard is not None:
+                log.debug("dropping the unfinished shard %d of author %r", shard.shard_idx,
+                          layout.authors[shard.author_idx])
+            shard = self._open = _OpenShard(author_idx=author_idx, shard_idx=shard_idx)
+        nnz = 0
+        for (lt, layer), acts in data.acts.items():
+            raw, count = self._sae_bytes(acts)
+            nnz += count
+            chunks = shard.sae.setdefault((lt, layer), {})
+            if raw is not None:
+                chunks[pos] = raw
+        for spec in layout.variables():
+            if not spec.is_sae:
+                for layer, values in self._values_of(spec, given, data):
+                    shard.values.setdefault((spec.name, layer), {})[chunk_idx] = values
+        shard.markers[chunk_idx] = (int(np.count_nonzero(data.valid_DT)), nnz)
+        if chunk_idx == layout.shard_chunks(author_idx, shard_idx)[-1]:
+            self._open = None
+            self._store_shard(shard)
+
+    def _sae_bytes(self, acts: SparseActs | np.ndarray) -> tuple[bytes | None, int]:
+        """The serializer bytes of one SAE chunk (None: no value, the chunk is absent) and its nonzeros."""
+        cd, n_t, n_f = self.layout.storage.chunk_docs, self.layout.n_tok, self.layout.n_features
+        if acts.shape[1:] != (n_t, n_f) or acts.shape[0] > cd:
+            raise StoreWriteError(f"nonzeros of shape {acts.shape} do not fit a ({cd}, {n_t}, {n_f}) chunk")
+        if self.layout.storage.format == "sparse":
+            if not isinstance(acts, SparseActs):
+                acts = SparseActs.from_dense(np.asarray(acts))
+            raw = sparse_coo.encode_rows(cd * n_t, n_f, acts.rows, acts.cols, acts.values,
+                                         self.layout.storage.value_dtype)
+            stored = sparse_coo.read_header(raw).nnz  # after rounding to value_dtype (underflow drops values)
+            # like zarr with write_empty_chunks=False: a chunk storing no value is absent
+            return (raw if stored else None), stored
+        if isinstance(acts, SparseActs):
+            acts = acts.to_dense()
+        dtype = np.dtype(self.layout.storage.value_dtype).newbyteorder("<")
+        full = np.zeros((cd, n_t, n_f), dtype=dtype)
+        full[: acts.shape[0]] = acts
+        count = int(np.count_nonzero(full))
+        return (full.tobytes() if count else None), count
+
+    def _store_shard(self, shard: _OpenShard) -> None:
+        """Every payload of one (author, shard), then the markers of its doc-chunks (PROTOCOL.md §3)."""
+        layout = self.layout
+        a, s, k = shard.author_idx, shard.shard_idx, layout.chunks_per_shard
+        chunks = layout.shard_chunks(a, s)
+        span = layout.shard_span(s)
+        what = f"doc-chunks {chunks[0]}–{chunks[-1]}" if len(chunks) > 1 else f"doc-chunk {chunks[0]}"
+        for (lt, layer), inner in shard.sae.items():
+            arr, li = self.arrays[lt], layout.layers.index(layer)
+            if layout.storage.shard_docs is None:  # a 1.1 store: one chunk, stored alone
+                write = (partial(chunkio.write_chunk, arr, (a, li, s, 0, 0), inner[0]) if inner
+                         else partial(chunkio.delete_chunk, arr, (a, li, s, 0, 0)))
+            else:
+                write = partial(chunkio.write_shard, arr, (a, li, s, 0, 0), inner)
+            self._guarded(f"{lt} layer {layer}", a, what, write)
             faults.point("payload")
+        # every other variable is written over the whole shard up to the array edge (no partial writes)
+        for spec in layout.variables():
+            for (name, layer), by_chunk in shard.values.items():
+                if name != spec.name:
+                    continue
+                arr = self.arrays[name]
+                index = (a,) if layer is None else (a, layout.layers.index(layer))
+                full = np.full((len(span), *arr.shape[len(index) + 1:]), spec.zarr_fill_value,
+                               dtype=object if spec.dtype == "string" else spec.dtype)
+                for c, values in by_chunk.items():
+                    start = c * layout.storage.chunk_docs - span.start
+                    full[start : start + len(values)] = values
+                self._guarded(name if layer is None else f"{name} layer {layer}", a, what,
+                              partial(arr.__setitem__, (*index, slice(span.start, span.stop)), full))
+                faults.point("payload")
         faults.point("before_marker")
-        marker = np.array([1, n_valid, nnz, time.time_ns()], dtype=np.int64)
-        self._guarded("progress marker", author_idx, chunk_idx,
-                      partial(self.progress.__setitem__, (author_idx, chunk_idx), marker))
+        first = s * k
+        markers = np.zeros((min(first + k, layout.n_chunks_max) - first, len(protocol.PROGRESS_FIELDS)), np.int64)
+        now = time.time_ns()
+        for c, (n_valid, nnz) in shard.markers.items():
+            markers[c - first] = (1, n_valid, nnz, now)
+        self._guarded("progress markers", a, what,
+                      partial(self.progress.__setitem__, (a, slice(first, first + len(markers))), markers))
         faults.point("after_marker")
 
     @staticmethod
@@ -413,33 +520,11 @@ class RunWriter:
             raise SaestoreError(f"chunk data lacks {spec.name}, which every run stores")
         return []
 
-    def _guarded(self, what: str, author_idx: int, chunk_idx: int, write: Callable[[], None]) -> None:
+    def _guarded(self, what: str, author_idx: int, chunks: str, write: Callable[[], None]) -> None:
         try:
             write()
         except OSError as e:
             raise StoreWriteError(
-                f"writing {what} of author {self.layout.authors[author_idx]!r} doc-chunk {chunk_idx} to {self.path} "
+                f"writing {what} of author {self.layout.authors[author_idx]!r} {chunks} to {self.path} "
                 f"failed: {e} (every doc-chunk with a progress marker is intact)"
             ) from e
-
-    def _write_sae_sparse(self, lt: str, a: int, li: int, c: int, acts: SparseActs) -> None:
-        arr = self.arrays[lt]
-        cd, n_t, n_f = self.layout.storage.chunk_docs, self.layout.n_tok, self.layout.n_features
-        coords = (a, li, c, 0, 0)
-        if acts.shape[1:] != (n_t, n_f) or acts.shape[0] > cd:
-            raise StoreWriteError(f"nonzeros of shape {acts.shape} do not fit a ({cd}, {n_t}, {n_f}) chunk")
-        raw = sparse_coo.encode_rows(cd * n_t, n_f, acts.rows, acts.cols, acts.values,
-                                     self.layout.storage.value_dtype)
-        if sparse_coo.read_header(raw).nnz == 0:  # like zarr with write_empty_chunks=False: absent
-            chunkio.delete_chunk(arr, coords)
-        else:
-            chunkio.write_chunk(arr, coords, raw)
-
-    def _write_sae_dense(self, lt: str, a: int, li: int, c: int, acts_DTF: np.ndarray) -> None:
-        arr = self.arrays[lt]
-        cd = self.layout.storage.chunk_docs
-        start = c * cd
-        stop = min(start + cd, self.layout.max_docs)
-        full = np.zeros((stop - start, self.layout.n_tok, self.layout.n_features), dtype=arr.dtype)
-        full[: acts_DTF.shape[0]] = acts_DTF
-        arr[a, li, start:stop] = full

@@ -18,6 +18,8 @@ import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.core.buffer import cpu, default_buffer_prototype
+from zarr.core.sync import sync
 from zarr.storage import MemoryStore
 
 import saestore
@@ -29,6 +31,16 @@ from saestore.reader import is_sparse_variable
 from tests.helpers.stats_run import write_run
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _keys(store: MemoryStore) -> list[str]:
+    async def collect() -> list[str]:
+        return [k async for k in store.list()]
+    return sync(collect())
+
+
+def _get(store: MemoryStore, key: str) -> bytes:
+    return sync(store.get(key, prototype=default_buffer_prototype())).to_bytes()
 
 
 def _pair(shape, chunks, value_dtype, dtype="float32"):
@@ -139,13 +151,78 @@ def test_arrays_the_direct_path_cannot_serve_are_refused():
     assert not chunkio.is_direct(arr)
     with pytest.raises(ProtocolError, match="filters"):
         chunkio.byte_codecs(arr)
-    sharded = zarr.create_array(MemoryStore(), shape=(4, 8), chunks=(2, 8), shards=(4, 8), dtype="float32",
-                                fill_value=0.0, serializer=SparseCOOCodec(), compressors=[ZstdCodec(level=3)])
-    sharded[...] = np.eye(4, 8, dtype=np.float32)
-    assert not chunkio.is_direct(sharded) and not is_sparse_variable(sharded)  # zarr's own pipeline reads it
-    with pytest.raises(ProtocolError, match="unsharded"):
-        chunkio.chunk_shape(sharded)
-    np.testing.assert_array_equal(sharded[...], np.eye(4, 8, dtype=np.float32))
+    from zarr.codecs import ShardingCodec
+
+    # sharded along two axes, or with the index first: zarr's own pipeline reads them
+    two_axes = zarr.create_array(MemoryStore(), shape=(4, 8), chunks=(2, 4), shards=(4, 8), dtype="float32",
+                                 fill_value=0.0, serializer=SparseCOOCodec(), compressors=[ZstdCodec(level=3)])
+    index_first = zarr.create_array(
+        MemoryStore(), shape=(4, 8), chunks=(4, 8), dtype="float32", fill_value=0.0, compressors=None,
+        serializer=ShardingCodec(chunk_shape=(2, 8), codecs=[SparseCOOCodec()], index_location="start"))
+    for sharded in (two_axes, index_first):
+        sharded[...] = np.eye(4, 8, dtype=np.float32)
+        assert not chunkio.is_direct(sharded) and not is_sparse_variable(sharded)
+        with pytest.raises(ProtocolError, match="sharded along one axis"):
+            chunkio.chunk_shape(sharded)
+        np.testing.assert_array_equal(sharded[...], np.eye(4, 8, dtype=np.float32))
+
+
+def test_sharded_chunks_read_and_write_like_zarrs_sharding_codec():
+    """write_shard's bytes equal zarr's sharding pipeline (absent inner chunks, the edge shard) and
+    read_chunk reads each inner chunk back with two ranged reads."""
+    store = MemoryStore()
+    kw = dict(shape=(2, 10, 8), chunks=(1, 2, 8), shards=(1, 6, 8), dtype="float32", fill_value=0.0,
+              serializer=SparseCOOCodec(), compressors=[ZstdCodec(level=3), Crc32cCodec()])
+    ours, theirs = (zarr.create_array(store, name=n, **kw) for n in ("ours", "theirs"))
+    assert chunkio.is_direct(ours) and is_sparse_variable(ours)
+    assert chunkio.chunk_shape(ours) == (1, 2, 8) and chunkio.shard_shape(ours) == (1, 6, 8)
+    rng = np.random.default_rng(0)
+    dense = np.where(rng.random((2, 10, 8)) < 0.2, rng.random((2, 10, 8)), 0).astype(np.float32)
+    dense[0, 2:4] = 0  # an absent inner chunk in the middle of a shard
+    dense[1, 6:] = 0  # an absent shard
+    theirs[...] = dense
+    for a in range(2):
+        for s in range(2):  # shard 1 is the edge shard: docs 6..9 of a nominal 6..11
+            inner = {}
+            for i in range(3):
+                block = np.zeros((1, 2, 8), np.float32)
+                part = dense[a : a + 1, s * 6 + 2 * i : s * 6 + 2 * i + 2]
+                block[:, : part.shape[1]] = part
+                rows, cols = np.nonzero(block.reshape(2, 8))
+                if len(rows):
+                    inner[i] = sparse_coo.encode_rows(2, 8, rows, cols, block.reshape(2, 8)[rows, cols], "float32")
+            chunkio.write_shard(ours, (a, s, 0), inner)
+    ours_keys = sorted(k for k in _keys(store) if k.startswith("ours/c"))
+    assert [k.replace("ours", "theirs") for k in ours_keys] == sorted(k for k in _keys(store) if k.startswith("theirs/c"))
+    assert len(ours_keys) == 3
+    for k in ours_keys:
+        assert _get(store, k) == _get(store, k.replace("ours", "theirs")), k
+    np.testing.assert_array_equal(ours[...], dense)
+    for coords in [(0, 0, 0), (0, 1, 0), (1, 4, 0), (0, 4, 0)]:
+        raw = chunkio.read_chunk(ours, coords)
+        want = dense[coords[0], 2 * coords[1] : 2 * coords[1] + 2]
+        if not want.any():
+            assert raw is None
+            continue
+        _, rows, cols, values = sparse_coo.decode_rows(raw, 2, 8)
+        got = np.zeros((2, 8), np.float32)
+        got[rows, cols] = values
+        np.testing.assert_array_equal(got[: want.shape[0]], want)
+    with pytest.raises(ProtocolError, match="write whole shards"):
+        chunkio.write_chunk(ours, (0, 0, 0), b"")
+
+
+def test_a_damaged_shard_index_is_a_corrupt_chunk():
+    store = MemoryStore()
+    arr = zarr.create_array(store, name="x", shape=(1, 4, 8), chunks=(1, 2, 8), shards=(1, 4, 8), dtype="float32",
+                            fill_value=0.0, serializer=SparseCOOCodec(), compressors=[ZstdCodec(level=3)])
+    arr[...] = np.eye(4, 8, dtype=np.float32)[None]
+    key = chunkio.chunk_key(arr, (0, 0, 0))
+    data = bytearray(_get(store, key))
+    data[-10] ^= 0xFF  # inside the index
+    sync(store.set(key, cpu.Buffer.from_bytes(bytes(data))))
+    with pytest.raises(CorruptChunkError, match="index fails its checksum"):
+        chunkio.read_chunk(arr, (0, 1, 0))
 
 
 def test_open_run_never_reads_an_overwritten_run_through_stale_metadata(tmp_path):

@@ -27,7 +27,7 @@ LAYER_TYPES = ("res", "att")
 
 
 def make_layout(storage_format: str = "sparse", value_dtype: str = "float32") -> RunLayout:
-    storage = protocol.StorageInfo(format=storage_format, value_dtype=value_dtype, chunk_docs=3)
+    storage = protocol.StorageInfo(format=storage_format, value_dtype=value_dtype, chunk_docs=3, shard_docs=6)
     return RunLayout(authors=("a/b", "..", "ünï\tcode", "d"), n_docs=(5, 2, 7, 3), n_tok=N_TOK,
                      layer_types=LAYER_TYPES, layers=LAYERS, n_features=N_FEAT, storage=storage)
 
@@ -162,8 +162,10 @@ def test_fresh_process_opens_without_importing_saestore(written_run):
         # decoding needed the codec, found through the zarr.codecs entry point: saestore got imported
         # lazily by zarr, never by the user's code
         meta = json.loads((Path(path) / "res" / "zarr.json").read_text())
-        assert meta["codecs"][0]["name"] == "saestore.sparse_coo"
-        protocol.validate_json(meta["codecs"][0], "sparse_coo_codec")
+        assert meta["codecs"][0]["name"] == "sharding_indexed"
+        inner = meta["codecs"][0]["configuration"]["codecs"]
+        assert inner[0]["name"] == "saestore.sparse_coo"
+        protocol.validate_json(inner[0], "sparse_coo_codec")
 
 
 def test_sparse_writer_bytes_equal_zarr_pipeline(tmp_path):
@@ -173,15 +175,14 @@ def test_sparse_writer_bytes_equal_zarr_pipeline(tmp_path):
     write_authors(path, [0])
     group = zarr.open_group(path, mode="r+")
     res = group["res"]
-    twin = group.create_array("twin", shape=res.shape, chunks=res.chunks, dtype="float32", fill_value=0.0,
-                              serializer=res.serializer, compressors=res.compressors,
+    assert res.shards is not None and res.shards[2] > res.chunks[2]  # several doc-chunks per shard
+    twin = group.create_array("twin", shape=res.shape, chunks=res.chunks, shards=res.shards, dtype="float32",
+                              fill_value=0.0, serializer=res.serializer, compressors=res.compressors,
                               dimension_names=list(protocol.SAE_DIMS))
-    for c in range(layout.n_chunks(0)):
-        r = layout.chunk_docs_range(0, c)
-        p = chunk_payload(layout, 0, c)
-        for layer in layout.layers:
-            li = layout.layers.index(layer)
-            twin[0, li, r.start:r.stop] = dense_acts(p.acts[("res", layer)], len(r))
+    for layer in layout.layers:  # zarr's own sharding pipeline, one whole shard per layer
+        parts = [dense_acts(chunk_payload(layout, 0, c).acts[("res", layer)], len(layout.chunk_docs_range(0, c)))
+                 for c in range(layout.n_chunks(0))]
+        twin[0, layout.layers.index(layer), : layout.n_docs[0]] = np.concatenate(parts)
     keys = sorted(p.name for p in (Path(path) / "res" / "c").rglob("*") if p.is_file())
     assert keys
     n = 0
@@ -199,7 +200,8 @@ def test_every_sparse_variable_names_the_codec_and_fill_zero(written_run):
         meta = json.loads((Path(path) / lt / "zarr.json").read_text())
         assert meta["fill_value"] == 0.0
         assert meta["dimension_names"] == list(protocol.SAE_DIMS)
-        names = [c["name"] for c in meta["codecs"]]
+        assert [c["name"] for c in meta["codecs"]] == ["sharding_indexed"]
+        names = [c["name"] for c in meta["codecs"][0]["configuration"]["codecs"]]
         if layout.storage.format == "sparse":
             assert names == ["saestore.sparse_coo", "zstd", "crc32c"]
         else:
@@ -250,8 +252,8 @@ def test_corrupt_sparse_chunk_is_named(tmp_path):
     create_run(path, layout, make_attrs(layout))
     write_authors(path, [0])
     chunk = Path(path) / "res" / "c" / "0" / "1" / "0" / "0" / "0"
-    data = bytearray(chunk.read_bytes())
-    data[len(data) // 2] ^= 0x10
+    data = bytearray(chunk.read_bytes())  # the shard of doc-chunks 0, 1, …; its first inner chunk is doc-chunk 0
+    data[8] ^= 0x10
     chunk.write_bytes(bytes(data))
     ds = open_run(path)
     with pytest.raises(CorruptChunkError, match=r"res\[author='a/b', layer=3, doc-chunk 0\]"):

@@ -85,7 +85,11 @@ class ExtractConfig:
     documents are truncated (recorded in n_truncated). Default: 512, or half the context of models with
     a shorter one (tiny: 128)."""
     chunk_docs: int = 4
-    """documents per stored chunk (the unit of progress and resume)."""
+    """documents per stored chunk (the unit of reading and of progress markers)."""
+    shard_docs: int | None = None
+    """documents per shard: every variable is one file per shard of an author (and layer), written
+    whole, and a killed run redoes at most its unfinished shards. A multiple of chunk_docs; default:
+    the multiple nearest 128 (about 40 MB per shard and SAE at 1023 tokens and L0 70)."""
     use_error_term: bool = False
     """splice SAEs with the error term (clean-model activations and logits, ~2x SAE cost). The seed
     splices every SAE without it (false)."""
@@ -126,6 +130,10 @@ class ExtractConfig:
             raise ExtractionConfigError("--resume and --overwrite exclude each other")
         if self.setting == "prompted" and "{style}" not in self.prompt_template:
             raise ExtractionConfigError("--prompt_template must contain {style}")
+        if self.shard_docs is not None and (self.shard_docs < self.chunk_docs or self.shard_docs % self.chunk_docs):
+            lo = max(self.chunk_docs, self.shard_docs // self.chunk_docs * self.chunk_docs)
+            raise ExtractionConfigError(f"--shard_docs {self.shard_docs} is not a multiple of --chunk_docs "
+                                        f"{self.chunk_docs}: use {lo} or {lo + self.chunk_docs}")
         if self.storage_format == "dense" and self.value_dtype == "bfloat16":
             raise ExtractionConfigError("--value_dtype bfloat16 needs --storage_format sparse")
 

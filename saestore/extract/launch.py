@@ -87,7 +87,8 @@ def plan(cfg: ExtractConfig) -> tuple[list[Any], dict[str, list[Any]], RunLayout
                                  min_docs_per_author=cfg.min_docs_per_author)
     authors = tuple(sorted(by_author))
     used_types = tuple(t for t in protocol.LAYER_TYPES if any(s.layer_type == t for s in specs))
-    storage = protocol.StorageInfo(format=cfg.storage_format, value_dtype=cfg.value_dtype, chunk_docs=cfg.chunk_docs)
+    storage = protocol.StorageInfo(format=cfg.storage_format, value_dtype=cfg.value_dtype, chunk_docs=cfg.chunk_docs,
+                                   shard_docs=cfg.shard_docs or "auto")
     layout = RunLayout(authors=authors, n_docs=tuple(len(by_author[a]) for a in authors), n_tok=cfg.n_tok,
                        layer_types=used_types, layers=tuple(sorted(cfg.layers)), n_features=widths.pop(),
                        storage=storage, loss_recovered=cfg.loss_recovered)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from saestore import faults
+from saestore import faults, protocol
 from saestore.errors import SaestoreError
 from saestore.extract.batches import WRITE_AHEAD, BatchResult, ChunkSink
 from saestore.extract.config import ExtractConfig
@@ -194,10 +194,9 @@ class Extractor:
                 per_sae_doc[(f"{spec.layer_type}_ce_spliced", spec.layer)] = spliced
                 per_sae_doc[(f"{spec.layer_type}_ce_zero", spec.layer)] = zeroed
         # one blocking copy of every per-token value; the nonzeros' non-blocking copies precede it
-        names = [("ce", None), ("entropy", None), *taken.metric_names()]
         stacked = torch.stack([torch.where(valid, ce, float("nan")), torch.where(valid, ent, float("nan")),
                                *taken.metric_values()]).float().cpu().numpy()
-        per_token = np.full((len(names), B, n_tok), np.nan, np.float32)
+        per_token = np.full((len(stacked), B, n_tok), np.nan, np.float32)
         per_token[:, :, :width] = stacked
         if not (np.isfinite(per_token[0][valid_np]).all() and np.isfinite(per_token[1][valid_np]).all()):
             raise SaestoreError(
@@ -212,7 +211,9 @@ class Extractor:
             if arch in NON_NEGATIVE and (nz.values < 0).any():
                 raise SaestoreError(f"{spec.layer_type} SAE at layer {spec.layer} ({arch}) produced negative activations")
             acts[(spec.layer_type, spec.layer)] = nz
-        per_sae = {key: per_token[i] for i, key in enumerate(names) if key[1] is not None}
+        n_m = len(protocol.QUALITY_METRICS)  # per SAE: its §2.6 metrics, packed along the last axis
+        per_sae = {(protocol.quality_name(spec.layer_type), spec.layer):
+                   np.stack(per_token[2 + j * n_m : 2 + (j + 1) * n_m], axis=-1) for j, spec in enumerate(self.specs)}
         per_sae.update({key: v.float().cpu().numpy() for key, v in per_sae_doc.items()})
         token = np.full((B, n_tok), "", dtype=object)
         token[valid_np] = self.token_text(token_ids[valid_np])
@@ -264,11 +265,9 @@ class _SAEHooks:
         narrow = torch.int32 if acts.device.type == "cuda" else torch.int64
         self._nonzeros[h] = (_host(rows, narrow), _host(nz[:, 2], narrow), _host(values, torch.float32))
 
-    def metric_names(self) -> list[tuple[str, int]]:
-        return [(f"{s.layer_type}_{name}", s.layer) for s in self.specs for name in self._metrics[s.hook_name]]
-
     def metric_values(self) -> list[torch.Tensor]:
-        return [v for s in self.specs for v in self._metrics[s.hook_name].values()]
+        """Every SAE's (B, W) §2.6 metrics, SAE by SAE, each in the ``metric`` coordinate's order."""
+        return [self._metrics[s.hook_name][m] for s in self.specs for m in protocol.QUALITY_METRICS]
 
     def nonzeros(self, spec: SAESpec, shape: tuple[int, int, int]) -> SparseActs:
         """The nonzeros of ``spec``'s SAE (after the batch's synchronizing copy)."""

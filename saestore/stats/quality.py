@@ -7,13 +7,24 @@ from typing import Any
 
 import xarray as xr
 
+from saestore import protocol
 from saestore.errors import StatsError
 from saestore.stats._select import select_labels as _select
 from saestore.stats.core import feature_stats
 
-__all__ = ["reconstruction_quality", "loss_recovered"]
+__all__ = ["reconstruction_quality", "loss_recovered", "quality_metric"]
 
 
+def quality_metric(ds: xr.Dataset, layer_type: str, metric: str) -> xr.DataArray:
+    """One §2.6 per-token metric of one layer type: ``{layer_type}_quality`` at that ``metric`` (protocol
+    1.2), or the 1.1 variable ``{layer_type}_{metric}``."""
+    packed = protocol.quality_name(layer_type)
+    if packed in ds:
+        return ds[packed].sel(metric=metric, drop=True)
+    if f"{layer_type}_{metric}" in ds:
+        return ds[f"{layer_type}_{metric}"]
+    raise StatsError(f"this run has no {layer_type} reconstruction metrics ({packed}): it was written with "
+                     "protocol 1.0; re-extract it to get them")
 
 
 def reconstruction_quality(ds: xr.Dataset, layer_type: str = "res", *, by: str | None = "author",
@@ -26,7 +37,7 @@ def reconstruction_quality(ds: xr.Dataset, layer_type: str = "res", *, by: str |
     dims = ("doc", "tok") if by == "author" else ("author", "doc", "tok")
 
     def total(field: str) -> xr.DataArray:
-        return sub[f"{layer_type}_{field}"].where(valid, 0.0).sum(dims, dtype="f8")
+        return quality_metric(sub, layer_type, field).where(valid, 0.0).sum(dims, dtype="f8")
 
     n = valid.sum(dims, dtype="i8")
     sq_error = total("sq_error")
