@@ -136,3 +136,23 @@ def test_variables_json_is_valid_and_matches_code():
     since_11 = {v["name"] for v in data["variables"] if v["since"] == "1.1"}
     documented = {r[0].strip("`") for r in _table("<!-- quality:begin -->", "<!-- quality:end -->")}
     assert since_11 == documented
+
+
+# --------------------------------------------------------------------------------------------
+# §5: the numbers of the text are the encoder's
+# --------------------------------------------------------------------------------------------
+
+def test_documented_overflow_bounds_are_the_encoders():
+    import numpy as np
+
+    from saestore.errors import CodecEncodeError
+
+    assert "for float16 `|x| ≥ 65520`" in PROTOCOL_MD and "for bfloat16 `|x| ≥ 2^128 − 2^119`" in PROTOCOL_MD
+    assert "binary32 `0x7F7F8000`" in PROTOCOL_MD
+    for value_dtype, bound in [("float16", np.float32(65520.0)), ("bfloat16", np.uint32(0x7F7F8000).view(np.float32))]:
+        assert float(bound) == {"float16": 2.0**16 - 2.0**4, "bfloat16": 2.0**128 - 2.0**119}[value_dtype]
+        below = np.nextafter(bound, np.float32(0))
+        sparse_coo.encode_dense(np.array([below, -below], np.float32), value_dtype)
+        for refused in (bound, -bound):
+            with pytest.raises(CodecEncodeError, match="rounds to inf"):
+                sparse_coo.encode_dense(np.array([refused], np.float32), value_dtype)
