@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import re
 import typing
 import warnings
@@ -178,13 +179,50 @@ def quality_variables(layer_types: tuple[str, ...], loss_recovered: bool) -> tup
     return tuple(v for v in run_variables(layer_types, options=options) if not v.is_sae and v not in VARIABLES)
 
 
+def _check_plain_json(obj: Any, where: str) -> None:
+    """Raise ProtocolError unless ``obj`` is plain JSON: str-keyed objects, arrays, strings, finite
+    numbers, booleans and null (tuples count as arrays)."""
+    if obj is None or isinstance(obj, (bool, int, str)):
+        if isinstance(obj, str):
+            try:
+                obj.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ProtocolError(f"config{where} holds a string that is not valid Unicode (a lone surrogate); "
+                                    "use well-formed text") from None
+        return
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise ProtocolError(f"config{where} is {obj}: NaN and infinities have no JSON form; use null or a number")
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, item in enumerate(obj):
+            _check_plain_json(item, f"{where}[{i}]")
+        return
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if not isinstance(key, str):
+                raise ProtocolError(f"config{where} has the key {key!r} of type {type(key).__name__}; "
+                                    "JSON object keys are strings")
+            _check_plain_json(key, f"{where} key {key!r}")
+            _check_plain_json(value, f"{where}[{key!r}]")
+        return
+    raise ProtocolError(f"config{where} is a {type(obj).__name__}, not plain JSON; convert it to a JSON type")
+
+
 def canonical_json(obj: Any) -> str:
-    """The canonical JSON text used for hashing (sorted keys, no whitespace, UTF-8)."""
+    """The canonical JSON text used for hashing (PROTOCOL.md §4.1).
+
+    Object keys sorted by Unicode code point at every level; separators ``,`` and ``:`` and no
+    other whitespace; non-ASCII characters written as themselves (not ``\\u`` escapes); floats as
+    Python's shortest round-trip ``repr``; integers in decimal. NaN, infinities, non-string keys,
+    lone surrogates and non-JSON types raise ProtocolError.
+    """
+    _check_plain_json(obj, "")
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def config_hash(config: dict[str, Any]) -> str:
-    """``sha256:`` + hex digest of the canonical JSON of the run configuration."""
+    """``sha256:`` + hex SHA-256 of the UTF-8 bytes of the canonical JSON of the run configuration."""
     return "sha256:" + hashlib.sha256(canonical_json(config).encode("utf-8")).hexdigest()
 
 
