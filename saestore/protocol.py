@@ -346,8 +346,8 @@ def check_version(version: str) -> None:
         )
     if minor > my_minor:
         warnings.warn(
-            f"store uses protocol {version}, newer than {PROTOCOL_VERSION}: unknown variables and "
-            "attributes are ignored", stacklevel=3)
+            f"store uses protocol {version}, newer than {PROTOCOL_VERSION} of this saestore: unknown variables "
+            "and attributes are ignored; upgrade saestore to read them", stacklevel=3)
 
 
 def _own_version() -> str:
@@ -360,10 +360,15 @@ def _own_version() -> str:
 def read_attrs(raw: dict[str, Any], where: str = "store") -> RunAttrs:
     """Root attributes of a group → RunAttrs, after the layout, version and schema checks."""
     data = raw.get(ATTRS_KEY)
-    if not isinstance(data, dict) or data.get("layout") != LAYOUT:
+    if not isinstance(data, dict):
         raise ProtocolError(
-            f"{where} is not a saestore run: its root attribute {ATTRS_KEY!r} with layout {LAYOUT!r} is "
-            "missing. Open other Zarr stores with xr.open_zarr directly"
+            f"{where} is not a saestore run: it has no root attribute {ATTRS_KEY!r} (a JSON object). "
+            "Open other Zarr stores with xr.open_zarr directly"
+        )
+    if data.get("layout") != LAYOUT:
+        raise ProtocolError(
+            f"{where} is not a saestore run: its root attribute {ATTRS_KEY!r} has layout {data.get('layout')!r}, "
+            f"and this saestore reads only {LAYOUT!r}. Open it with xr.open_zarr directly"
         )
     check_version(data.get("protocol_version", "?"))
     return RunAttrs.from_json(data)

@@ -252,3 +252,51 @@ def test_documented_overflow_bounds_are_the_encoders():
         for refused in (bound, -bound):
             with pytest.raises(CodecEncodeError, match="rounds to inf"):
                 sparse_coo.encode_dense(np.array([refused], np.float32), value_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# §7.1 reader duties: read_attrs does what the table says
+# --------------------------------------------------------------------------------------------
+
+def _example_with(**changes) -> dict:
+    example = json.loads((EXAMPLES / "run_attributes.json").read_text(encoding="utf-8"))
+    return {"saestore": {**example, "protocol_version": protocol.PROTOCOL_VERSION, **changes}}
+
+
+def test_reader_duties_refusals():
+    import warnings
+
+    from saestore.errors import ProtocolVersionError
+
+    assert "### 7.1 Reader duties" in PROTOCOL_MD
+    major, minor = (int(p) for p in protocol.PROTOCOL_VERSION.split("."))
+    for raw, error, match in [
+        ({}, protocol.ProtocolError, "not a saestore run: it has no root attribute 'saestore'"),
+        ({"saestore": "run"}, protocol.ProtocolError, "not a saestore run: it has no root attribute"),
+        (_example_with(layout="other.layout"), protocol.ProtocolError, "has layout 'other.layout'"),
+        (_example_with(protocol_version="1"), protocol.ProtocolError, "not MAJOR.MINOR"),
+        (_example_with(protocol_version=f"{major + 1}.0"), ProtocolVersionError,
+         rf"protocol {major + 1}\.0.*major version {major} only"),
+        (_example_with(protocol_version=f"{major - 1}.9"), ProtocolVersionError, f"protocol {major - 1}.9"),
+        (_example_with(status="paused"), protocol.ProtocolError, "status"),
+    ]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(error, match=match):
+                protocol.read_attrs(raw)
+    assert not issubclass(protocol.ProtocolError, ProtocolVersionError)
+
+
+def test_reader_duties_minor_versions():
+    import warnings
+
+    major, minor = (int(p) for p in protocol.PROTOCOL_VERSION.split("."))
+    with pytest.warns(UserWarning, match=f"protocol {major}.{minor + 1}, newer than"):
+        attrs = protocol.read_attrs(_example_with(protocol_version=f"{major}.{minor + 1}", new_field={"x": 1}))
+    assert attrs.protocol_version == f"{major}.{minor + 1}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # older and equal minors read without a warning
+        for m in range(minor + 1):
+            assert protocol.read_attrs(_example_with(protocol_version=f"{major}.{m}")).protocol_version == f"{major}.{m}"
+        for status in protocol.STATUSES:  # every status opens; §7.1 says what each means
+            assert protocol.read_attrs(_example_with(status=status)).status == status
