@@ -104,7 +104,8 @@ class SparseCOOCodec(ArrayBytesCodec):
 
     def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
         dtype = np.dtype(chunk_spec.dtype.to_native_dtype())
-        dense = sparse_coo.decode_dense(chunk_bytes.as_numpy_array(), tuple(chunk_spec.shape), dtype)
+        dense = sparse_coo.decode_dense(chunk_bytes.as_numpy_array(), tuple(chunk_spec.shape), dtype,
+                                        value_dtype=self.value_dtype)
         return chunk_spec.prototype.nd_buffer.from_numpy_array(dense)
 
     async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
@@ -147,7 +148,7 @@ class SparseCOONumcodec(_NumcodecsCodec):
         header = sparse_coo.read_header(data)
         if header.n_cols != self.n_cols:
             raise CorruptChunkError(f"chunk has {header.n_cols} columns, codec configured for {self.n_cols}")
-        dense = sparse_coo.decode_dense(data, (header.n_rows, header.n_cols)).reshape(-1)
+        dense = sparse_coo.decode_dense(data, (header.n_rows, header.n_cols), value_dtype=self.value_dtype).reshape(-1)
         if out is not None:
             out_arr = np.asarray(out).reshape(-1)
             out_arr[...] = dense.astype(out_arr.dtype, copy=False)

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import re
 import typing
 import warnings
@@ -209,13 +210,50 @@ def quality_variables(layer_types: tuple[str, ...], loss_recovered: bool) -> tup
     return tuple(v for v in run_variables(layer_types, options=options) if not v.is_sae and v not in VARIABLES)
 
 
+def _check_plain_json(obj: Any, where: str) -> None:
+    """Raise ProtocolError unless ``obj`` is plain JSON: str-keyed objects, arrays, strings, finite
+    numbers, booleans and null (tuples count as arrays)."""
+    if obj is None or isinstance(obj, (bool, int, str)):
+        if isinstance(obj, str):
+            try:
+                obj.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ProtocolError(f"config{where} holds a string that is not valid Unicode (a lone surrogate); "
+                                    "use well-formed text") from None
+        return
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise ProtocolError(f"config{where} is {obj}: NaN and infinities have no JSON form; use null or a number")
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, item in enumerate(obj):
+            _check_plain_json(item, f"{where}[{i}]")
+        return
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if not isinstance(key, str):
+                raise ProtocolError(f"config{where} has the key {key!r} of type {type(key).__name__}; "
+                                    "JSON object keys are strings")
+            _check_plain_json(key, f"{where} key {key!r}")
+            _check_plain_json(value, f"{where}[{key!r}]")
+        return
+    raise ProtocolError(f"config{where} is a {type(obj).__name__}, not plain JSON; convert it to a JSON type")
+
+
 def canonical_json(obj: Any) -> str:
-    """The canonical JSON text used for hashing (sorted keys, no whitespace, UTF-8)."""
+    """The canonical JSON text used for hashing (PROTOCOL.md §4.1).
+
+    Object keys sorted by Unicode code point at every level; separators ``,`` and ``:`` and no
+    other whitespace; non-ASCII characters written as themselves (not ``\\u`` escapes); floats as
+    Python's shortest round-trip ``repr``; integers in decimal. NaN, infinities, non-string keys,
+    lone surrogates and non-JSON types raise ProtocolError.
+    """
+    _check_plain_json(obj, "")
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def config_hash(config: dict[str, Any]) -> str:
-    """``sha256:`` + hex digest of the canonical JSON of the run configuration."""
+    """``sha256:`` + hex SHA-256 of the UTF-8 bytes of the canonical JSON of the run configuration."""
     return "sha256:" + hashlib.sha256(canonical_json(config).encode("utf-8")).hexdigest()
 
 
@@ -360,8 +398,8 @@ def check_version(version: str) -> None:
         )
     if minor > my_minor:
         warnings.warn(
-            f"store uses protocol {version}, newer than {PROTOCOL_VERSION}: unknown variables and "
-            "attributes are ignored", stacklevel=3)
+            f"store uses protocol {version}, newer than {PROTOCOL_VERSION} of this saestore: unknown variables "
+            "and attributes are ignored; upgrade saestore to read them", stacklevel=3)
 
 
 def _own_version() -> str:
@@ -374,10 +412,15 @@ def _own_version() -> str:
 def read_attrs(raw: dict[str, Any], where: str = "store") -> RunAttrs:
     """Root attributes of a group → RunAttrs, after the layout, version and schema checks."""
     data = raw.get(ATTRS_KEY)
-    if not isinstance(data, dict) or data.get("layout") != LAYOUT:
+    if not isinstance(data, dict):
         raise ProtocolError(
-            f"{where} is not a saestore run: its root attribute {ATTRS_KEY!r} with layout {LAYOUT!r} is "
-            "missing. Open other Zarr stores with xr.open_zarr directly"
+            f"{where} is not a saestore run: it has no root attribute {ATTRS_KEY!r} (a JSON object). "
+            "Open other Zarr stores with xr.open_zarr directly"
+        )
+    if data.get("layout") != LAYOUT:
+        raise ProtocolError(
+            f"{where} is not a saestore run: its root attribute {ATTRS_KEY!r} has layout {data.get('layout')!r}, "
+            f"and this saestore reads only {LAYOUT!r}. Open it with xr.open_zarr directly"
         )
     check_version(data.get("protocol_version", "?"))
     return RunAttrs.from_json(data)

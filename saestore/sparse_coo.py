@@ -35,8 +35,8 @@ MAX_COLS: Final = 2**32 - 1
 #: value dtype name -> (code in the header, bytes per value)
 VALUE_DTYPES: Final = {"float32": (0, 4), "float16": (1, 2), "bfloat16": (2, 2)}
 _VALUE_NAMES: Final = {code: name for name, (code, _) in VALUE_DTYPES.items()}
-_F16_MAX: Final = float(np.finfo(np.float16).max)
-_BF16_MAX: Final = 3.3895313892515355e38
+#: the largest finite value of each lossy value dtype (values up to the rounding midpoint above it round down to it)
+_MAX_FINITE: Final = {"float16": float(np.finfo(np.float16).max), "bfloat16": 3.3895313892515355e38}
 
 
 def index_width(n_cols: int) -> int:
@@ -62,7 +62,8 @@ class Header:
 
 def max_chunk_size(n_rows: int, n_cols: int) -> int:
     """The largest valid encoding of an ``n_rows`` x ``n_cols`` chunk, in bytes: every value stored,
-    in the widest value type (a chunk is self-describing, so any value type may appear)."""
+    in the widest value type, so it bounds every ``value_dtype``. PROTOCOL.md §5.3: a reader bounds
+    the zstd frame's declared content size by it before decompressing."""
     widest = max(VALUE_DTYPES, key=lambda name: VALUE_DTYPES[name][1])
     return Header(widest, index_width(n_cols), n_rows, n_cols, n_rows * n_cols).payload_size()
 
@@ -97,7 +98,9 @@ def from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
 def quantize(values: np.ndarray, value_dtype: str) -> tuple[np.ndarray, np.ndarray]:
     """Cast float values to the stored dtype; return (stored array, values as read back in f32).
 
-    Raises CodecEncodeError on NaN/inf or on finite values that overflow the stored dtype.
+    Raises CodecEncodeError on NaN/inf, and on finite values whose rounding to ``value_dtype`` is
+    infinite (PROTOCOL.md §5.3): float16 from |x| ≥ 65520, bfloat16 from |x| ≥ 2^128 − 2^119.
+    Values between the largest finite value and that bound round down to it and are kept.
     """
     v32 = np.asarray(values, dtype=np.float32)
     if not np.isfinite(v32).all():
@@ -108,19 +111,23 @@ def quantize(values: np.ndarray, value_dtype: str) -> tuple[np.ndarray, np.ndarr
         )
     if value_dtype == "float32":
         return v32.astype("<f4", copy=False), v32
-    limit = _F16_MAX if value_dtype == "float16" else _BF16_MAX
-    peak = float(np.abs(v32).max(initial=0.0))
-    if peak > limit:
-        raise CodecEncodeError(
-            f"value {peak:g} overflows {value_dtype} (max {limit:g}); store with value_dtype='float32'"
-        )
     if value_dtype == "float16":
-        stored = v32.astype("<f2")
-        return stored, stored.astype(np.float32)
-    if value_dtype == "bfloat16":
+        with np.errstate(over="ignore"):
+            stored = v32.astype("<f2")
+        readback = stored.astype(np.float32)
+    elif value_dtype == "bfloat16":
         stored = to_bfloat16_bits(v32)
-        return stored, from_bfloat16_bits(stored)
-    raise CodecEncodeError(f"unknown value_dtype {value_dtype!r}; choose one of {sorted(VALUE_DTYPES)}")
+        readback = from_bfloat16_bits(stored)
+    else:
+        raise CodecEncodeError(f"unknown value_dtype {value_dtype!r}; choose one of {sorted(VALUE_DTYPES)}")
+    overflow = np.isinf(readback)
+    if overflow.any():
+        peak = float(np.abs(v32[overflow]).max())
+        raise CodecEncodeError(
+            f"value {peak:g} overflows {value_dtype}: it rounds to inf (the largest finite value is "
+            f"{_MAX_FINITE[value_dtype]:g}); store with value_dtype='float32'"
+        )
+    return stored, readback
 
 
 def encode_rows(
@@ -241,11 +248,14 @@ def read_header(data: bytes | memoryview) -> Header:
 
 
 def decode_rows(
-    data: bytes | memoryview, n_rows: int | None = None, n_cols: int | None = None
+    data: bytes | memoryview, n_rows: int | None = None, n_cols: int | None = None, *,
+    value_dtype: str | None = None,
 ) -> tuple[Header, np.ndarray, np.ndarray, np.ndarray]:
     """Decode to (header, rows int64, cols int64, values float32), in row-major order.
 
-    ``n_rows``/``n_cols``, when given, are the shape the caller expects; a mismatch is a
+    ``n_rows``/``n_cols``, when given, are the chunk shape the caller expects, each checked on its
+    own (a transposed header of the same size is corrupt); ``value_dtype``, when given, is the codec
+    configuration's, which the header's value dtype code must match. A mismatch is a
     CorruptChunkError. Every invariant is checked: the header before any allocation, then counts,
     column range and strict ordering.
     """
@@ -253,6 +263,11 @@ def decode_rows(
     if n_rows is not None and header.n_rows != n_rows or n_cols is not None and header.n_cols != n_cols:
         raise CorruptChunkError(
             f"sparse_coo chunk is {header.n_rows}x{header.n_cols}, expected {n_rows}x{n_cols}"
+        )
+    if value_dtype is not None and header.value_dtype != value_dtype:
+        raise CorruptChunkError(
+            f"sparse_coo chunk stores {header.value_dtype} values (code {VALUE_DTYPES[header.value_dtype][0]}) "
+            f"but the codec configuration says value_dtype {value_dtype!r}; the chunk belongs to another array or is corrupt"
         )
     view = memoryview(data)
     pos = HEADER_SIZE
@@ -292,21 +307,24 @@ def decode_rows(
     return header, rows, cols, values
 
 
-def decode_dense(data: bytes | memoryview, shape: tuple[int, ...], dtype: np.dtype | str = "float32") -> np.ndarray:
-    """Decode to a dense array of ``shape`` (last axis = columns)."""
+def decode_dense(data: bytes | memoryview, shape: tuple[int, ...], dtype: np.dtype | str = "float32", *,
+                 value_dtype: str | None = None) -> np.ndarray:
+    """Decode to a dense array of ``shape`` (last axis = columns); ``value_dtype`` as in :func:`decode_rows`."""
     n_cols = int(shape[-1])
     n_rows = math.prod(shape[:-1])
-    _, rows, cols, values = decode_rows(data, n_rows, n_cols)
+    _, rows, cols, values = decode_rows(data, n_rows, n_cols, value_dtype=value_dtype)
     out = np.zeros(n_rows * n_cols, dtype=dtype)
     out[rows * n_cols + cols] = values
     return out.reshape(shape)
 
 
-def decode_coords(data: bytes | memoryview, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Decode to (coords of shape (ndim, nnz), float32 values) in C order, ready for ``sparse.COO``."""
+def decode_coords(data: bytes | memoryview, shape: tuple[int, ...], *,
+                  value_dtype: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Decode to (coords of shape (ndim, nnz), float32 values) in C order, ready for ``sparse.COO``;
+    ``value_dtype`` as in :func:`decode_rows`."""
     n_cols = int(shape[-1])
     n_rows = math.prod(shape[:-1])
-    _, rows, cols, values = decode_rows(data, n_rows, n_cols)
+    _, rows, cols, values = decode_rows(data, n_rows, n_cols, value_dtype=value_dtype)
     coords = np.empty((len(shape), values.size), dtype=np.int64)
     coords[-1] = cols
     if len(shape) > 1:

@@ -61,7 +61,10 @@ def ref_bfloat16_bits(v: float) -> int:
     bits = _f32_bits(v)
     lo_bits = bits & 0xFFFF0000  # truncation toward zero (sign kept)
     hi_bits = lo_bits + 0x10000  # next bfloat16 away from zero
-    lo, hi = _bits_f32(lo_bits), _bits_f32(hi_bits) if (hi_bits & 0x7F800000) != 0x7F800000 else math.inf
+    # past the largest finite value the next candidate is 2^128 (with unbounded exponent): IEEE 754
+    # round-to-nearest overflows to inf from the midpoint 2^128 - 2^119 on
+    top = (hi_bits & 0x7F800000) == 0x7F800000
+    lo, hi = _bits_f32(lo_bits), math.copysign(2.0**128, v) if top else _bits_f32(hi_bits)
     d_lo, d_hi = abs(v - lo), abs(hi - v)  # exact: both operands are float32 values
     if d_lo < d_hi or (d_lo == d_hi and not (lo_bits >> 16) & 1):
         return lo_bits >> 16
@@ -282,30 +285,47 @@ def test_nonfinite_values_are_refused(bad, value_dtype):
     assert arr.nchunks_initialized == 0  # nothing written
 
 
-@pytest.mark.parametrize("value", [65505.0, -65505.0, 65519.0, 70000.0, -1e6, F32_MAX])
-def test_float16_overflow_is_refused(value):
-    x = np.array([[1.0, value]], np.float32)
-    assert abs(float(x[0, 1])) > F16_MAX
-    with pytest.raises(CodecEncodeError, match="overflows float16"):
-        sparse_coo.encode_dense(x, "float16")
-    with pytest.raises(CodecEncodeError, match="overflows float16"):
-        sparse_coo.encode_rows(1, 2, [0, 0], [0, 1], x[0], "float16")
-    arr = _zarr_array((1, 2), (1, 2), value_dtype="float16")
-    with pytest.raises(CodecEncodeError, match="overflows float16"):
-        arr[...] = x
+F16_OVERFLOW = 65520.0  # 2^16 - 2^4: the midpoint between 65504 and 65536, a tie that rounds to even (inf)
+BF16_OVERFLOW = float(np.uint32(0x7F7F8000).view(np.float32))  # 2^128 - 2^119, the same midpoint for bfloat16
+
+
+def _refused_everywhere(x: np.ndarray, value_dtype: str) -> None:
+    flat = x.reshape(1, -1)
+    with pytest.raises(CodecEncodeError, match=f"overflows {value_dtype}: it rounds to inf"):
+        sparse_coo.encode_dense(flat, value_dtype)
+    with pytest.raises(CodecEncodeError, match=f"overflows {value_dtype}"):
+        sparse_coo.encode_rows(1, flat.shape[1], [0] * flat.shape[1], range(flat.shape[1]), flat[0], value_dtype)
+    arr = _zarr_array(flat.shape, flat.shape, value_dtype=value_dtype)
+    with pytest.raises(CodecEncodeError, match=f"overflows {value_dtype}"):
+        arr[...] = flat
     assert arr.nchunks_initialized == 0
-    # the largest float16 itself is fine, and float32 takes anything finite
-    ok = np.array([[F16_MAX, -F16_MAX]], np.float32)
-    np.testing.assert_array_equal(sparse_coo.decode_dense(sparse_coo.encode_dense(ok, "float16"), ok.shape), ok)
-    np.testing.assert_array_equal(sparse_coo.decode_dense(sparse_coo.encode_dense(x), x.shape), x)
+
+
+@pytest.mark.parametrize("value", [F16_OVERFLOW, -F16_OVERFLOW, 65536.0, 70000.0, -1e6, F32_MAX])
+def test_float16_overflow_is_refused(value):
+    """PROTOCOL.md §5.3: refused exactly when float16(x) is infinite, i.e. |x| >= 65520."""
+    x = np.array([1.0, value], np.float32)
+    _refused_everywhere(x, "float16")
+    np.testing.assert_array_equal(sparse_coo.decode_dense(sparse_coo.encode_dense(x), x.shape), x)  # float32: fine
+
+
+def test_float16_values_below_the_overflow_bound_round_to_the_max():
+    below = np.nextafter(np.float32(F16_OVERFLOW), np.float32(0))  # 65519.996
+    x = np.array([65504.0, 65505.0, 65519.0, 65519.9, float(below), -float(below)], np.float32)
+    got = sparse_coo.decode_dense(sparse_coo.encode_dense(x, "float16"), x.shape)
+    np.testing.assert_array_equal(got, np.sign(x) * F16_MAX)
+    assert got[3] == 65504.0
 
 
 def test_bfloat16_overflow_is_refused():
-    for value in [F32_MAX, -3.39e38]:
-        with pytest.raises(CodecEncodeError, match="overflows bfloat16"):
-            sparse_coo.encode_dense(np.array([value], np.float32), "bfloat16")
-    ok = np.array([BF16_MAX, -BF16_MAX], np.float32)
-    np.testing.assert_array_equal(sparse_coo.decode_dense(sparse_coo.encode_dense(ok, "bfloat16"), ok.shape), ok)
+    """PROTOCOL.md §5.3: refused exactly when the bfloat16 rounding of binary32 x is infinite."""
+    for value in [BF16_OVERFLOW, -BF16_OVERFLOW, F32_MAX, -F32_MAX]:
+        _refused_everywhere(np.array([value], np.float32), "bfloat16")
+    below = float(np.nextafter(np.float32(BF16_OVERFLOW), np.float32(0)))
+    ok = np.array([BF16_MAX, -BF16_MAX, 3.39e38, below, -below], np.float32)
+    got = sparse_coo.decode_dense(sparse_coo.encode_dense(ok, "bfloat16"), ok.shape)
+    np.testing.assert_array_equal(got, np.sign(ok) * np.float32(BF16_MAX))
+    assert [ref_bfloat16_bits(v) for v in (below, BF16_OVERFLOW)] == [0x7F7F, 0x7F80]
 
 
 def test_rounding_edge_values():
@@ -376,11 +396,13 @@ SMALL = np.array([[0.0, 1.5, 0.0, -2.0, 0.0], [0.0] * 5, [3.0, 0.0, 0.0, 0.0, 4.
 
 def _decoders(data: bytes, shape: tuple[int, ...] = SMALL.shape):
     n_cols = shape[-1]
+    # the numcodec is configured with the value dtype the header names (a mismatch is its own error)
+    value_dtype = {0: "float32", 1: "float16", 2: "bfloat16"}.get(data[5] if len(data) > 5 else 0, "float32")
     yield lambda: sparse_coo.read_header(data)
     yield lambda: sparse_coo.decode_rows(data)
     yield lambda: sparse_coo.decode_dense(data, shape)
     yield lambda: sparse_coo.decode_coords(data, shape)
-    yield lambda: SparseCOONumcodec(n_cols=n_cols).decode(data)
+    yield lambda: SparseCOONumcodec(n_cols=n_cols, value_dtype=value_dtype).decode(data)
 
 
 def assert_corrupt(data: bytes, match: str | None = None, shape: tuple[int, ...] = SMALL.shape,
@@ -441,6 +463,49 @@ def test_inconsistent_sizes():
             sparse_coo.decode_coords(enc, shape)
     with pytest.raises(CorruptChunkError, match="columns, codec configured for 4"):
         SparseCOONumcodec(n_cols=4).decode(enc)
+
+
+@pytest.mark.parametrize(("header_dtype", "config_dtype"), [
+    ("float16", "float32"), ("bfloat16", "float16"), ("float32", "bfloat16"), ("bfloat16", "float32"),
+])
+def test_value_dtype_code_must_match_configuration(header_dtype, config_dtype):
+    """PROTOCOL.md §5.2/§5.3: the header's value dtype code MUST be the configuration's value_dtype."""
+    enc = sparse_coo.encode_dense(SMALL, header_dtype)
+    match = f"stores {header_dtype} values .* configuration says value_dtype '{config_dtype}'"
+    for decode in [lambda: sparse_coo.decode_rows(enc, value_dtype=config_dtype),
+                   lambda: sparse_coo.decode_dense(enc, SMALL.shape, value_dtype=config_dtype),
+                   lambda: sparse_coo.decode_coords(enc, SMALL.shape, value_dtype=config_dtype),
+                   lambda: SparseCOONumcodec(n_cols=5, value_dtype=config_dtype).decode(enc)]:
+        with pytest.raises(CorruptChunkError, match=match):
+            decode()
+    sparse_coo.decode_dense(enc, SMALL.shape, value_dtype=header_dtype)  # the matching one decodes
+    arr = _zarr_array(SMALL.shape, SMALL.shape, value_dtype=config_dtype)
+    chunkio.write_chunk(arr, (0, 0), enc)
+    with pytest.raises(CorruptChunkError, match=match):
+        arr[...]
+
+
+def test_transposed_header_of_the_same_size_is_corrupt():
+    """PROTOCOL.md §5.3: n_rows and n_cols are checked one by one, not only their product."""
+    x = np.zeros((5, 3), np.float32)
+    x[[0, 2, 4], [2, 0, 1]] = [1.0, -2.0, 3.5]
+    transposed = sparse_coo.encode_dense(x)  # a 5x3 header, where a 3x5 chunk is expected
+    assert math.prod(SMALL.shape) == x.size
+    for shape in [(3, 5), (1, 3, 5), (3, 1, 5)]:
+        with pytest.raises(CorruptChunkError, match="is 5x3, expected 3x5"):
+            sparse_coo.decode_dense(transposed, shape)
+        with pytest.raises(CorruptChunkError, match="is 5x3, expected 3x5"):
+            sparse_coo.decode_coords(transposed, shape)
+        with pytest.raises(CorruptChunkError, match="is 5x3, expected 3x5"):
+            sparse_coo.decode_rows(transposed, math.prod(shape[:-1]), shape[-1])
+    same_size = sparse_coo.encode_dense(np.ones((15, 1), np.float32))  # 15x1 vs 3x5, 1x15 vs 3x5
+    for enc in [same_size, sparse_coo.encode_dense(np.ones((1, 15), np.float32))]:
+        with pytest.raises(CorruptChunkError, match="expected 3x5"):
+            sparse_coo.decode_dense(enc, (3, 5))
+    arr = _zarr_array((3, 5), (3, 5))
+    chunkio.write_chunk(arr, (0, 0), transposed)
+    with pytest.raises(CorruptChunkError, match="expected 3x5"):
+        arr[...]
 
 
 def test_bad_columns():

@@ -202,7 +202,10 @@ def _check_payload(out: Outcomes, data: bytes, shape: tuple[int, ...]) -> None:
     out.n += 1
     got = out.run(lambda: sparse_coo.decode_rows(data), len(data))
     dense = out.run(lambda: sparse_coo.decode_dense(data, shape), len(data), math.prod(shape))
-    numc = out.run(lambda: SparseCOONumcodec(n_cols=shape[-1]).decode(data), len(data), math.prod(shape))
+    # the numcodec configured with the value dtype the header names (a mismatch is refused, §5.3)
+    value_dtype = {0: "float32", 1: "float16", 2: "bfloat16"}.get(data[5] if len(data) > 5 else 0, "float32")
+    numc = out.run(lambda: SparseCOONumcodec(n_cols=shape[-1], value_dtype=value_dtype).decode(data), len(data),
+                   math.prod(shape))
     if got is None:
         assert dense is None and numc is None
         out.refused += 1

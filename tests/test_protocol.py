@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -136,3 +137,166 @@ def test_variables_json_is_valid_and_matches_code():
     since_11 = {v["name"] for v in data["variables"] if v["since"] == "1.1"}
     documented = {r[0].strip("`") for r in _table("<!-- quality:begin -->", "<!-- quality:end -->")}
     assert since_11 == documented
+
+
+# --------------------------------------------------------------------------------------------
+# §4 root attributes: the version everywhere, canonical JSON and config_hash, rules from the store
+# --------------------------------------------------------------------------------------------
+
+EXAMPLES = SCHEMA / "examples"
+#: the hash of schema/examples/config.json, pinned here and in PROTOCOL.md §4.1
+CONFIG_VECTOR_HASH = "sha256:d127d38da0830c9b9656cbd69f57d87940653c1d16444de5d272e50135aa77fc"
+
+
+def _root_fields() -> dict[str, str]:
+    return {r[0]: r[1] for r in _table("The root attribute `saestore` MUST", "Pickle and any other")}
+
+
+def test_root_attributes_table_and_example_name_the_current_version():
+    """§4's table and example state PROTOCOL_VERSION (they say 1.2 ahead of the code's bump to 1.2)."""
+    documented = re.search(r'this version: `"([0-9]+\.[0-9]+)"`', _root_fields()["`protocol_version`"]).group(1)
+    example = json.loads((EXAMPLES / "run_attributes.json").read_text(encoding="utf-8"))
+    assert (documented, example["protocol_version"]) == (protocol.PROTOCOL_VERSION,) * 2
+
+
+def test_schema_ids_name_no_other_version():
+    for name in protocol.SCHEMAS:
+        schema_id = protocol.load_schema(name)["$id"]
+        assert schema_id.endswith("/" + protocol.SCHEMAS[name]), schema_id
+        named = re.search(r"/([0-9]+\.[0-9]+)/", schema_id)
+        assert named is None or named.group(1) == protocol.PROTOCOL_VERSION, f"{name}: $id {schema_id}"
+    for name in ("run_attributes", "sparse_coo_codec"):  # version-neutral: they do not change with the version
+        assert not re.search(r"/[0-9]+\.[0-9]+/", protocol.load_schema(name)["$id"])
+
+
+def test_example_config_hash_is_the_hash_of_its_config():
+    example = json.loads((EXAMPLES / "run_attributes.json").read_text(encoding="utf-8"))
+    assert protocol.config_hash(example["config"]) == example["config_hash"]
+
+
+def test_canonical_json_test_vector():
+    """§4.1's test vector: the config file, its canonical text in PROTOCOL.md and its pinned hash."""
+    config = json.loads((EXAMPLES / "config.json").read_text(encoding="utf-8"))
+    section = PROTOCOL_MD.split("### 4.1 Canonical JSON", 1)[1].split("\n## 5.", 1)[0]
+    documented_text = re.search(r"has the canonical JSON\n\n```text\n(.*?)\n```", section, re.S).group(1)
+    assert protocol.canonical_json(config) == documented_text
+    assert protocol.config_hash(config) == CONFIG_VECTOR_HASH
+    assert f"`config_hash` `{CONFIG_VECTOR_HASH}`" in section
+    # what the vector pins: code-point key order (U+FF71 before U+1D4B3: UTF-16 order is the reverse),
+    # nesting, raw UTF-8, the escapes, shortest-repr floats, an integral float, bool and null
+    assert documented_text.index('"ｱ"') < documented_text.index('"𝒳"')
+    for piece in ['"Z":0,"author":"Émile Zola"', '"big":1.5e+16', '"lr":1e-05', '"scale":2.0', '"release":null',
+                  '"loss_recovered":true', r'"note":"\"quoted\"\ttab"']:
+        assert piece in documented_text, piece
+    assert hashlib.sha256(documented_text.encode("utf-8")).hexdigest() == CONFIG_VECTOR_HASH.removeprefix("sha256:")
+
+
+def test_canonical_json_rules():
+    c = protocol.canonical_json
+    assert c({"b": 1, "a": {"d": [3, 1], "c": None}}) == '{"a":{"c":null,"d":[3,1]},"b":1}'
+    assert c({"a": (1, 2)}) == c({"a": [1, 2]}) == '{"a":[1,2]}'
+    assert c(["\u00e9", "\u65e5", "/", "\x7f"]) == '["\u00e9","\u65e5","/","\x7f"]'  # no \u escapes, / as is
+    assert c(["\b\f\n\r\t\x00\x1f\"\\"]) == r'["\b\f\n\r\t\u0000\u001f\"\\"]'
+    assert c([0.1, 1e-4, 1e-5, 1e15, 1e16, -0.0, 2.0, 2, True, False, -3]) == \
+        "[0.1,0.0001,1e-05,1000000000000000.0,1e+16,-0.0,2.0,2,true,false,-3]"
+    assert c({"Z": 1, "a": 2, "é": 3, "z": 4, "\uff71": 5, "\U0001d4b3": 6}) == \
+        '{"Z":1,"a":2,"z":4,"é":3,"\uff71":5,"\U0001d4b3":6}'
+    config = {"x": [1.5, None, {"y": "ü"}], "n": 7}
+    assert protocol.config_hash(json.loads(json.dumps(config))) == protocol.config_hash(config)  # survives JSON
+    assert protocol.config_hash({"n": 2}) != protocol.config_hash({"n": 2.0})
+    for bad, match in [({"x": float("nan")}, "NaN"), ({"x": [float("inf")]}, "NaN and infinities"),
+                       ({1: "a"}, "key 1 of type int"), ({"x": "\ud800"}, "lone surrogate"),
+                       ({"x": {1, 2}}, "not plain JSON"), ({"x": b"a"}, "not plain JSON")]:
+        with pytest.raises(protocol.ProtocolError, match=match):
+            protocol.config_hash(bad)
+
+
+FIXTURE_RUNS = sorted((ROOT / "tests" / "fixtures" / "runs").glob("*.zarr"))
+
+
+@pytest.mark.parametrize("path", FIXTURE_RUNS, ids=lambda p: p.name)
+def test_fixture_runs_follow_the_root_attribute_rules(path):
+    """§4: config is opaque (the fixtures' has only model and seed), config_hash is its hash, and the
+    cross-field rules hold against the coordinates: one SAE width (n_features), one layer list, the
+    SAE variables are the keys of saes, max_docs is the largest n_docs."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r")
+    attrs = protocol.RunAttrs.from_json(dict(group.attrs)["saestore"])
+    assert set(attrs.config) == {"model", "seed"}
+    assert protocol.config_hash(attrs.config) == attrs.config_hash
+    layers = [str(int(x)) for x in group["layer"][...]]
+    assert {lt for lt in protocol.LAYER_TYPES if lt in group} == set(attrs.saes)
+    for by_layer in attrs.saes.values():
+        assert list(by_layer) == layers
+        assert {sae.width for sae in by_layer.values()} == {group["feature"].shape[0]}
+    assert group["doc"].shape[0] == int(group["n_docs"][...].max())
+    assert group["res"].shape[-2:] == (group["tok"].shape[0], group["feature"].shape[0])
+
+
+# --------------------------------------------------------------------------------------------
+# §5: the numbers of the text are the encoder's
+# --------------------------------------------------------------------------------------------
+
+def test_documented_overflow_bounds_are_the_encoders():
+    import numpy as np
+
+    from saestore.errors import CodecEncodeError
+
+    assert "for float16 `|x| ≥ 65520`" in PROTOCOL_MD and "for bfloat16 `|x| ≥ 2^128 − 2^119`" in PROTOCOL_MD
+    assert "binary32 `0x7F7F8000`" in PROTOCOL_MD
+    for value_dtype, bound in [("float16", np.float32(65520.0)), ("bfloat16", np.uint32(0x7F7F8000).view(np.float32))]:
+        assert float(bound) == {"float16": 2.0**16 - 2.0**4, "bfloat16": 2.0**128 - 2.0**119}[value_dtype]
+        below = np.nextafter(bound, np.float32(0))
+        sparse_coo.encode_dense(np.array([below, -below], np.float32), value_dtype)
+        for refused in (bound, -bound):
+            with pytest.raises(CodecEncodeError, match="rounds to inf"):
+                sparse_coo.encode_dense(np.array([refused], np.float32), value_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# §7.1 reader duties: read_attrs does what the table says
+# --------------------------------------------------------------------------------------------
+
+def _example_with(**changes) -> dict:
+    example = json.loads((EXAMPLES / "run_attributes.json").read_text(encoding="utf-8"))
+    return {"saestore": {**example, "protocol_version": protocol.PROTOCOL_VERSION, **changes}}
+
+
+def test_reader_duties_refusals():
+    import warnings
+
+    from saestore.errors import ProtocolVersionError
+
+    assert "### 7.1 Reader duties" in PROTOCOL_MD
+    major, minor = (int(p) for p in protocol.PROTOCOL_VERSION.split("."))
+    for raw, error, match in [
+        ({}, protocol.ProtocolError, "not a saestore run: it has no root attribute 'saestore'"),
+        ({"saestore": "run"}, protocol.ProtocolError, "not a saestore run: it has no root attribute"),
+        (_example_with(layout="other.layout"), protocol.ProtocolError, "has layout 'other.layout'"),
+        (_example_with(protocol_version="1"), protocol.ProtocolError, "not MAJOR.MINOR"),
+        (_example_with(protocol_version=f"{major + 1}.0"), ProtocolVersionError,
+         rf"protocol {major + 1}\.0.*major version {major} only"),
+        (_example_with(protocol_version=f"{major - 1}.9"), ProtocolVersionError, f"protocol {major - 1}.9"),
+        (_example_with(status="paused"), protocol.ProtocolError, "status"),
+    ]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(error, match=match):
+                protocol.read_attrs(raw)
+    assert not issubclass(protocol.ProtocolError, ProtocolVersionError)
+
+
+def test_reader_duties_minor_versions():
+    import warnings
+
+    major, minor = (int(p) for p in protocol.PROTOCOL_VERSION.split("."))
+    with pytest.warns(UserWarning, match=f"protocol {major}.{minor + 1}, newer than"):
+        attrs = protocol.read_attrs(_example_with(protocol_version=f"{major}.{minor + 1}", new_field={"x": 1}))
+    assert attrs.protocol_version == f"{major}.{minor + 1}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # older and equal minors read without a warning
+        for m in range(minor + 1):
+            assert protocol.read_attrs(_example_with(protocol_version=f"{major}.{m}")).protocol_version == f"{major}.{m}"
+        for status in protocol.STATUSES:  # every status opens; §7.1 says what each means
+            assert protocol.read_attrs(_example_with(status=status)).status == status
