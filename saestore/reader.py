@@ -73,9 +73,10 @@ def read_chunk_acts(arr: zarr.Array, coords: tuple[int, ...]) -> SparseActs:
     if len(shape) < 3 or math.prod(shape[:-3]) != 1:
         raise CorruptChunkError(f"{arr.store_path.path} has chunks {shape}, not (1, …, 1, doc, tok, feature)")
     n_rows = acts_shape[0] * acts_shape[1]
+    value_dtype = chunkio.serializer(arr).value_dtype
 
     def decode(raw: bytes) -> SparseActs:
-        _, rows, cols, values = sparse_coo.decode_rows(raw, n_rows, acts_shape[2])
+        _, rows, cols, values = sparse_coo.decode_rows(raw, n_rows, acts_shape[2], value_dtype=value_dtype)
         return SparseActs(rows=rows, cols=cols, values=values, shape=acts_shape)
 
     acts = _raw_chunk(arr, coords, decode)
@@ -86,7 +87,8 @@ def read_sparse_chunk(arr: zarr.Array, coords: tuple[int, ...]) -> sparse.COO:
     """Decode one stored chunk of a sparse variable into ``sparse.COO`` of the full chunk shape."""
     shape = chunkio.chunk_shape(arr)
     dtype = np.dtype(arr.dtype)
-    decoded = _raw_chunk(arr, coords, lambda raw: sparse_coo.decode_coords(raw, shape))
+    value_dtype = chunkio.serializer(arr).value_dtype
+    decoded = _raw_chunk(arr, coords, lambda raw: sparse_coo.decode_coords(raw, shape, value_dtype=value_dtype))
     if decoded is None:  # never written: all fill (0.0)
         return sparse.COO(np.zeros((len(shape), 0), dtype=np.int64), np.zeros(0, dtype=dtype), shape=shape)
     idx, values = decoded

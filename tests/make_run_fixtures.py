@@ -1,14 +1,16 @@
 """Generator of the cross-version fixture runs in tests/fixtures/runs/.
 
-Each ``zarr-X.Y.zarr`` is the synthetic statistics run (tests/helpers/stats_run.py, seed 0, sparse)
-written through the writer API with zarr X.Y installed. tests/test_compat.py reads every one of
+Each ``P/zarr-X.Y.zarr`` is the synthetic statistics run (tests/helpers/stats_run.py, seed 0, sparse)
+written through the writer API with zarr X.Y installed, in protocol version P (``1.1/``: archived
+stores of the last 1.1 writer, kept so that every newer reader is held to them; ``1.2/``: the
+current writer). tests/test_compat.py reads every one of
 them with whatever zarr is installed and checks it against the reference it was drawn from, so a
 store written on one zarr line must read identically on every other (CI runs zarr 3.1 on Python
 3.11 and the newest zarr on Python 3.13).
 
 Run it once per zarr line that writes a new fixture (refuses to overwrite)::
 
-    python -m tests.make_run_fixtures          # from the repository root: writes tests/fixtures/runs/zarr-<installed>.zarr
+    python -m tests.make_run_fixtures          # from the repository root: writes tests/fixtures/runs/<protocol>/zarr-<installed>.zarr
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from pathlib import Path
 
 import zarr
 
+from saestore.protocol import PROTOCOL_VERSION
+
 from tests.helpers.stats_run import write_run
 
-FIXTURES = Path(__file__).parent / "fixtures" / "runs"
+FIXTURES = Path(__file__).parent / "fixtures" / "runs" / PROTOCOL_VERSION
 
 
 def fixture_name(version: str = zarr.__version__) -> str:

@@ -73,7 +73,11 @@ def test_schema_parity_with_metadata_model(cls, pointer):
         schema = schema[key]
     fields = {f.name for f in dataclasses.fields(cls)}
     assert set(schema["properties"]) == fields
-    assert set(schema["required"]) == fields
+    since_12 = {"shard_docs"} if cls is protocol.StorageInfo else set()  # absent from 1.0/1.1 stores
+    assert set(schema["required"]) == fields - since_12
+    if since_12:  # … and required from 1.2 on
+        rule = protocol.load_schema("run_attributes")["allOf"][0]
+        assert set(rule["else"]["properties"]["storage"]["required"]) == since_12
 
 
 def test_enums_parity():
@@ -118,7 +122,7 @@ def test_quality_table_matches_code():
         dims, dtype, fill = documented[name]
         assert (dims, dtype) == (spec.dims, spec.dtype), name
         assert fill == spec.fill_value == "NaN", name
-    assert {f"T_{f}" for f in protocol.QUALITY_FIELDS} <= set(documented)
+    assert protocol.quality_name("T") in documented
 
 
 def test_variables_json_is_valid_and_matches_code():
@@ -134,9 +138,21 @@ def test_variables_json_is_valid_and_matches_code():
     for v in code:
         assert (tuple(listed[v.name]["dims"]), listed[v.name]["dtype"], listed[v.name]["fill_value"]) == \
             (v.dims, v.dtype, v.fill_value), v.name
-    since_11 = {v["name"] for v in data["variables"] if v["since"] == "1.1"}
+    quality = {v["name"] for v in data["variables"] if v["since"] != "1.0"}
     documented = {r[0].strip("`") for r in _table("<!-- quality:begin -->", "<!-- quality:end -->")}
-    assert since_11 == documented
+    assert quality == documented
+    metrics = [(r[0].strip("`"), r[1]) for r in _table("<!-- metrics:begin -->", "<!-- metrics:end -->")]
+    assert [m for m, _ in metrics] == [m["name"] for m in data["metrics"]] == list(protocol.QUALITY_METRICS)
+
+
+def test_sharded_and_unsharded_storage_in_the_schema():
+    base = json.loads((SCHEMA / "examples" / "run_attributes.json").read_text(encoding="utf-8"))
+    unsharded = {**base, "storage": {k: v for k, v in base["storage"].items() if k != "shard_docs"}}
+    with pytest.raises(protocol.ProtocolError, match="shard_docs"):
+        protocol.validate_json(unsharded, "run_attributes")
+    protocol.validate_json({**unsharded, "protocol_version": "1.1"}, "run_attributes")
+    assert protocol.RunAttrs.from_json({**unsharded, "protocol_version": "1.1"}).storage.shard_docs is None
+    assert protocol.StorageInfo(format="sparse", value_dtype="float32", chunk_docs=6).shard_docs == 126
 
 
 # --------------------------------------------------------------------------------------------

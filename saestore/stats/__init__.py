@@ -40,7 +40,7 @@ from saestore.stats.core import (
 )
 from saestore.stats.examples import top_examples, top_tokens  # noqa: F401
 from saestore.stats.loss import bits_per_byte, doc_loss  # noqa: F401
-from saestore.stats.quality import loss_recovered, reconstruction_quality  # noqa: F401
+from saestore.stats.quality import loss_recovered, quality_metric, reconstruction_quality  # noqa: F401
 from saestore.stats.relations import (
     author_specificity,  # noqa: F401
     cooccurrence,  # noqa: F401
@@ -50,4 +50,4 @@ from saestore.stats.relations import (
 )
 
 # __all__ is generated from the one registry (saestore.stats._registry): the names are re-exported.
-__all__ = ["Selection", "StatsError", "make_selection", "log_bins", "quantiles_from_histogram", *_NAMES]  # noqa: PLE0604
+__all__ = ["Selection", "StatsError", "make_selection", "log_bins", "quantiles_from_histogram", "quality_metric", *_NAMES]  # noqa: PLE0604

@@ -38,7 +38,8 @@ class Reference:
 
 
 def make_layout(storage_format: str = "sparse") -> RunLayout:
-    storage = protocol.StorageInfo(format=storage_format, value_dtype="float32", chunk_docs=CHUNK_DOCS)
+    storage = protocol.StorageInfo(format=storage_format, value_dtype="float32", chunk_docs=CHUNK_DOCS,
+                                   shard_docs=2 * CHUNK_DOCS)
     return RunLayout(authors=AUTHORS, n_docs=N_DOCS, n_tok=N_TOK, layer_types=LAYER_TYPES, layers=LAYERS,
                      n_features=N_FEAT, storage=storage)
 
