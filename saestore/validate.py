@@ -6,7 +6,7 @@ decodability; every progress marker against its chunks (valid-token and nonzero 
 match what the chunks hold, so a missing or replaced chunk file is caught; SAE chunks that store no
 value are named as the likely missing ones); and, for every written doc-chunk, the padding rules of
 §2.5 on its per-token and per-document chunks (a missing chunk file reads as its fill value, which
-breaks them wherever the doc-chunk has tokens). ``--repair`` clears the markers of bad doc-chunks,
+breaks them wherever the doc-chunk has tokens). ``--repair`` clears the markers of the shards holding bad doc-chunks,
 so rerunning the extraction recomputes exactly those.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from saestore import protocol
+from saestore import chunkio, protocol
 from saestore.errors import SaestoreError
 from saestore.reader import is_sparse_variable, read_chunk_acts
 from saestore.writer import RunLayout, finalize_run, read_layout
@@ -266,8 +266,10 @@ def validate_run(path: str | Path, *, repair: bool = False) -> Report:
     specs = [spec for spec in run_specs(group, attrs) if spec.name in group]
     stored = _decode_chunks(group, specs, layout, report)
     _check_markers(group, specs, layout, stored, report)
-    if repair and stored.bad:
-        _repair(path, attrs, layout, stored.bad, report)
+    if repair and stored.bad:  # a rerun redoes whole shards (PROTOCOL.md §3): clear their markers
+        k = layout.chunks_per_shard
+        shards = {(a, c // k) for a, c in stored.bad}
+        _repair(path, attrs, layout, {(a, c) for a, s in shards for c in layout.shard_chunks(a, s)}, report)
     return report
 
 
@@ -363,10 +365,10 @@ def _repair(path: str, attrs: protocol.RunAttrs, layout: RunLayout, bad: set[tup
             attrs, status="failed", failed_authors=sorted({layout.authors[a] for a, _ in bad})).to_json()
         zarr.consolidate_metadata(path)
         writable = zarr.open_array(path, path=protocol.PROGRESS_PATH, mode="r+")
-        report.repaired = []
-        for a, c in sorted(bad):
-            writable[a, c] = np.zeros(len(protocol.PROGRESS_FIELDS), dtype=np.int64)
-            report.repaired.append((layout.authors[a], c))
+        k = layout.chunks_per_shard
+        for a, s in sorted({(a, c // k) for a, c in bad}):  # one marker chunk per shard: remove it whole
+            chunkio.delete_chunk(writable, (a, s, 0))
+        report.repaired = [(layout.authors[a], c) for a, c in sorted(bad)]
         finalize_run(path)  # status becomes "failed", naming the authors to finish
 
 

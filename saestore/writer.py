@@ -493,8 +493,13 @@ class RunWriter:
                 for c, values in by_chunk.items():
                     start = c * layout.storage.chunk_docs - span.start
                     full[start : start + len(values)] = values
-                self._guarded(name if layer is None else f"{name} layer {layer}", a, what,
-                              partial(arr.__setitem__, (*index, slice(span.start, span.stop)), full))
+                label = name if layer is None else f"{name} layer {layer}"
+                if layout.storage.shard_docs is not None:
+                    # zarr writes into a sharded array by merging into the stored shard (reading it back,
+                    # damaged or not); remove it first, so that the shard is written whole
+                    key = (*index, s, *(0,) * (arr.ndim - len(index) - 1))
+                    self._guarded(label, a, what, partial(chunkio.delete_chunk, arr, key))
+                self._guarded(label, a, what, partial(arr.__setitem__, (*index, slice(span.start, span.stop)), full))
                 faults.point("payload")
         faults.point("before_marker")
         first = s * k
@@ -502,6 +507,8 @@ class RunWriter:
         now = time.time_ns()
         for c, (n_valid, nnz) in shard.markers.items():
             markers[c - first] = (1, n_valid, nnz, now)
+        if len(markers) < k:  # the edge chunk: write it whole too (zarr would merge into the stored one)
+            self._guarded("progress markers", a, what, partial(chunkio.delete_chunk, self.progress, (a, s, 0)))
         self._guarded("progress markers", a, what,
                       partial(self.progress.__setitem__, (a, slice(first, first + len(markers))), markers))
         faults.point("after_marker")

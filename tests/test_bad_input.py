@@ -423,7 +423,7 @@ def case_codec_entry_with_unknown_configuration_key(request):
     for f in (path / "res" / "zarr.json", path / "zarr.json"):
         meta = json.loads(f.read_text())
         node = meta if f.parent.name == "res" else meta["consolidated_metadata"]["metadata"]["res"]
-        node["codecs"][0]["configuration"]["exec"] = "import os"
+        node["codecs"][0]["configuration"]["codecs"][0]["configuration"]["exec"] = "import os"  # inside the shards
         f.write_text(json.dumps(meta))
     before = _tree(path)
     with pytest.raises(ValueError, match=r"unknown configuration keys \['exec'\]"):

@@ -67,10 +67,10 @@ def _reference(model, saes, prompt: list[int], doc_ids: list[int], use_error_ter
     for (lt, layer), (spec, _) in saes.items():  # PROTOCOL.md §2.6, computed here in float64
         x = cache[f"{spec.hook_name}.hook_sae_input"][0, p:].flatten(1).double()
         xhat = cache[f"{spec.hook_name}.hook_sae_recons"][0, p:].flatten(1).double()
-        quality[(f"{lt}_sq_error", layer)] = ((x - xhat) ** 2).sum(-1).numpy()
-        quality[(f"{lt}_sq_norm", layer)] = (x**2).sum(-1).numpy()
-        quality[(f"{lt}_sq_centered", layer)] = ((x - x.mean(0)) ** 2).sum(-1).numpy()
-        quality[(f"{lt}_cos", layer)] = ((x * xhat).sum(-1) / (x.norm(dim=-1) * xhat.norm(dim=-1))).numpy()
+        quality[(f"{lt}_quality", "sq_error", layer)] = ((x - xhat) ** 2).sum(-1).numpy()
+        quality[(f"{lt}_quality", "sq_norm", layer)] = (x**2).sum(-1).numpy()
+        quality[(f"{lt}_quality", "sq_centered", layer)] = ((x - x.mean(0)) ** 2).sum(-1).numpy()
+        quality[(f"{lt}_quality", "cos", layer)] = ((x * xhat).sum(-1) / (x.norm(dim=-1) * xhat.norm(dim=-1))).numpy()
     acts["quality"] = quality
     # entropy through torch.distributions, CE by log-softmax in float64 (the worker uses float32)
     lsm = torch.log_softmax(logits[0].double(), -1)
@@ -100,9 +100,9 @@ def test_values_match_direct_run_with_cache_with_saes(runs, model_and_saes, kind
             np.testing.assert_array_equal(ds.token_id.values[a, d, :n], doc_ids)
             assert ds.valid_mask.values[a, d, :n].all() and not ds.valid_mask.values[a, d, n:].any()
             acts, ce, ent = _reference(model, saes, prompt, doc_ids, attrs["use_error_term"])
-            for (name, layer), want in acts.pop("quality").items():
-                got = ds[name].sel(layer=layer).values[a, d]
-                np.testing.assert_allclose(got[:n], want, rtol=2e-4, atol=2e-4, err_msg=f"{name} {layer}")
+            for (name, metric, layer), want in acts.pop("quality").items():
+                got = ds[name].sel(layer=layer, metric=metric).values[a, d]
+                np.testing.assert_allclose(got[:n], want, rtol=2e-4, atol=2e-4, err_msg=f"{name} {metric} {layer}")
                 assert np.isnan(got[n:]).all()
             for (lt, layer), want in acts.items():
                 got = ds[lt].sel(layer=layer).isel(author=a, doc=d).data

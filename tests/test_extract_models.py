@@ -441,7 +441,7 @@ def test_config_hash_covers_content_fields_and_skips_run_options():
                "author_column": "a", "text_column": "t", "n_docs": 3, "n_docs_per_author": 2, "min_length_doc": 1,
                "min_docs_per_author": 2, "exclude_authors": ("b",), "setting": "prompted",
                "prompt_template": "{style}!", "storage_format": "dense", "value_dtype": "float16", "dtype": "float16",
-               "max_seq_len": 17, "chunk_docs": 2, "use_error_term": True, "loss_recovered": True,
+               "max_seq_len": 17, "chunk_docs": 2, "shard_docs": 8, "use_error_term": True, "loss_recovered": True,
                "devices": "cpu:2", "output_dir": "o", "run_name": "r", "resume": True, "registry": "q.sqlite",
                "batch_size": 3, "quiet": True}
     assert set(changed) | {"overwrite"} == {f.name for f in dataclasses.fields(ExtractConfig)}

@@ -40,14 +40,18 @@ from saestore.writer import CREATING_SUFFIX, read_progress
 
 pytestmark = pytest.mark.extract
 
-#: small on purpose: 3 authors x 5 documents, 3 doc-chunks (2, 2, 1 documents) per author, batches
-#: of 4 documents spanning two doc-chunks, two SAE layers; 6 forward passes, 9 doc-chunks.
+#: small on purpose: 3 authors x 5 documents, 3 doc-chunks (2, 2, 1 documents) per author in 2 shards
+#: (doc-chunks 0-1 and 2), batches of 4 documents spanning one shard, two SAE layers; 6 forward
+#: passes, 9 doc-chunks, 6 shards (each written whole, then its markers in one write).
 ARGS = ["--model", "tiny", "--dataset_name", "demo", "--layers", "1", "3", "--layer_types", "res",
         "--sae_features_width", "1k", "--n_docs_per_author", "5", "--exclude_authors", "lawyer", "gardener",
-        "--chunk_docs", "2", "--batch_size", "4", "--max_seq_len", "32", "--devices", "cpu", "--quiet"]
+        "--chunk_docs", "2", "--shard_docs", "4", "--batch_size", "4", "--max_seq_len", "32", "--devices", "cpu",
+        "--quiet"]
 N_CHUNKS = 9
-PAYLOADS_PER_CHUNK = 2 + 9  # two SAE chunks, five per-token and four per-document variables
-N_CREATE = 5 + 1 + 10 + 1  # create_array passes: coordinates, SAE variable, other variables, attributes
+N_SHARDS = 6
+CHUNKS_PER_SHARD = 2
+PAYLOADS_PER_SHARD = 2 + 1 + 9  # two SAE shards, res_quality, five per-token and four per-document variables
+N_CREATE = 6 + 1 + 11 + 1  # create_array passes: coordinates, SAE variable, other variables, attributes
 
 #: Each scenario: the faults of consecutive runs of the same command, each run killed by SIGKILL
 #: at the N-th pass of the point; then one run without a fault must finish the run exactly.
@@ -62,26 +66,27 @@ SCENARIOS = {
     "forward-last": ["forward:6"],
     "payload-between-sae-layers": ["payload:1"],
     "payload-per-token": ["payload:5"],
-    "payload-second-chunk-of-batch": [f"payload:{PAYLOADS_PER_CHUNK + 3}"],
-    "payload-late": [f"payload:{7 * PAYLOADS_PER_CHUNK + 10}"],
+    "payload-second-shard": [f"payload:{PAYLOADS_PER_SHARD + 3}"],
+    "payload-late": [f"payload:{4 * PAYLOADS_PER_SHARD + 10}"],
     "before-marker-first": ["before_marker:1"],
-    "before-marker-second-of-batch": ["before_marker:2"],
-    "before-marker-last": [f"before_marker:{N_CHUNKS}"],
+    "before-marker-second-shard": ["before_marker:2"],
+    "before-marker-last": [f"before_marker:{N_SHARDS}"],
     "after-marker-first": ["after_marker:1"],
     "after-marker-mid": ["after_marker:4"],
-    "after-marker-last": [f"after_marker:{N_CHUNKS}"],
+    "after-marker-last": [f"after_marker:{N_SHARDS}"],
     "workers-done": ["workers_done:1"],
     "finalize-attrs": ["finalize_attrs:1"],
     "finalized": ["finalized:1"],
-    # killed at the second forward while the background writer still sleeps inside the first
-    # batch's doc-chunks (checked: fewer than its 2 doc-chunks have a marker)
+    # killed at a forward while the background writer still sleeps inside the first shard's write
+    # (checked: none of its 2 doc-chunks has a marker), or after that shard's markers while the
+    # second shard waits in the queue (checked: at most the first shard's 2 doc-chunks are marked)
     "writer-behind-mid-payloads": ["payload:3:sleep2,forward:2"],
     "writer-behind-before-marker": ["before_marker:1:sleep2,forward:2"],
-    "writer-behind-second-chunk": ["after_marker:1:sleep2,forward:2"],
+    "writer-behind-second-shard": ["after_marker:1:sleep2,forward:3"],
     # kills during resumes
     "resume-reopen": ["after_marker:3", "reopen:1"],
     "resume-chain": ["before_marker:4", "forward:1", "payload:3", "after_marker:2"],
-    "resume-finalize": ["after_marker:8", "finalize_attrs:1", "finalized:1"],
+    "resume-finalize": ["after_marker:5", "finalize_attrs:1", "finalized:1"],
 }
 N_RANDOM_KILLS = 4
 FIGURES: dict[str, int] = {}
@@ -233,18 +238,18 @@ def assert_marked_chunks_match(path: Path, ref: Path) -> int:
     want, got = _files(ref), _files(path)
     layered: dict[str, bool] = {}
     for key, data in want.items():
-        parts = key.split("/")  # var/c/author/... : SAE (a, layer, c, 0, 0), token (a, c, 0), doc (a, c)
+        parts = key.split("/")  # var/c/author/... : SAE (a, layer, s, 0, 0), token (a, s, 0), doc (a, s)
         if parts[1] == "c" and parts[0] not in layered:
             dims = zarr.open_array(str(ref), path=parts[0], mode="r").metadata.dimension_names or ()
             layered[parts[0]] = tuple(dims[:2]) == ("author", "layer")
-        if layered.get(parts[0]):  # SAE variables and the §2.6 quality variables: (a, layer, c, ...)
-            a, c = int(parts[2]), int(parts[4])
+        if layered.get(parts[0]):  # SAE variables and the §2.6 quality variables: (a, layer, s, ...)
+            a, s = int(parts[2]), int(parts[4])
         elif parts[1] == "c" and len(parts) >= 4 and parts[0] not in protocol.COORDS and parts[0] != "n_docs":
-            a, c = int(parts[2]), int(parts[3])
+            a, s = int(parts[2]), int(parts[3])
         else:
             continue
-        if done[a, c]:
-            assert got.get(key) == data, f"{key} of a marked doc-chunk differs after a kill"
+        if done[a, s * CHUNKS_PER_SHARD]:  # a shard's markers are written together, after all of it
+            assert got.get(key) == data, f"{key} of a marked shard differs after a kill"
     return int(done.sum())
 
 
@@ -288,8 +293,9 @@ def test_kill_at_every_fault_point_then_resume_exactly(procs, reference):
             assert code == -signal.SIGKILL, f"{name}: {fault} was never reached (exit {code})"
             n_kills += 1
             marked = assert_marked_chunks_match(path, ref)
-            if name.startswith("writer-behind"):
-                assert marked < 2, f"{name}: the kill found the writer caught up ({marked} doc-chunks marked)"
+            if name.startswith("writer-behind"):  # the first author has 3 doc-chunks, 2 in its first shard
+                most = CHUNKS_PER_SHARD if name.endswith("second-shard") else 0
+                assert marked <= most, f"{name}: the kill found the writer caught up ({marked} doc-chunks marked)"
             if name.startswith(("forward", "payload", "before-marker", "after-marker", "writer-behind")):
                 assert _shown_status(reference["registry"], path) == "interrupted", f"{name}: killed run not shown as interrupted"
         code = _run(procs, out, name, cache)
@@ -341,34 +347,39 @@ AUTHORS = ("astronomer", "chef", "sailor")  # sorted, as stored
 LAYERS = (1, 3)
 
 
-def _sae(a: int, li: int, c: int) -> str:
-    return f"res/c/{a}/{li}/{c}/0/0"
+def _sae(a: int, li: int, s: int) -> str:
+    return f"res/c/{a}/{li}/{s}/0/0"
 
 
-def _tok(name: str, a: int, c: int) -> str:
-    return f"{name}/c/{a}/{c}/0"
+def _tok(name: str, a: int, s: int) -> str:
+    return f"{name}/c/{a}/{s}/0"
 
 
-def _doc(name: str, a: int, c: int) -> str:
-    return f"{name}/c/{a}/{c}"
+def _doc(name: str, a: int, s: int) -> str:
+    return f"{name}/c/{a}/{s}"
 
 
-def _marker(a: int, c: int) -> str:
-    return f"{protocol.PROGRESS_PATH}/c/{a}/{c}/0"
+def _marker(a: int, s: int) -> str:
+    return f"{protocol.PROGRESS_PATH}/c/{a}/{s}/0"
 
 
-#: batches of (doc-chunk (author, c), chunk file, corruption); one corruption per doc-chunk in a batch
+def _shard_chunks(a: int, s: int) -> set[tuple[int, int]]:
+    """The (author, doc-chunk) pairs of shard ``s``: every author has doc-chunks 0-1 and 2."""
+    return {(a, c) for c in range(s * CHUNKS_PER_SHARD, min((s + 1) * CHUNKS_PER_SHARD, 3))}
+
+
+#: batches of (shard (author, s), shard file, corruption); one corruption per shard in a batch
 CORRUPTIONS = {
     "sae-truncated": [((0, 0), _sae(0, 0, 0), "truncate:0"), ((1, 1), _sae(1, 1, 1), "truncate:3"),
-                      ((2, 2), _sae(2, 0, 2), "truncate:half"), ((0, 1), _sae(0, 1, 1), "truncate:-1")],
+                      ((2, 0), _sae(2, 0, 0), "truncate:half"), ((0, 1), _sae(0, 1, 1), "truncate:-1")],
     "sae-flipped-deleted-swapped": [((0, 0), _sae(0, 0, 0), "flip:0"), ((1, 0), _sae(1, 1, 0), "flip:half"),
-                                    ((2, 1), _sae(2, 0, 1), "flip:-1"), ((0, 2), _sae(0, 1, 2), "delete"),
-                                    ((1, 2), _sae(1, 0, 2), f"swap:{_sae(2, 0, 0)}")],
+                                    ((2, 1), _sae(2, 0, 1), "flip:-1"), ((0, 1), _sae(0, 1, 1), "delete"),
+                                    ((1, 1), _sae(1, 0, 1), f"swap:{_sae(2, 1, 1)}")],
     "per-token-and-document": [((0, 0), _tok("token_id", 0, 0), "delete"), ((1, 1), _tok("ce_loss", 1, 1), "delete"),
-                               ((2, 0), _tok("valid_mask", 2, 0), "flip:half"), ((0, 2), _doc("text", 0, 2), "delete"),
-                               ((1, 2), _doc("doc_length", 1, 2), "delete"), ((2, 2), _doc("doc_id", 2, 2), "flip:5")],
-    "mixed-with-markers": [((0, 1), _tok("entropy", 0, 1), "truncate:half"), ((1, 0), _tok("token", 1, 0), "delete"),
-                           ((2, 1), _marker(2, 1), "flip:half"), ((0, 0), _marker(0, 0), "truncate:0"),
+                               ((2, 0), _tok("valid_mask", 2, 0), "flip:half"), ((0, 1), _doc("text", 0, 1), "delete"),
+                               ((1, 0), _doc("doc_length", 1, 0), "delete"), ((2, 1), _doc("doc_id", 2, 1), "flip:5")],
+    "mixed-with-markers": [((0, 0), _tok("entropy", 0, 0), "truncate:half"), ((1, 0), _tok("token", 1, 0), "delete"),
+                           ((2, 1), _marker(2, 1), "flip:half"), ((0, 1), _marker(0, 1), "truncate:0"),
                            ((1, 1), _tok("token", 1, 1), "flip:-2")],
 }
 
@@ -406,24 +417,29 @@ def test_corruption_is_detected_named_and_repaired(procs, reference, batch, caps
     before = read_progress(path)
     for _, rel, how in CORRUPTIONS[batch]:
         _corrupt(path, rel, how)
-    expected = {ac for ac, _, _ in CORRUPTIONS[batch]}
+    expected = set().union(*(_shard_chunks(*shard) for shard, _, _ in CORRUPTIONS[batch]))
 
-    # reading: a damaged SAE chunk raises CorruptChunkError naming variable, author, layer and doc-chunk
+    # reading: a damaged SAE shard raises CorruptChunkError naming variable, author, layer and a
+    # doc-chunk of the shard
     ds = open_run(path)
-    for (a, c), rel, how in CORRUPTIONS[batch]:
+    for (a, s), rel, how in CORRUPTIONS[batch]:
         if rel.startswith("res/") and how.split(":")[0] in ("truncate", "flip"):
             layer = LAYERS[int(rel.split("/")[3])]
-            with pytest.raises(CorruptChunkError, match=rf"res\[author='{AUTHORS[a]}', layer={layer}, doc-chunk {c}\]"):
-                ds.res.isel(author=a).sel(layer=layer).isel(doc=slice(2 * c, 2 * c + 2)).data.compute()
+            chunks = "|".join(str(c) for _, c in sorted(_shard_chunks(a, s)))
+            with pytest.raises(CorruptChunkError, match=rf"res\[author='{AUTHORS[a]}', layer={layer}, doc-chunk ({chunks})\]"):
+                ds.res.isel(author=a).sel(layer=layer).isel(doc=slice(4 * s, 4 * s + 4)).data.compute()
 
-    # validate names every damaged doc-chunk (and the variable, unless a valid chunk was swapped in)
+    # validate names a damaged doc-chunk of every damaged shard (and the variable, unless a valid
+    # shard was swapped in); the repair clears the markers of whole shards, the unit a rerun redoes
     assert saestore_cli(["validate", str(path), "--json", "--repair"]) == 1
     report = json.loads(capsys.readouterr().out)
     found = {(p["author_idx"], p["doc_chunk"]) for p in report["problems"]}
-    assert found == expected, report["problems"]
-    for (a, c), rel, how in CORRUPTIONS[batch]:
-        text = [f"{p['where']} {p['message']}" for p in report["problems"] if (p["author_idx"], p["doc_chunk"]) == (a, c)]
-        assert any(repr(AUTHORS[a]) in t and f"doc-chunk {c}" in t for t in text), text
+    assert found <= expected, report["problems"]
+    for (a, s), rel, how in CORRUPTIONS[batch]:
+        in_shard = _shard_chunks(a, s)
+        text = [f"{p['where']} {p['message']}" for p in report["problems"]
+                if (p["author_idx"], p["doc_chunk"]) in in_shard]
+        assert any(repr(AUTHORS[a]) in t and any(f"doc-chunk {c}" in t for _, c in in_shard) for t in text), text
         variable = rel.split("/")[0] if not rel.startswith("_saestore") else "marker"
         if not how.startswith("swap"):
             assert any(variable in t for t in text), (variable, text)
@@ -503,11 +519,11 @@ def _torchrun(reference: dict, name: str, fault: str | None = None) -> subproces
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_killed_one_rank_then_rerun_equals_single_process(reference):
-    """Two gloo ranks write one run; rank 1 is SIGKILLed after its second doc-chunk (torchrun then
+    """Two gloo ranks write one run; rank 1 is SIGKILLed after its first shard (torchrun then
     stops rank 0); the same command again resumes, and the run equals the one-process reference
     chunk file by chunk file, with the registry saying complete."""
     path = _path(reference, "torchrun")
-    killed = _torchrun(reference, "torchrun", "after_marker:2@1")
+    killed = _torchrun(reference, "torchrun", "after_marker:1@1")
     assert killed.returncode != 0, killed.stdout[-2000:] + killed.stderr[-2000:]
     assert_marked_chunks_match(path, reference["path"])
     progress = read_progress(path)
@@ -599,7 +615,8 @@ def test_failing_writes_stop_clearly_keep_completed_chunks_and_resume(procs, ref
     assert code == (2 if n_failures == 0 else 1), run.output()
     assert err.startswith("saestore.extract: error:") and "No space left on device" in err, err
     assert "rerun the same command" in err.lower()
-    assert assert_marked_chunks_match(path, reference["path"]) == 4  # completed doc-chunks intact
+    # the 4 shards written before the disk filled (authors 0 and 1: 6 doc-chunks) are intact
+    assert assert_marked_chunks_match(path, reference["path"]) == 6
     assert validate_run(path).ok
     assert _run(procs, out, name, cache) == 0  # writes succeed again
     assert_same_run(path, reference["path"], reference["registry"])
