@@ -24,7 +24,7 @@ from saestore.bench.baselines import delphi_split_bounds
 from saestore.bench.report import LIBRARIES
 from saestore.bench.run import SECTIONS
 
-SECTION_KEYS = {"bytes", "write", "stats", "access", "extract", "pipeline"}
+SECTION_KEYS = {"bytes", "write", "stats", "access", "extract", "pipeline", "layout"}
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,10 @@ def test_report_files_and_keys(quick_report):
     pipe = report["sections"]["pipeline"]
     assert [r["loop"] for r in pipe["rows"]] == ["storage alone", "sequential", "pipelined"]
     assert pipe["same_markers"], "the pipelined and the sequential loop must store the same doc-chunks"
+    lay = report["sections"]["layout"]["layouts"]
+    assert lay["unsharded"]["shard_docs"] is None and lay["sharded"]["shard_docs"] == 128
+    assert lay["unsharded"]["nnz"] == lay["sharded"]["nnz"] > 0
+    assert lay["unsharded"]["data_files"] > lay["sharded"]["data_files"]
     assert "targets met" in stdout
 
 

@@ -160,6 +160,18 @@ def evaluate_targets(sections: dict[str, Any]) -> list[Target]:
         out.append(Target(name="storage overlaps a simulated device", section="pipeline", op="<=", threshold=1.15,
                           value=p["ratios"]["pipelined_wall_over_max_forward_storage"],
                           basis="pipelined loop wall / max(simulated forward total, storage work in that loop)"))
+    lay = sections.get("layout")
+    if lay:
+        r = lay["ratios"]
+        out += [
+            Target(name="data files, unsharded / sharded", section="layout", op=">=", threshold=20.0,
+                   value=r["files_unsharded_over_sharded"], basis="files other than zarr.json, same run in both layouts"),
+            Target(name="bytes per nonzero, sharded / unsharded", section="layout", op="<=", threshold=1.02,
+                   value=r["bytes_per_nnz_sharded_over_unsharded"], basis="bytes of all data files / stored nonzeros"),
+            Target(name="one-document read, sharded / unsharded", section="layout", op="<=", threshold=1.0,
+                   value=r["read_one_doc_sharded_over_unsharded"],
+                   basis="median open_run latency of one document of one SAE"),
+        ]
     return out
 
 
@@ -267,4 +279,17 @@ def render_markdown(report: dict[str, Any]) -> str:
                         [[r["loop"], r["write_ahead"], r["wall_s"], r["forward_s"], r["storage_s"], int(r["nnz"])]
                          for r in p["rows"]])
         lines += ["", "Ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in p["ratios"].items())]
+    lay = sec.get("layout")
+    if lay:
+        w = lay["workload"]
+        lines += ["", "## 7. Files and bytes: unsharded (1.1) vs sharded (1.2)", "", lay["description"], "",
+                  f"Run: {w['n_authors']} authors × {w['n_docs']} docs × {w['n_tok']} tok "
+                  f"({lay['n_tokens_positions']:,} token positions), {w['n_features']:,} features, L0 {w['l0']:g}, "
+                  f"chunk_docs {w['chunk_docs']}.", ""]
+        lines += _table(["layout", "shard_docs", "data files", "bytes of data", "bytes on disk", "disk / data",
+                         "nonzeros", "B/nnz", "write M nnz/s", "one-doc read median ms"],
+                        [[name, r["shard_docs"], r["data_files"], r["data_bytes"], r["disk_bytes"], r["disk_over_data"],
+                          r["nnz"], r["bytes_per_nnz"], r["write_nnz_per_s"] / 1e6, r["read_one_doc_median_s"] * 1e3]
+                         for name, r in lay["layouts"].items()])
+        lines += ["", "Ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in lay["ratios"].items())]
     return "\n".join(lines) + "\n"

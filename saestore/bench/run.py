@@ -35,7 +35,7 @@ __all__ = ["BenchConfig", "FULL", "QUICK", "SECTIONS", "run_benchmarks"]
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("bytes", "write", "stats", "access", "extract", "pipeline")
+SECTIONS = ("bytes", "write", "stats", "access", "extract", "pipeline", "layout")
 REPORT_SCHEMA = "saestore.bench/1"
 
 
@@ -63,6 +63,9 @@ class BenchConfig:
     child_timeout_s: float = 900.0
     pipeline: SyntheticWorkload = SyntheticWorkload(n_authors=4, n_docs=32, n_tok=511)
     """section 6's run (batches of 8 documents: 16 simulated forward passes)."""
+    layout: SyntheticWorkload = SyntheticWorkload(n_authors=40, n_docs=256, n_tok=1023, layer_types=("res",),
+                                                  pad_frac=0.0)
+    """section 7's run: 10.5M tokens of one 16k SAE, written unsharded (1.1) and sharded (1.2)."""
 
 
 FULL = BenchConfig(mode="full", synthetic=SyntheticWorkload(n_authors=4, n_docs=8, n_tok=511))
@@ -70,7 +73,9 @@ QUICK = BenchConfig(mode="quick",
                     synthetic=SyntheticWorkload(n_authors=2, n_docs=4, n_tok=127, layer_types=("res", "mlp")),
                     n_reads=5, extract_docs=(1, 2), extract_pinned_threads=None, access_growth=None,
                     child_timeout_s=300.0,
-                    pipeline=SyntheticWorkload(n_authors=2, n_docs=8, n_tok=127, layer_types=("res",)))
+                    pipeline=SyntheticWorkload(n_authors=2, n_docs=8, n_tok=127, layer_types=("res",)),
+                    layout=SyntheticWorkload(n_authors=3, n_docs=40, n_tok=127, n_features=2048, l0=20,
+                                             layer_types=("res",)))
 
 
 def write_run_and_seed(wl: SyntheticWorkload, run_path: Path, seed_root: Path, layer_type: str, layer: int) -> None:
@@ -251,6 +256,15 @@ def _section_pipeline(cfg: BenchConfig, work: Path) -> dict[str, Any]:
     return res
 
 
+def _section_layout(cfg: BenchConfig, work: Path) -> dict[str, Any]:
+    from saestore.bench.layout import __doc__ as layout_doc
+    from saestore.bench.layout import measure_layout
+
+    res = measure_layout(cfg.layout, work, n_reads=cfg.n_reads)
+    res["description"] = _doc_body(layout_doc)
+    return res
+
+
 def _doc_body(doc: str | None) -> str:
     """A module docstring without its title line, as markdown (bullets kept on their own lines)."""
     paragraphs = []
@@ -342,14 +356,20 @@ def run_benchmarks(cfg: BenchConfig, out_dir: Path, *, sections: tuple[str, ...]
         if "pipeline" in sections:
             with _timed(timings, "pipeline", "section 6: storage overlapping a simulated device"):
                 results["pipeline"] = _section_pipeline(cfg, work)
+        if "layout" in sections:
+            lw = cfg.layout
+            with _timed(timings, "layout", "section 7: files of an unsharded and a sharded run (%d authors × %d docs "
+                        "× %d tok)", lw.n_authors, lw.n_docs, lw.n_tok):
+                results["layout"] = _section_layout(cfg, work)
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
     machine["loadavg_end"] = list(os.getloadavg())
     targets = evaluate_targets(results)
     report = {"schema": REPORT_SCHEMA, "mode": cfg.mode, "machine": machine,
-              "config": {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("synthetic", "pipeline")},
-                         "synthetic": wl.to_json(), "pipeline": cfg.pipeline.to_json()},
+              "config": {**{k: v for k, v in dataclasses.asdict(cfg).items()
+                            if k not in ("synthetic", "pipeline", "layout")},
+                         "synthetic": wl.to_json(), "pipeline": cfg.pipeline.to_json(), "layout": cfg.layout.to_json()},
               "sections": results, "targets": [t.to_json() for t in targets], "section_seconds": timings,
               "runtime_s": time.perf_counter() - t_start}
     bad = _finite_ratios(report)
