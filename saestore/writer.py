@@ -4,10 +4,11 @@ The protocol (PROTOCOL.md, "Writing") in code:
 
 * :func:`create_run` (coordinator) creates every array, coordinate and attribute, and
   consolidates metadata, before any worker starts;
-* :class:`RunWriter` (one per worker process) writes only whole chunks of its own authors:
-  SAE payloads, then per-token and per-document variables, then the chunk's progress marker;
-  on the sparse path it encodes chunk bytes itself from the nonzeros (byte-identical to zarr's
-  pipeline) and never builds a dense chunk;
+* :class:`RunWriter` (one per worker process) writes only whole shards of its own authors (a
+  shard: ``shard_docs`` documents of one author, PROTOCOL.md §2.3): SAE payloads, then per-token
+  and per-document variables, then the progress markers of the shard's doc-chunks; on the sparse
+  path it encodes chunk bytes itself from the nonzeros and assembles the shard (byte-identical to
+  zarr's sharding pipeline) and never builds a dense chunk;
 * :func:`finalize_run` (coordinator) sets the status and consolidates metadata once.
 
 Nothing shared is read-modify-written by workers.

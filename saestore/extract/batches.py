@@ -8,9 +8,10 @@ first axis, one :class:`~saestore.nonzeros.SparseActs` per SAE. A doc-chunk is a
 while the previous batch's doc-chunks are assembled, encoded and written. At most ``depth``
 doc-chunks wait in its queue (a full queue blocks the forward thread: backpressure), so host memory
 holds at most the batch being computed, the held results of one unfinished doc-chunk, ``depth``
-waiting doc-chunks and the one being written. Each doc-chunk is written whole, payloads then
-marker, by the one writer thread, so the store goes through the same states as with inline writes
-and a kill anywhere leaves what a kill of the inline writer would.
+waiting doc-chunks, the one being written, and the writer's unfinished shard (its SAE chunks
+encoded, its per-token values: about one shard object per variable). Each shard is written whole,
+payloads then markers, by the one writer thread, so the store goes through the same states as with
+inline writes and a kill anywhere leaves what a kill of the inline writer would.
 """
 
 from __future__ import annotations
