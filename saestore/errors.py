@@ -89,3 +89,8 @@ class BenchError(SaestoreError):
 
 class FaultSpecError(SaestoreError, ValueError):
     """``SAESTORE_FAULT`` names an unknown fault point or action, or a bad count or rank."""
+
+
+class IncompleteRunWarning(UserWarning):
+    """A run opened for reading is not complete (status ``running`` or ``failed``, PROTOCOL.md §7.1):
+    its unfinished doc-chunks read as the fill value or partly written data."""

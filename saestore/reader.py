@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import uuid
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,7 +23,7 @@ from dask.base import tokenize
 
 from saestore import chunkio, protocol, sparse_coo
 from saestore.codec import SparseCOOCodec
-from saestore.errors import CorruptChunkError, RunNotFoundError
+from saestore.errors import CorruptChunkError, IncompleteRunWarning, RunNotFoundError
 from saestore.nonzeros import SparseActs
 
 T = TypeVar("T")
@@ -170,6 +171,23 @@ def _sparse_dask(path: str, name: str, token: str) -> da.Array:
                          name=f"saestore-{name}-{tokenize(token, name, src.array.metadata.to_dict())}")
 
 
+def _warn_incomplete(path: str, attrs: protocol.RunAttrs) -> None:
+    """PROTOCOL.md §7.1: say, in one line, that a run is not complete and what that means for reading."""
+    try:
+        done = zarr.open_array(path, path=protocol.PROGRESS_PATH, mode="r")[..., 0] == 1
+        n_docs = zarr.open_array(path, path="n_docs", mode="r")[...]
+        k = attrs.storage.chunk_docs
+        total = sum(math.ceil(int(n) / k) for n in n_docs)
+        n_done = sum(int(done[a, : math.ceil(int(n) / k)].sum()) for a, n in enumerate(n_docs))
+        counts = f"{n_done} of {total} doc-chunks are done"
+    except (ValueError, RuntimeError, OSError, KeyError):  # damaged markers: validate names them
+        counts = "its progress markers are unreadable"
+    why = ("is being written or was interrupted" if attrs.status == "running"
+           else f"was finalized with authors unfinished: {', '.join(map(repr, attrs.failed_authors))}")
+    warnings.warn(f"{path} {why} (status {attrs.status}): {counts}; the others read as fill values or partial data. "
+                  "Rerun the extraction to finish it", IncompleteRunWarning, stacklevel=3)
+
+
 def open_run(path: str | Path, *, sparse_variables: bool = True, check: bool = True, **open_kwargs: Any) -> xr.Dataset:
     """Open a run as an xarray Dataset.
 
@@ -185,7 +203,9 @@ def open_run(path: str | Path, *, sparse_variables: bool = True, check: bool = T
         raise RunNotFoundError(f"no saestore run at {path} ({e}); give the folder of a run, e.g. "
                                "runs/demo/tiny/demo.zarr (`python -m saestore runs list` shows them)") from e
     if check:
-        protocol.read_attrs(ds.attrs, where=path)
+        attrs = protocol.read_attrs(ds.attrs, where=path)
+        if attrs.status != "complete":
+            _warn_incomplete(path, attrs)
     if not sparse_variables:
         return ds
     group = zarr.open_group(path, mode="r")

@@ -297,3 +297,26 @@ def test_attrs_example_roundtrip():
     with pytest.raises(ProtocolError, match="config_hash"):
         protocol.RunAttrs.from_json({**attrs.to_json(), "config_hash": "md5:x"})
     assert replace(attrs, status="complete").to_json()["status"] == "complete"
+
+
+def test_open_run_warns_in_one_line_on_an_incomplete_run(tmp_path):
+    """PROTOCOL.md §7.1: a running or failed run is read, with one warning saying how much is done."""
+    import warnings
+
+    from saestore.errors import IncompleteRunWarning
+
+    layout = make_layout()
+    path = str(tmp_path / "run.zarr")
+    create_run(path, layout, make_attrs(layout))
+    write_authors(path, [1])
+    with pytest.warns(IncompleteRunWarning, match=r"being written or was interrupted \(status running\): 1 of 7 "
+                                                  r"doc-chunks are done.*Rerun the extraction"):
+        open_run(path)
+    finalize_run(path)
+    with pytest.warns(IncompleteRunWarning, match=r"authors unfinished: 'a/b', 'd', 'ünï\\tcode'"):
+        open_run(path)
+    write_authors(path, [0, 2, 3])
+    finalize_run(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IncompleteRunWarning)
+        open_run(path)
