@@ -24,7 +24,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     report = validate_run(args.run, repair=args.repair)
     print(dumps(report) if args.json else report.format())
-    return 0 if report.ok else 1
+    return 1 if not report.ok else 3 if report.incomplete else 0
 
 
 def _registry(args: argparse.Namespace):
@@ -70,7 +70,9 @@ def make_parser() -> argparse.ArgumentParser:
     info.add_argument("run", help="run path (or fsspec URL)")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_cmd_info)
-    val = sub.add_parser("validate", help="check layout, schema, every chunk's checksum and every progress marker")
+    val = sub.add_parser("validate", help="check layout, schema, every chunk's checksum and every progress marker "
+                         "of the finished doc-chunks; exit 0 complete and valid, 1 problems, 3 valid so far but "
+                         "incomplete (being written, or interrupted)")
     val.add_argument("run", help="run path")
     val.add_argument("--repair", action="store_true",
                      help="clear the markers of bad doc-chunks so `extract` (same command or --resume) recomputes them")

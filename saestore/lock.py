@@ -80,7 +80,7 @@ class RunLock:
                 continue
             previous = self.holder()
             if previous:
-                log.warning("taking over the lock %s of a process that is gone (%s)", self.path, _fmt(previous))
+                log.warning("taking over the lock %s of a process that is gone (%s)", self.path, format_holder(previous))
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(me).encode("utf-8"), 0)
             self._fd, self.held = fd, True
@@ -94,7 +94,7 @@ class RunLock:
             if held:
                 break
             time.sleep(0.01)
-        who = _fmt(held) if held else "another process (it has not written its name yet)"
+        who = format_holder(held) if held else "another process (it has not written its name yet)"
         return (f"run {self.run_path} is being written by {who}; wait for it to finish, or stop that process. "
                 f"(The lock {self.path} is released when its holder exits, even if it is killed.)")
 
@@ -115,5 +115,30 @@ class RunLock:
         self.release()
 
 
-def _fmt(holder: dict) -> str:
+def writer_state(run_path: str | Path) -> tuple[str, dict | None]:
+    """Whether a run is being written now, from its lock file, without touching the lock:
+    ``("live", holder)`` (a process of this host holds it), ``("gone", holder|None)`` (the named
+    process no longer exists, or the run is there and its lock file is not: a writer removes it only
+    on a clean exit), ``("unknown", holder)`` (another host's or another user's process, or a remote
+    run), ``("none", None)`` (no run and no lock file)."""
+    lock = RunLock(run_path)
+    if lock.path is None:
+        return "unknown", None
+    holder = lock.holder()
+    if holder is None:
+        if lock.path.exists():  # a new holder has not written its name yet
+            return "unknown", None
+        return ("gone", None) if Path(lock.run_path).exists() else ("none", None)
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return "unknown", holder
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return "gone", holder
+    except PermissionError:  # alive, another user's
+        return "live", holder
+    return "live", holder
+
+
+def format_holder(holder: dict) -> str:
     return f"pid {holder.get('pid')} on host {holder.get('host')} since {holder.get('started_at')}"

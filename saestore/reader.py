@@ -28,7 +28,8 @@ from saestore.nonzeros import SparseActs
 
 T = TypeVar("T")
 
-__all__ = ["open_run", "is_sparse_variable", "SparseChunkSource", "read_sparse_chunk", "read_chunk_acts"]
+__all__ = ["open_run", "is_sparse_variable", "SparseChunkSource", "read_sparse_chunk", "read_chunk_acts",
+           "done_docs"]
 
 
 def is_sparse_variable(arr: zarr.Array) -> bool:
@@ -108,6 +109,18 @@ def _crop(block: sparse.COO, region: tuple[slice, ...]) -> sparse.COO:
     return sparse.COO(coords[:, keep] - starts, block.data[keep], shape=shape, has_duplicates=False, sorted=True)
 
 
+def done_docs(group: zarr.Group) -> np.ndarray:
+    """bool ``(author, doc)``: True where the document's doc-chunk is finished, i.e. its progress
+    marker is set (PROTOCOL.md §3), or holds no document of its author (nothing to write), so a
+    complete run is all True. One read of the progress array: a snapshot, so what it marks finished
+    stays finished while the run is written (payloads always precede their marker)."""
+    marked = np.asarray(group[protocol.PROGRESS_PATH][..., 0]) == 1
+    k = protocol.read_attrs(dict(group.attrs)).storage.chunk_docs
+    n_chunks = -(-np.asarray(group["n_docs"][...], dtype=np.int64) // k)
+    marked |= np.arange(marked.shape[1])[None, :] >= n_chunks[:, None]
+    return np.repeat(marked, k, axis=1)[:, : int(group["doc"].shape[0])]
+
+
 class SparseChunkSource:
     """Array-like for ``da.from_array``: chunk-aligned ``__getitem__`` returns ``sparse.COO``.
 
@@ -116,8 +129,10 @@ class SparseChunkSource:
     sources, so a run overwritten at the same path is never read through stale metadata.
     """
 
-    def __init__(self, path: str, name: str) -> None:
+    def __init__(self, path: str, name: str, pending: frozenset[tuple[int, int]] = frozenset()) -> None:
         self.path, self.name = path, name
+        self.pending = pending
+        """(author, doc-chunk) pairs read as absent: not finished when the run was opened."""
         self._arr: zarr.Array | None = None
         arr = self.array
         self.shape = tuple(arr.shape)
@@ -138,7 +153,11 @@ class SparseChunkSource:
         key = key if isinstance(key, tuple) else (key,)
         starts = [s.start or 0 for s in key]
         coords = tuple(st // c for st, c in zip(starts, self.chunks, strict=True))
-        block = read_sparse_chunk(self.array, coords)
+        if (coords[0], coords[2]) in self.pending:  # (author, layer, doc, tok, feature)
+            block = sparse.COO(np.zeros((self.ndim, 0), dtype=np.int64), np.zeros(0, dtype=self.dtype),
+                               shape=self.chunks)
+        else:
+            block = read_sparse_chunk(self.array, coords)
         local = tuple(
             slice(st - i * c, (s.stop if s.stop is not None else dim) - i * c)
             for s, st, i, c, dim in zip(key, starts, coords, self.chunks, self.shape, strict=True)
@@ -160,8 +179,8 @@ def store_token(path: str) -> str:
     return tokenize(path, dict(group.attrs), markers)
 
 
-def _sparse_dask(path: str, name: str, token: str) -> da.Array:
-    src = SparseChunkSource(path, name)
+def _sparse_dask(path: str, name: str, token: str, pending: frozenset[tuple[int, int]]) -> da.Array:
+    src = SparseChunkSource(path, name, pending)
     chunks = tuple(
         tuple(min(c, dim - i * c) for i in range(math.ceil(dim / c))) if dim else (0,)
         for dim, c in zip(src.shape, src.chunks, strict=True)
@@ -171,29 +190,43 @@ def _sparse_dask(path: str, name: str, token: str) -> da.Array:
                          name=f"saestore-{name}-{tokenize(token, name, src.array.metadata.to_dict())}")
 
 
-def _warn_incomplete(path: str, attrs: protocol.RunAttrs) -> None:
+def doc_chunk_counts(group: zarr.Group) -> tuple[int, int]:
+    """(finished, all) doc-chunks of the run: those holding at least one document of their author."""
+    done = np.asarray(group[protocol.PROGRESS_PATH][..., 0]) == 1
+    n_docs = np.asarray(group["n_docs"][...])
+    k = protocol.read_attrs(dict(group.attrs)).storage.chunk_docs
+    per_author = [math.ceil(int(n) / k) for n in n_docs]
+    return sum(int(done[a, :n].sum()) for a, n in enumerate(per_author)), sum(per_author)
+
+
+def _warn_incomplete(path: str, attrs: protocol.RunAttrs, group: zarr.Group, only_done: bool) -> None:
     """PROTOCOL.md §7.1: say, in one line, that a run is not complete and what that means for reading."""
     try:
-        done = zarr.open_array(path, path=protocol.PROGRESS_PATH, mode="r")[..., 0] == 1
-        n_docs = zarr.open_array(path, path="n_docs", mode="r")[...]
-        k = attrs.storage.chunk_docs
-        total = sum(math.ceil(int(n) / k) for n in n_docs)
-        n_done = sum(int(done[a, : math.ceil(int(n) / k)].sum()) for a, n in enumerate(n_docs))
+        n_done, total = doc_chunk_counts(group)
         counts = f"{n_done} of {total} doc-chunks are done"
     except (ValueError, RuntimeError, OSError, KeyError):  # damaged markers: validate names them
         counts = "its progress markers are unreadable"
     why = ("is being written or was interrupted" if attrs.status == "running"
            else f"was finalized with authors unfinished: {', '.join(map(repr, attrs.failed_authors))}")
-    warnings.warn(f"{path} {why} (status {attrs.status}): {counts}; the others read as fill values or partial data. "
-                  "Rerun the extraction to finish it", IncompleteRunWarning, stacklevel=3)
+    reads = ("the others read as absent (fill values; ds.done marks the finished documents)" if only_done
+             else "the others read as stored, possibly partial (only_done=False)")
+    warnings.warn(f"{path} {why} (status {attrs.status}): {counts}; {reads}. Rerun the extraction to finish it",
+                  IncompleteRunWarning, stacklevel=3)
 
 
-def open_run(path: str | Path, *, sparse_variables: bool = True, check: bool = True, **open_kwargs: Any) -> xr.Dataset:
+def open_run(path: str | Path, *, sparse_variables: bool = True, check: bool = True, only_done: bool = True,
+             **open_kwargs: Any) -> xr.Dataset:
     """Open a run as an xarray Dataset.
 
-    Identical to ``xr.open_zarr(path)`` except that, with ``sparse_variables=True``, every
-    variable stored with ``saestore.sparse_coo`` is a dask array of ``sparse.COO`` blocks.
-    ``check`` applies PROTOCOL.md's version rule and validates the root attributes.
+    ``xr.open_zarr(path)`` plus, with ``sparse_variables=True``, every variable stored with
+    ``saestore.sparse_coo`` as a dask array of ``sparse.COO`` blocks, and the bool variable
+    ``done`` ``(author, doc)``: True where the document's doc-chunk is finished (its progress
+    marker is set; PROTOCOL.md §3, §7.1). With ``only_done`` (the default) every variable with a
+    ``doc`` dimension reads as absent (its fill value: no activation, ``valid_mask`` False,
+    ``text`` "") outside finished doc-chunks, consistently, from one snapshot of the markers; so a
+    run being written or killed never shows half a doc-chunk. ``check`` applies PROTOCOL.md's
+    version rule, validates the root attributes, and warns (:class:`IncompleteRunWarning`) when
+    the run is not complete.
     """
     path = str(path)
     open_kwargs.setdefault("chunks", {})
@@ -202,17 +235,36 @@ def open_run(path: str | Path, *, sparse_variables: bool = True, check: bool = T
     except FileNotFoundError as e:  # zarr's GroupNotFoundError too
         raise RunNotFoundError(f"no saestore run at {path} ({e}); give the folder of a run, e.g. "
                                "runs/demo/tiny/demo.zarr (`python -m saestore runs list` shows them)") from e
+    group = zarr.open_group(path, mode="r")
     if check:
         attrs = protocol.read_attrs(ds.attrs, where=path)
         if attrs.status != "complete":
-            _warn_incomplete(path, attrs)
-    if not sparse_variables:
-        return ds
-    group = zarr.open_group(path, mode="r")
-    token = store_token(path)
-    for name in list(ds.data_vars):
-        arr = group[name]
-        if isinstance(arr, zarr.Array) and is_sparse_variable(arr):
+            _warn_incomplete(path, attrs, group, only_done)
+    try:
+        done = done_docs(group)
+        n_done, total = doc_chunk_counts(group)
+    except (ValueError, RuntimeError, OSError, KeyError):  # damaged markers (validate names them): read as stored
+        done, n_done, total = None, 0, 0
+    pending: frozenset[tuple[int, int]] = frozenset()
+    if done is not None and only_done and n_done < total:
+        k = protocol.read_attrs(ds.attrs).storage.chunk_docs
+        pending = frozenset((int(a), int(c)) for a, c in zip(*np.nonzero(~done[:, ::k]), strict=True))
+        keep = xr.DataArray(done, dims=("author", "doc"))
+        for name in list(ds.data_vars):
             var = ds[name]
-            ds[name] = xr.Variable(var.dims, _sparse_dask(path, name, token), attrs=var.attrs, encoding=var.encoding)
+            if "doc" in var.dims and not (sparse_variables and is_sparse_variable(group[name])):
+                fill = group[name].fill_value
+                ds[name] = var.where(keep, np.asarray(fill, dtype=var.dtype)).transpose(*var.dims)
+                ds[name].attrs, ds[name].encoding = var.attrs, var.encoding
+    if sparse_variables:
+        token = store_token(path)
+        for name in list(ds.data_vars):
+            arr = group[name]
+            if isinstance(arr, zarr.Array) and is_sparse_variable(arr):
+                var = ds[name]
+                ds[name] = xr.Variable(var.dims, _sparse_dask(path, name, token, pending), attrs=var.attrs,
+                                       encoding=var.encoding)
+    if done is not None:
+        ds["done"] = xr.DataArray(done, dims=("author", "doc"), attrs={
+            "description": "the document's doc-chunk is finished (progress marker set when the run was opened)"})
     return ds

@@ -48,20 +48,40 @@ class Report:
     n_chunks_checked: int = 0
     n_markers_checked: int = 0
     repaired: list[tuple[str, int]] | None = None
+    n_doc_chunks: int = 0
+    """doc-chunks holding at least one document (what a complete run has finished)."""
+    n_done: int = 0
+    """of those, the finished ones (progress marker set when validate read the markers)."""
+    status: str | None = None
+    writer: str | None = None
+    """'being written by pid … on host …' while a live process holds the run's lock."""
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
+    @property
+    def incomplete(self) -> bool:
+        return self.n_done < self.n_doc_chunks
+
     def format(self) -> str:
         lines = [f"validate {self.path}: {self.n_chunks_checked} chunks and {self.n_markers_checked} progress "
                  f"markers checked, {len(self.problems)} problem(s)"]
+        if self.incomplete:
+            lines.append(f"incomplete: {self.n_done} of {self.n_doc_chunks} doc-chunks done (status {self.status}"
+                         + (f", {self.writer}" if self.writer else "") + "); only finished doc-chunks were checked")
         lines += [f"  {p}" for p in self.problems]
         if self.repaired:
             lines.append(f"repaired: cleared {len(self.repaired)} marker(s): "
                          + ", ".join(f"{a!r} doc-chunk {c}" for a, c in self.repaired)
                          + "; run the extraction again (same command, or --resume) to recompute them")
-        lines.append("OK" if self.ok else "FAILED")
+        if not self.ok:
+            lines.append("FAILED")
+        elif self.incomplete:
+            lines.append("INCOMPLETE: what is finished is valid; "
+                         + ("the writer is still running" if self.writer else "rerun the extraction to finish it"))
+        else:
+            lines.append("OK")
         return "\n".join(lines)
 
 
@@ -263,9 +283,18 @@ def validate_run(path: str | Path, *, repair: bool = False) -> Report:
             f"unreadable: {type(e).__name__}: {e}. Re-extraction cannot repair the run's coordinates: "
             "recreate it (extract ... --overwrite)")))
         return report
+    from saestore.lock import format_holder, writer_state
+
+    state, holder = writer_state(path)
+    report.status = attrs.status
+    report.writer = f"being written by {format_holder(holder)}" if state == "live" and holder else None
     specs = [spec for spec in run_specs(group, attrs) if spec.name in group]
-    stored = _decode_chunks(group, specs, layout, report)
-    _check_markers(group, specs, layout, stored, report)
+    markers = _read_markers(group, layout)  # first: a live writer's later chunks are not checked
+    report.n_doc_chunks = len(markers)
+    report.n_done = sum(1 for m in markers.values() if not isinstance(m, Exception) and int(m[0]) == 1)
+    pending = {key for key, m in markers.items() if isinstance(m, Exception) or int(m[0]) != 1}
+    stored = _decode_chunks(group, specs, layout, report, pending)
+    _check_markers(group, specs, layout, markers, stored, report)
     if repair and stored.bad:  # a rerun redoes whole shards (PROTOCOL.md §3): clear their markers
         k = layout.chunks_per_shard
         shards = {(a, c // k) for a, c in stored.bad}
@@ -273,9 +302,27 @@ def validate_run(path: str | Path, *, repair: bool = False) -> Report:
     return report
 
 
+def _read_markers(group: zarr.Group, layout: RunLayout) -> dict[tuple[int, int], np.ndarray | Exception]:
+    """Every doc-chunk's progress marker, read once (a snapshot), or the error reading it."""
+    progress_arr = group[protocol.PROGRESS_PATH]
+    try:
+        progress = progress_arr[...]
+    except (ValueError, RuntimeError):  # a marker chunk is corrupt: read them one by one
+        progress = None
+    out: dict[tuple[int, int], np.ndarray | Exception] = {}
+    for dc in layout.doc_chunks():
+        a, c = dc.author_idx, dc.chunk_idx
+        try:
+            out[(a, c)] = progress[a, c] if progress is not None else progress_arr[a, c]
+        except (ValueError, RuntimeError) as e:
+            out[(a, c)] = e
+    return out
+
+
 def _decode_chunks(group: zarr.Group, specs: Sequence[protocol.VariableSpec], layout: RunLayout,
-                   report: Report) -> _Stored:
-    """Decode every chunk of every variable; count what each (author, doc-chunk) holds."""
+                   report: Report, pending: set[tuple[int, int]]) -> _Stored:
+    """Decode every chunk of every variable, except those of ``pending`` (unfinished) doc-chunks,
+    which a live writer may be writing; count what each (author, doc-chunk) holds."""
     stored = _Stored()
     n_marked = layout.n_chunks_max
     for spec in specs:
@@ -285,6 +332,8 @@ def _decode_chunks(group: zarr.Group, specs: Sequence[protocol.VariableSpec], la
         for coords in _grid(arr):
             a = coords[0] if spec.dims[0] == "author" else None
             c = coords[2] if layered else (coords[1] if len(coords) > 1 else None)
+            if (a, c) in pending:
+                continue
             where = f"{spec.name} chunk {'/'.join(map(str, coords))}"
             if a is not None:
                 where += f" (author {layout.authors[a]!r}" + (f", layer {layout.layers[coords[1]]}" if layered else "") \
@@ -313,24 +362,16 @@ def _decode_chunks(group: zarr.Group, specs: Sequence[protocol.VariableSpec], la
 
 
 def _check_markers(group: zarr.Group, specs: Sequence[protocol.VariableSpec], layout: RunLayout,
-                   stored: _Stored, report: Report) -> None:
+                   markers: dict[tuple[int, int], np.ndarray | Exception], stored: _Stored, report: Report) -> None:
     """Every set progress marker against what its doc-chunk's chunks hold, then §2.5 on that doc-chunk."""
-    progress_arr = group[protocol.PROGRESS_PATH]
-    try:
-        progress = progress_arr[...]
-    except (ValueError, RuntimeError):  # a marker chunk is corrupt: read them one by one below
-        progress = None
     cd = layout.storage.chunk_docs
-    for dc in layout.doc_chunks():
-        a, c = dc.author_idx, dc.chunk_idx
+    for (a, c), marker in markers.items():
         where = f"author {layout.authors[a]!r} doc-chunk {c}"
-        try:
-            marker = progress[a, c] if progress is not None else progress_arr[a, c]
-        except (ValueError, RuntimeError) as e:
+        if isinstance(marker, Exception):
             report.problems.append(Problem(
                 kind="marker", where=where, author_idx=a, doc_chunk=c,
-                message=f"progress marker chunk {protocol.PROGRESS_PATH}/c/{a}/{c}/0 is unreadable: "
-                        f"{type(e).__name__}: {e}"))
+                message=f"progress marker chunk {protocol.PROGRESS_PATH}/c/{a}/{c // layout.chunks_per_shard}/0 "
+                        f"is unreadable: {type(marker).__name__}: {marker}"))
             stored.bad.add((a, c))
             continue
         done, marked_valid, marked_nnz, _ = (int(x) for x in marker)
@@ -374,7 +415,9 @@ def _repair(path: str, attrs: protocol.RunAttrs, layout: RunLayout, bad: set[tup
 
 def report_json(report: Report) -> dict[str, Any]:
     return {"path": report.path, "ok": report.ok, "n_chunks_checked": report.n_chunks_checked,
-            "n_markers_checked": report.n_markers_checked,
+            "n_markers_checked": report.n_markers_checked, "status": report.status,
+            "n_doc_chunks": report.n_doc_chunks, "n_done": report.n_done, "incomplete": report.incomplete,
+            "writer": report.writer,
             "problems": [p.__dict__ for p in report.problems], "repaired": report.repaired}
 
 
