@@ -130,8 +130,31 @@ def test_news_folder_of_categories(tmp_path):
         load_documents("news")
 
 
+def test_a_dataset_of_your_own_is_named_by_you_and_known_names_are_canonical(tmp_path):
+    """``--dataset_name mycsv --dataset_path FILE`` reads the file as AuthorMix's local copy is read and
+    names the run's dataset folder ``mycsv``; ``authormix`` (any case) is ``AuthorMix``, one tree."""
+    from saestore.errors import ExtractionConfigError
+    from saestore.extract.config import ExtractConfig
+    from saestore.extract.data import resolve_dataset_name
+
+    path = tmp_path / "mine.csv"
+    pd.DataFrame(AUTHORMIX_ROWS).to_csv(path, index=False)
+    assert load_documents("mycsv", dataset_path=str(path)) == _expected(AUTHORMIX_ROWS)
+    cfg = ExtractConfig(layers=(1,), model="tiny", dataset_name="mycsv", dataset_path=str(path), output_dir="o")
+    assert cfg.dataset_name == "mycsv" and cfg.run_path().parts[:2] == ("o", "mycsv")
+    for spelling in ("authormix", "AUTHORMIX", " AuthorMix", "hallisky/AuthorMix"):
+        assert resolve_dataset_name(spelling) == "AuthorMix"
+        assert ExtractConfig(layers=(1,), dataset_name=spelling).run_path().parts[1] == "AuthorMix"
+    assert resolve_dataset_name("DEMO") == "demo" and resolve_dataset_name("News", "x") == "news"
+    # a name of your own is a user string: never a path that leaves its folder
+    for bad in ("../up", "a/b", ".hidden", "x y"):
+        with pytest.raises(ExtractionConfigError, match="cannot be part of a path"):
+            ExtractConfig(layers=(1,), dataset_name=bad, dataset_path=str(path))
+
+
 def test_bad_dataset_requests(tmp_path):
-    with pytest.raises(DatasetError, match="unknown dataset 'imdb': choose one of demo, AuthorMix, news"):
+    with pytest.raises(DatasetError, match="unknown dataset 'imdb': choose one of demo, AuthorMix, news, or pass "
+                                           "--dataset_path FILE"):
         load_documents("imdb")
     with pytest.raises(DatasetError, match="does not exist"):
         load_documents("AuthorMix", dataset_path=str(tmp_path / "missing.parquet"))

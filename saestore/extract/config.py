@@ -14,6 +14,7 @@ from typing import Annotated, Any, Final, Literal
 
 from saestore import protocol
 from saestore.errors import ExtractionConfigError
+from saestore.extract.data import resolve_dataset_name
 
 DEFAULT_PROMPT = "The text in style of {style}: \n"
 
@@ -49,7 +50,8 @@ class ExtractConfig:
     sae_path: str | None = None
     """folder of local SAEs (see README: {layer_type}/layer_{L}/ with cfg.json + sae_weights.safetensors)."""
     dataset_name: str = "AuthorMix"
-    """demo (built-in corpus), AuthorMix, news, or a name for your own file given with --dataset_path."""
+    """demo (built-in corpus), AuthorMix, news (matched case-insensitively), or, with --dataset_path, a name of
+    your own for that file (the run's dataset folder: letters, digits, '.', '_', '+', '-')."""
     dataset_path: str | None = None
     """local parquet/json/jsonl/csv file (or news folder) instead of the hub."""
     category_name: str | None = None
@@ -112,6 +114,9 @@ class ExtractConfig:
     """no progress bars."""
 
     def __post_init__(self) -> None:
+        # one spelling per dataset (``authormix`` is ``AuthorMix``); a name of your own is a path component
+        object.__setattr__(self, "dataset_name", resolve_dataset_name(self.dataset_name, self.dataset_path))
+        _component(self.dataset_name, "--dataset_name")
         if not self.layers:
             raise ExtractionConfigError("--layers needs at least one layer")
         if len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:

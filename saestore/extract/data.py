@@ -14,6 +14,12 @@ Datasets
         filtered to ``category_name`` when given, or a folder holding one such file per
         category, named ``{category}.json`` (or ``.jsonl``), of which ``category_name`` picks
         one (required).
+    a name of your own
+        With ``dataset_path``: a local file or folder read as for ``AuthorMix``; the name becomes the
+        run's dataset name (its folder under ``output_dir``), so it must be a safe path component.
+
+Known names match case-insensitively and resolve to their canonical spelling
+(:func:`resolve_dataset_name`), so ``authormix`` is ``AuthorMix``.
 
 ``doc_id`` is the row index in the source file (before any filtering); for a folder of several
 files it counts on across them in the order read. Local files are read with
@@ -30,12 +36,14 @@ from typing import Any
 
 from saestore.errors import DatasetError
 
-__all__ = ["DATASETS", "Document", "load_documents", "select_documents"]
+__all__ = ["DATASETS", "Document", "load_documents", "resolve_dataset_name", "select_documents"]
 
 logger = logging.getLogger(__name__)
 
 DATASETS: tuple[str, ...] = ("demo", "AuthorMix", "news")
 AUTHORMIX_HUB_ID = "hallisky/AuthorMix"
+#: other spellings of the known datasets (lower case) -> canonical name
+_ALIASES = {name.lower(): name for name in DATASETS} | {AUTHORMIX_HUB_ID.lower(): "AuthorMix"}
 _FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 
 
@@ -49,6 +57,23 @@ class Document:
     """Author (the dataset's author column, ``style`` by default)."""
     text: str
     """Document text."""
+
+
+def resolve_dataset_name(dataset_name: str, dataset_path: str | None = None) -> str:
+    """The run's dataset name: a known dataset in its canonical spelling (matched case-insensitively,
+    ``hallisky/AuthorMix`` included), else, with ``dataset_path``, the name as given (a dataset of your
+    own). Raises :class:`DatasetError` for an unknown name without ``dataset_path``.
+
+    >>> resolve_dataset_name("authormix"), resolve_dataset_name("mycsv", "my.csv")
+    ('AuthorMix', 'mycsv')
+    """
+    known = _ALIASES.get(dataset_name.strip().lower())
+    if known is not None:
+        return known
+    if dataset_path is None:
+        raise DatasetError(f"unknown dataset {dataset_name!r}: choose one of {', '.join(DATASETS)}, or pass "
+                           "--dataset_path FILE to name a file of your own")
+    return dataset_name
 
 
 def load_documents(
@@ -66,7 +91,7 @@ def load_documents(
     later by :func:`select_documents`). Raises :class:`DatasetError` for an unknown dataset, a
     missing file or column, an unreachable hub, or a dataset without rows.
     """
-    key = dataset_name.strip().lower()
+    key = resolve_dataset_name(dataset_name, dataset_path)
     if key == "demo":
         from saestore.extract.corpus import demo_corpus
 
@@ -74,15 +99,12 @@ def load_documents(
             raise DatasetError("the demo corpus is built in: drop --dataset_path")
         rows: Iterable[Mapping[str, Any]] = demo_corpus()
         source = "demo corpus"
-    elif key in ("authormix", AUTHORMIX_HUB_ID.lower()):
-        if dataset_path is not None:
-            rows, source = _read_local(Path(dataset_path).expanduser()), str(dataset_path)
-        else:
-            rows, source = _read_hub(AUTHORMIX_HUB_ID, split), AUTHORMIX_HUB_ID
     elif key == "news":
         rows, source = _read_news(dataset_path, category_name)
+    elif dataset_path is not None:  # AuthorMix's local copy, or a dataset of your own
+        rows, source = _read_local(Path(dataset_path).expanduser()), str(dataset_path)
     else:
-        raise DatasetError(f"unknown dataset {dataset_name!r}: choose one of {', '.join(DATASETS)}")
+        rows, source = _read_hub(AUTHORMIX_HUB_ID, split), AUTHORMIX_HUB_ID
     docs = _to_documents(rows, source, author_column, text_column)
     logger.info("loaded %d documents from %s", len(docs), source)
     return docs
