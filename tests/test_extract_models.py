@@ -446,9 +446,17 @@ def test_config_hash_covers_content_fields_and_skips_run_options():
                "batch_size": 3, "quiet": True}
     assert set(changed) | {"overwrite"} == {f.name for f in dataclasses.fields(ExtractConfig)}
     h0 = protocol.config_hash(base.semantic())
+    unused = {"prompt_template"}  # by the baseline setting: left out of the hash (normalize_config)
     for name, value in changed.items():
         h = protocol.config_hash(dataclasses.replace(base, **{name: value}).semantic())
-        assert (h == h0) == (name in options), name
+        assert (h == h0) == (name in options | unused), name
+    prompted = dataclasses.replace(base, setting="prompted")
+    assert (protocol.config_hash(dataclasses.replace(prompted, prompt_template="{style}!").semantic())
+            != protocol.config_hash(prompted.semantic()))
+    # sets in one order: the store sorts layers and layer types
+    same = [dataclasses.replace(base, layers=(3, 1), layer_types=("res", "att"), exclude_authors=("b", "a")),
+            dataclasses.replace(base, layers=(1, 3), layer_types=("att", "res"), exclude_authors=("a", "b"))]
+    assert len({protocol.config_hash(c.semantic()) for c in same}) == 1
 
 
 def test_every_layer_type_has_one_hook_site():
@@ -460,3 +468,16 @@ def test_every_layer_type_has_one_hook_site():
     assert hooks.forward_hooks(1) == ["blocks.0.attn.hook_z", "blocks.0.hook_mlp_out", "blocks.0.hook_resid_post"]
     with pytest.raises(ExtractionConfigError, match="unknown layer type 'xyz': choose res, mlp, att"):
         hooks.hook_name("xyz", 0)
+
+
+def test_default_run_name_sorts_layers_and_finds_a_run_named_as_typed(tmp_path):
+    """``--layers 3 1`` and ``--layers 1 3`` name one run (layers sorted); a run made before, named with
+    the layers as typed, is still found there (and resumed) by the same command."""
+    from saestore.extract.config import ExtractConfig
+
+    typed = ExtractConfig(layers=(3, 1), model="tiny", dataset_name="demo", output_dir=str(tmp_path))
+    ordered = ExtractConfig(layers=(1, 3), model="tiny", dataset_name="demo", output_dir=str(tmp_path))
+    assert typed.run_path() == ordered.run_path() == tmp_path / "demo" / "tiny" / "baseline_all_L1-3_w16k.zarr"
+    legacy = tmp_path / "demo" / "tiny" / "baseline_all_L3-1_w16k.zarr"
+    legacy.mkdir(parents=True)
+    assert typed.run_path() == legacy and ordered.run_path().name == "baseline_all_L1-3_w16k.zarr"

@@ -154,9 +154,10 @@ class ExtractConfig:
         return tuple(name for name, hint in _hints(cls).items() if RUN_OPTION in getattr(hint, "__metadata__", ()))
 
     def semantic(self) -> dict[str, Any]:
-        """The configuration that defines the stored content (hashed into config_hash)."""
+        """The configuration that defines the stored content (hashed into config_hash), normalized
+        (:func:`normalize_config`): two commands that store the same thing hash the same."""
         options = self.run_options()
-        return {k: v for k, v in self.to_json().items() if k not in options}
+        return normalize_config({k: v for k, v in self.to_json().items() if k not in options})
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -165,9 +166,11 @@ class ExtractConfig:
                 out[k] = list(v)
         return out
 
-    def default_run_name(self) -> str:
+    def default_run_name(self, *, as_typed: bool = False) -> str:
+        """``{setting}_{types}_L{layers}_w{width}``, layers sorted (one name per set; ``as_typed``: in the
+        order given, the name of runs made before names were sorted)."""
         types = "-".join(self.layer_types or ("all",))
-        layers = "-".join(str(x) for x in self.layers)
+        layers = "-".join(str(x) for x in (self.layers if as_typed else sorted(self.layers)))
         return f"{self.setting}_{types}_L{layers}_w{self.sae_features_width}"
 
     def run_path(self) -> Path:
@@ -179,13 +182,59 @@ class ExtractConfig:
         if Path(model).expanduser().exists():  # a local model folder: use its name only
             model = Path(model).expanduser().resolve().name
         parts += [_component(p, "--model") for p in model.strip("/").split("/")]
-        parts.append(_component(self.run_name or self.default_run_name(), "--run_name") + ".zarr")
-        return Path(self.output_dir).joinpath(*parts)
+        folder = Path(self.output_dir).joinpath(*parts)
+        path = folder / (_component(self.run_name or self.default_run_name(), "--run_name") + ".zarr")
+        typed = folder / (self.default_run_name(as_typed=True) + ".zarr")
+        if not self.run_name and typed != path and typed.exists() and not path.exists():
+            return typed  # a run made before default names sorted the layers: resume it where it is
+        return path
 
     def registry_path(self) -> Path:
         from saestore.registry import REGISTRY_FILENAME
 
         return Path(self.registry) if self.registry else Path(self.output_dir) / REGISTRY_FILENAME
+
+
+def normalize_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (plain JSON, as stored) in the one form that is hashed: sets in one order (``layers``
+    sorted, as the store sorts them; ``layer_types`` in protocol order; ``exclude_authors`` sorted) and
+    options the chosen setting does not use left out (``prompt_template`` outside ``prompted``).
+    Idempotent; applies to a stored config as well (runs made before normalization, see
+    :func:`stored_identity`).
+
+    >>> normalize_config({"layers": [3, 1], "setting": "baseline", "prompt_template": "x"})
+    {'layers': [1, 3], 'setting': 'baseline'}
+    """
+    out = dict(config)
+    if isinstance(out.get("layers"), list):
+        out["layers"] = sorted(set(out["layers"]))
+    if isinstance(out.get("layer_types"), list):
+        out["layer_types"] = [t for t in protocol.LAYER_TYPES if t in out["layer_types"]]
+    if isinstance(out.get("exclude_authors"), list):
+        out["exclude_authors"] = sorted(set(out["exclude_authors"]))
+    if out.get("setting", "baseline") != "prompted":
+        out.pop("prompt_template", None)
+    return out
+
+
+def stored_identity(path: str | Path, config: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The ``(config, config_hash)`` to record for a run of ``config`` at ``path``: those of the run
+    already there when it is the same run made before normalization (its stored config normalizes to
+    ``config`` but was hashed as typed), so it stays resumable; else ``config`` and its hash. Reads
+    only; anything unreadable is left to the writer, which refuses it with the reason."""
+    import zarr
+
+    new = (config, protocol.config_hash(config))
+    try:
+        stored = zarr.open_group(str(path), mode="r", use_consolidated=False).attrs.get(protocol.ATTRS_KEY)
+    except (OSError, ValueError, KeyError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+        return new
+    if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict):
+        return new
+    old_config, old_hash = stored["config"], stored.get("config_hash")
+    if old_hash != new[1] and normalize_config(old_config) == config and old_hash == protocol.config_hash(old_config):
+        return old_config, old_hash
+    return new
 
 
 #: context lengths known without loading anything (prefix of the model name → tokens)
@@ -320,4 +369,4 @@ def parse_args(argv: list[str] | None = None) -> ExtractConfig:
     return configs[0]
 
 
-__all__ = ["ExtractConfig", "DEFAULT_PROMPT", "make_parser", "parse_args", "parse_all", "resolve_defaults", "model_context"]
+__all__ = ["ExtractConfig", "DEFAULT_PROMPT", "make_parser", "normalize_config", "stored_identity", "parse_args", "parse_all", "resolve_defaults", "model_context"]
