@@ -29,6 +29,8 @@ class _RunOption:
 
 
 RUN_OPTION: Final = _RunOption()
+ONLINE_DEFAULTS_MODEL: Final = "google/gemma-2-9b-it"
+ONLINE_DEFAULTS_DATASET: Final = "AuthorMix"
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
@@ -38,7 +40,7 @@ class ExtractConfig:
 
     layers: tuple[int, ...]
     """model layers to extract (e.g. ``--layers 9 20 31`` or ``--layers 9,20,31``)."""
-    model: str = "google/gemma-2-9b-it"
+    model: str = ONLINE_DEFAULTS_MODEL
     """model: tiny (built-in, offline), google/gemma-2-2b, google/gemma-2-9b, google/gemma-2-9b-it,
     another TransformerLens model name, or a local path."""
     layer_types: tuple[str, ...] | None = None
@@ -49,7 +51,7 @@ class ExtractConfig:
     """pick the SAE whose average L0 is closest to this (default: the canonical SAE)."""
     sae_path: str | None = None
     """folder of local SAEs (see README: {layer_type}/layer_{L}/ with cfg.json + sae_weights.safetensors)."""
-    dataset_name: str = "AuthorMix"
+    dataset_name: str = ONLINE_DEFAULTS_DATASET
     """demo (built-in corpus), AuthorMix, news (matched case-insensitively), or, with --dataset_path, a name of
     your own for that file (the run's dataset folder: letters, digits, '.', '_', '+', '-')."""
     dataset_path: str | None = None
@@ -304,34 +306,64 @@ def _int_list(values: list[str]) -> tuple[int, ...]:
         raise ExtractionConfigError(f"--layers takes integers, got {' '.join(values)}") from None
 
 
+#: what a bare command uses that needs the Hugging Face hub (the seed script's defaults), and the
+#: built-in offline equivalent that errors about them name
+ONLINE_DEFAULTS: Final = {"model": ONLINE_DEFAULTS_MODEL, "dataset_name": ONLINE_DEFAULTS_DATASET}
+OFFLINE_DEFAULTS: Final = "--model tiny --dataset_name demo"
+
+
+def _help(text: str, default: Any) -> str:
+    """``text`` with its default said once: appended unless the text already says it (``default:``) or
+    there is none to say (None, a flag, an empty list); strings with edge whitespace shown with repr.
+    ``%`` is escaped for argparse."""
+    if not (default is None or isinstance(default, bool) or default in ([], ())) and "default" not in text.lower():
+        shown = repr(default) if isinstance(default, str) and default != default.strip() else str(default)
+        text = f"{text} (default: {shown})"
+    return text.replace("%", "%%")
+
+
 def make_parser() -> argparse.ArgumentParser:
     helps = _doc(ExtractConfig)
     p = argparse.ArgumentParser(
         prog="python -m saestore.extract",
         description="Extract SAE feature activations of an author-labelled corpus into a saestore run "
-                    "(a Zarr v3 store that opens with xr.open_zarr). Offline demo: "
-                    "--model tiny --dataset_name demo --layers 0 1 --sae_features_width 1k",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                    "(a Zarr v3 store that opens with xr.open_zarr). The default model and dataset come from "
+                    f"the Hugging Face hub; the built-in offline ones: {OFFLINE_DEFAULTS} (e.g. "
+                    f"{OFFLINE_DEFAULTS} --layers 1 3 --sae_features_width 1k).",
     )
     defaults = {f.name: f.default for f in dataclasses.fields(ExtractConfig)}
-    p.add_argument("--layers", nargs="+", required=True, help=helps["layers"])
+    p.add_argument("--layers", nargs="+", required=True, help=_help(helps["layers"], None))
     p.add_argument("--model", nargs="+", default=[defaults["model"]],
-                   help=helps["model"] + " Several models (or a .txt file listing one per line) make one run "
-                   "each, on the same documents; one model's failure is reported and the others go on.")
-    p.add_argument("--layer_types", nargs="+", choices=list(protocol.LAYER_TYPES), help=helps["layer_types"])
-    p.add_argument("--exclude_authors", nargs="*", default=[], help=helps["exclude_authors"])
+                   help=_help(helps["model"] + " Several models (or a .txt file listing one per line) make one run "
+                              "each, on the same documents; one model's failure is reported and the others go on.",
+                              defaults["model"]))
+    p.add_argument("--layer_types", nargs="+", choices=list(protocol.LAYER_TYPES),
+                   help=_help(helps["layer_types"], None))
+    p.add_argument("--exclude_authors", nargs="*", default=[], help=_help(helps["exclude_authors"], None))
     hints = _hints(ExtractConfig)
     for f in dataclasses.fields(ExtractConfig):
         if f.name in ("layers", "layer_types", "exclude_authors", "model"):
             continue
         default = defaults[f.name]
         if isinstance(default, bool):
-            p.add_argument(f"--{f.name}", action="store_true", help=helps.get(f.name))
+            p.add_argument(f"--{f.name}", action="store_true", help=_help(helps.get(f.name, ""), None))
             continue
         literal = list(typing.get_args(hints[f.name])) if typing.get_origin(hints[f.name]) is Literal else None
         p.add_argument(f"--{f.name}", type=_arg_type(hints[f.name]), default=default, choices=literal,
-                       help=helps.get(f.name))
+                       help=_help(helps.get(f.name, ""), default))
     return p
+
+
+def offline_hint(configs: list[ExtractConfig], message: str) -> str:
+    """A sentence to append to ``message`` (an error) when it is about a default that needs the hub
+    (the default model or dataset, named in it): the built-in offline defaults; else ``""``."""
+    hub = [f"--{k} {v}" for cfg in configs[:1] for k, v in ONLINE_DEFAULTS.items()
+           if getattr(cfg, k) == v and v.rsplit("/", 1)[-1] in message
+           and not (k == "dataset_name" and cfg.dataset_path)]
+    if not hub:
+        return ""
+    return f" ({' and '.join(hub)} {'are' if len(hub) > 1 else 'is'} the default, from the Hugging Face hub; " \
+           f"the built-in offline model and corpus: {OFFLINE_DEFAULTS})"
 
 
 def _models(values: list[str]) -> list[str]:
@@ -369,4 +401,4 @@ def parse_args(argv: list[str] | None = None) -> ExtractConfig:
     return configs[0]
 
 
-__all__ = ["ExtractConfig", "DEFAULT_PROMPT", "make_parser", "normalize_config", "stored_identity", "parse_args", "parse_all", "resolve_defaults", "model_context"]
+__all__ = ["ExtractConfig", "DEFAULT_PROMPT", "make_parser", "normalize_config", "offline_hint", "stored_identity", "parse_args", "parse_all", "resolve_defaults", "model_context"]

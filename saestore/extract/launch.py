@@ -21,7 +21,7 @@ from typing import Any
 
 from saestore import protocol
 from saestore.errors import SaestoreError, WorkerFailedError
-from saestore.extract.config import ExtractConfig, parse_all, resolve_defaults, stored_identity
+from saestore.extract.config import ExtractConfig, offline_hint, parse_all, resolve_defaults, stored_identity
 from saestore.extract.coordinator import Coordinator
 from saestore.extract.worker import AuthorWork, WorkerStats, run_worker
 from saestore.writer import RunLayout
@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "huggingface_hub", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    configs: list[ExtractConfig] = []
     try:
         configs = parse_all(argv)
         if len(configs) > 1:
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saestore.extract: error: {e}", file=sys.stderr)
         return 1
     except SaestoreError as e:
-        print(f"saestore.extract: error: {e}", file=sys.stderr)
+        print(f"saestore.extract: error: {e}{offline_hint(configs, str(e))}", file=sys.stderr)
         return 2
 
 
