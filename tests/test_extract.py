@@ -232,6 +232,32 @@ def test_same_content_in_another_spelling_resumes_and_runs_hashed_as_typed_stay_
     assert re.search(r"different configuration \(differs in: layers\b", capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+def test_l0_warning_names_the_missing_error_term_as_the_likely_cause(runs, kind, caplog):
+    """A measured L0 far from the SAE's expected one: on a run without the error term (the default)
+    the warning says that splicing every SAE without it is the likely cause; with it, the other causes."""
+    import dataclasses
+    import logging
+
+    from saestore import protocol
+    from saestore.extract.coordinator import Coordinator
+    from saestore.extract.worker import WorkerStats
+
+    attrs = protocol.read_attrs(xr.open_zarr(runs[kind]).attrs)
+    res = {k: dataclasses.replace(v, expected_l0=5.0) for k, v in attrs.saes["res"].items()}
+    attrs = dataclasses.replace(attrs, saes={**attrs.saes, "res": res})
+    with caplog.at_level(logging.WARNING, logger="saestore.extract"):
+        Coordinator._check_l0(WorkerStats(n_tokens=100, nnz={"res/1": 100 * 60, "res/3": 100 * 5}), attrs)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "res layer 1: measured mean L0 60.0 is far from the SAE's expected 5.0" in warned[0]
+    assert attrs.use_error_term == (kind == "dense")
+    if attrs.use_error_term:
+        assert "prompt/BOS handling, dtype or the wrong SAE" in warned[0]
+    else:
+        assert "likely cause: every SAE is spliced without the error term" in warned[0]
+        assert "--use_error_term" in warned[0] and "wrong SAE" not in warned[0]
+
+
 def test_second_writer_is_refused(runs, capsys):
     from saestore.lock import RunLock
 
