@@ -249,3 +249,24 @@ def test_select_on_demo_corpus():
     assert list(got) == ["astronomer", "gardener", "lawyer", "sailor"]
     assert sum(map(len, got.values())) == 10
     assert all(len(d.text.split()) >= 50 for ds in got.values() for d in ds)
+
+
+def test_a_cap_above_what_there_is_is_said_once(caplog):
+    """``--n_docs_per_author 60`` on the 24-document demo corpus keeps the 24 and says so in one warning
+    (not one per author), naming how many were available; so does ``--n_docs`` above the total."""
+    docs = load_documents("demo")
+    with caplog.at_level(logging.WARNING, logger="saestore.extract.data"):
+        got = select_documents(docs, n_docs=None, n_docs_per_author=60, min_length_doc=0)
+    assert {len(ds) for ds in got.values()} == {24}
+    assert [r.getMessage() for r in caplog.records] == [
+        "n_docs_per_author=60: 5 of 5 authors have fewer usable documents (24); they keep all they have"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="saestore.extract.data"):
+        select_documents(_docs({"a": [10] * 3, "b": [10] * 1}), n_docs=10, n_docs_per_author=2, min_length_doc=1)
+    assert [r.getMessage() for r in caplog.records] == [
+        "n_docs_per_author=2: 1 of 2 authors have fewer usable documents (1); they keep all they have",
+        "n_docs=10: only 3 usable documents are selected; all are kept"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="saestore.extract.data"):
+        select_documents(docs, n_docs=10, n_docs_per_author=24, min_length_doc=0)
+    assert not caplog.records

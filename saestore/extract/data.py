@@ -258,7 +258,8 @@ def select_documents(
     each author in source order; drop authors left with fewer than ``min_docs_per_author``;
     cap the total at ``n_docs`` by dealing documents round-robin over the sorted authors (each
     author's first, then each author's second, …); drop authors the cap left below
-    ``min_docs_per_author``. Every dropped author is logged with the reason. Raises
+    ``min_docs_per_author``. Every dropped author is logged with the reason; a cap that asks for more
+    documents than there are is said in one warning (per cap, not per author). Raises
     :class:`DatasetError` when nothing is left.
     """
     for name, value in (("n_docs", n_docs), ("n_docs_per_author", n_docs_per_author)):
@@ -287,6 +288,14 @@ def select_documents(
         logger.info(
             "dropped %d empty documents and %d shorter than %d words", n_empty, n_short, min_length_doc
         )
+    if n_docs_per_author is not None:
+        short = {a: len(ds) for a, ds in by_author.items() if a not in excluded and len(ds) < n_docs_per_author}
+        if short:
+            lo, hi = min(short.values()), max(short.values())
+            logger.warning(
+                "n_docs_per_author=%d: %d of %d authors have fewer usable documents (%s); they keep all they have",
+                n_docs_per_author, len(short), len(set(by_author) - excluded), f"{lo}" if lo == hi else f"{lo} to {hi}",
+            )
     selected: dict[str, list[Document]] = {}
     for author in sorted(by_author):
         kept = by_author[author]
@@ -303,6 +312,9 @@ def select_documents(
             continue
         selected[author] = kept
     if n_docs is not None:
+        available = sum(len(ds) for ds in selected.values())
+        if available < n_docs:
+            logger.warning("n_docs=%d: only %d usable documents are selected; all are kept", n_docs, available)
         selected = _deal(selected, n_docs)
         for author in [a for a, ds in selected.items() if len(ds) < min_docs_per_author]:
             logger.warning(
