@@ -146,8 +146,11 @@ class Coordinator:
             expected = attrs.saes[lt][layer].expected_l0
             l0 = nnz / max(stats.n_tokens, 1)
             if expected and stats.n_tokens and not expected / 3 <= l0 <= expected * 3:
-                log.warning("%s layer %s: measured mean L0 %.1f is far from the SAE's expected %.1f "
-                            "(prompt/BOS handling, dtype or the wrong SAE?)", lt, layer, l0, expected)
+                cause = ("prompt/BOS handling, dtype or the wrong SAE?" if attrs.use_error_term else
+                         "likely cause: every SAE is spliced without the error term, so the SAEs before this "
+                         "one change its input; --use_error_term measures each SAE on clean activations")
+                log.warning("%s layer %s: measured mean L0 %.1f is far from the SAE's expected %.1f (%s)",
+                            lt, layer, l0, expected, cause)
 
     def summary(self, attrs: protocol.RunAttrs, stats: WorkerStats, wall: float) -> str:
         progress = read_progress(self.path)
