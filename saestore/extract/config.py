@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
-from saestore import protocol
+from saestore import location, protocol
 from saestore.errors import ExtractionConfigError
 
 DEFAULT_PROMPT = "The text in style of {style}: \n"
@@ -165,7 +165,7 @@ class ExtractConfig:
         layers = "-".join(str(x) for x in self.layers)
         return f"{self.setting}_{types}_L{layers}_w{self.sae_features_width}"
 
-    def run_path(self) -> Path:
+    def run_path(self) -> str:
         """``{output_dir}/{dataset_name}/{category_name}/{model}/{run_name}.zarr`` (no category for AuthorMix)."""
         parts = [_component(self.dataset_name, "--dataset_name")]
         if self.category_name and self.dataset_name.lower() != "authormix":
@@ -175,12 +175,12 @@ class ExtractConfig:
             model = Path(model).expanduser().resolve().name
         parts += [_component(p, "--model") for p in model.strip("/").split("/")]
         parts.append(_component(self.run_name or self.default_run_name(), "--run_name") + ".zarr")
-        return Path(self.output_dir).joinpath(*parts)
+        return location.join(self.output_dir, *parts)
 
     def registry_path(self) -> Path:
-        from saestore.registry import REGISTRY_FILENAME
+        from saestore.registry import default_registry
 
-        return Path(self.registry) if self.registry else Path(self.output_dir) / REGISTRY_FILENAME
+        return Path(self.registry) if self.registry else default_registry(self.output_dir)
 
 
 #: context lengths known without loading anything (prefix of the model name → tokens)
