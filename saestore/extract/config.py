@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
-from saestore import protocol
+from saestore import location, protocol
 from saestore.errors import ExtractionConfigError
 from saestore.extract.data import resolve_dataset_name
 
@@ -175,7 +175,7 @@ class ExtractConfig:
         layers = "-".join(str(x) for x in (self.layers if as_typed else sorted(self.layers)))
         return f"{self.setting}_{types}_L{layers}_w{self.sae_features_width}"
 
-    def run_path(self) -> Path:
+    def run_path(self) -> str:
         """``{output_dir}/{dataset_name}/{category_name}/{model}/{run_name}.zarr`` (no category for AuthorMix)."""
         parts = [_component(self.dataset_name, "--dataset_name")]
         if self.category_name and self.dataset_name.lower() != "authormix":
@@ -184,17 +184,18 @@ class ExtractConfig:
         if Path(model).expanduser().exists():  # a local model folder: use its name only
             model = Path(model).expanduser().resolve().name
         parts += [_component(p, "--model") for p in model.strip("/").split("/")]
-        folder = Path(self.output_dir).joinpath(*parts)
-        path = folder / (_component(self.run_name or self.default_run_name(), "--run_name") + ".zarr")
-        typed = folder / (self.default_run_name(as_typed=True) + ".zarr")
-        if not self.run_name and typed != path and typed.exists() and not path.exists():
+        path = location.join(self.output_dir, *parts,
+                             _component(self.run_name or self.default_run_name(), "--run_name") + ".zarr")
+        typed = location.join(self.output_dir, *parts, self.default_run_name(as_typed=True) + ".zarr")
+        if not self.run_name and typed != path and not location.is_url(path) and Path(typed).exists() \
+                and not Path(path).exists():
             return typed  # a run made before default names sorted the layers: resume it where it is
         return path
 
     def registry_path(self) -> Path:
-        from saestore.registry import REGISTRY_FILENAME
+        from saestore.registry import default_registry
 
-        return Path(self.registry) if self.registry else Path(self.output_dir) / REGISTRY_FILENAME
+        return Path(self.registry) if self.registry else default_registry(self.output_dir)
 
 
 def normalize_config(config: dict[str, Any]) -> dict[str, Any]:
