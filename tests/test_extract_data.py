@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -141,10 +142,10 @@ def test_a_dataset_of_your_own_is_named_by_you_and_known_names_are_canonical(tmp
     pd.DataFrame(AUTHORMIX_ROWS).to_csv(path, index=False)
     assert load_documents("mycsv", dataset_path=str(path)) == _expected(AUTHORMIX_ROWS)
     cfg = ExtractConfig(layers=(1,), model="tiny", dataset_name="mycsv", dataset_path=str(path), output_dir="o")
-    assert cfg.dataset_name == "mycsv" and cfg.run_path().parts[:2] == ("o", "mycsv")
+    assert cfg.dataset_name == "mycsv" and Path(cfg.run_path()).parts[:2] == ("o", "mycsv")
     for spelling in ("authormix", "AUTHORMIX", " AuthorMix", "hallisky/AuthorMix"):
         assert resolve_dataset_name(spelling) == "AuthorMix"
-        assert ExtractConfig(layers=(1,), dataset_name=spelling).run_path().parts[1] == "AuthorMix"
+        assert Path(ExtractConfig(layers=(1,), dataset_name=spelling).run_path()).parts[1] == "AuthorMix"
     assert resolve_dataset_name("DEMO") == "demo" and resolve_dataset_name("News", "x") == "news"
     # a name of your own is a user string: never a path that leaves its folder
     for bad in ("../up", "a/b", ".hidden", "x y"):

@@ -477,10 +477,10 @@ def test_default_run_name_sorts_layers_and_finds_a_run_named_as_typed(tmp_path):
 
     typed = ExtractConfig(layers=(3, 1), model="tiny", dataset_name="demo", output_dir=str(tmp_path))
     ordered = ExtractConfig(layers=(1, 3), model="tiny", dataset_name="demo", output_dir=str(tmp_path))
-    assert typed.run_path() == ordered.run_path() == tmp_path / "demo" / "tiny" / "baseline_all_L1-3_w16k.zarr"
+    assert typed.run_path() == ordered.run_path() == str(tmp_path / "demo" / "tiny" / "baseline_all_L1-3_w16k.zarr")
     legacy = tmp_path / "demo" / "tiny" / "baseline_all_L3-1_w16k.zarr"
     legacy.mkdir(parents=True)
-    assert typed.run_path() == legacy and ordered.run_path().name == "baseline_all_L1-3_w16k.zarr"
+    assert typed.run_path() == str(legacy) and Path(ordered.run_path()).name == "baseline_all_L1-3_w16k.zarr"
 
 
 def test_help_says_each_default_once_and_a_bare_command_names_the_offline_defaults(tmp_path, capsys, monkeypatch):
