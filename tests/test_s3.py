@@ -238,3 +238,41 @@ def test_stale_lease_race_has_one_winner(s3, tmp_path):
             assert p.exitcode == 0
         spans = sorted(json.loads(f.read_text()) for f in tmp_path.glob(f"r{r}.*.json"))
         assert len(spans) == 1, f"round {r}: {len(spans)} winners of one stale lease: {spans}"
+
+
+def test_statistics_on_a_dask_cluster_read_the_run_from_s3(s3, tmp_path, capsys):
+    """dask.distributed workers (2 processes) open the run from the S3 server, not from a local
+    path, and give the threaded scheduler's numbers on the local copy; the stats CLI does the same
+    with --scheduler."""
+    distributed = pytest.importorskip("distributed")
+    import pandas as pd
+
+    import saestore
+    import saestore.stats as st
+    from saestore.stats import cli
+
+    from tests.helpers.stats_run import write_run
+
+    local = tmp_path / "run.zarr"
+    write_run(local)
+    url = "s3://runs/dist/run.zarr"
+    s3["fs"].put(str(local), url.removeprefix("s3://"), recursive=True)
+
+    def lazy(ds):
+        return {"stats": st.feature_stats(ds, "res", by="author")[["count", "frequency", "mean", "max"]],
+                "top": st.top_examples(ds, "mlp", feature=[3, 4, 7], k=3, window=2, by="author")}
+
+    want = {k: v.compute(scheduler="threads") for k, v in lazy(saestore.open_run(str(local))).items()}
+    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
+                                  silence_logs=40) as cluster, distributed.Client(cluster) as client:
+        remote = saestore.open_run(url)
+        got = dict(zip(want, client.gather(client.compute(list(lazy(remote).values()))), strict=True))
+        for name in want:
+            xr.testing.assert_identical(got[name], want[name])
+        assert want["stats"]["count"].values.sum() > 0
+        out = tmp_path / "freq.csv"
+        assert cli.main([url, "--stat", "frequency", "--by", "author", "--layer_type", "res", "--out", str(out),
+                         "--scheduler", client.scheduler.address]) == 0
+    table = pd.read_csv(out)
+    assert np.allclose(np.sort(table["frequency"].to_numpy()),
+                       np.sort(want["stats"]["frequency"].values.ravel()), equal_nan=True)
