@@ -535,6 +535,47 @@ def test_torchrun_two_ranks_killed_one_rank_then_rerun_equals_single_process(ref
     FIGURES["torchrun kills survived"] = 1
 
 
+def _two_nodes(reference: dict, name: str, fault: str | None = None) -> list[subprocess.CompletedProcess]:
+    """Two torchrun "nodes" on localhost (``--nnodes 2``, one rank each, c10d rendezvous on
+    127.0.0.1), as two SLURM tasks on two hosts would start them; returns both nodes' results."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "SAESTORE_CACHE": str(reference["cache"]), "OMP_NUM_THREADS": "1"}
+    env.pop("SAESTORE_FAULT", None)
+    if fault:
+        env["SAESTORE_FAULT"] = fault
+    nodes = [subprocess.Popen([str(torchrun), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(n),
+                               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", name,
+                               "--max_restarts", "0", "-m", "saestore.extract", *ARGS,
+                               "--output_dir", str(reference["out"]), "--run_name", name],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for n in (0, 1)]
+    out = []
+    for node in nodes:
+        stdout, stderr = node.communicate(timeout=600)
+        out.append(subprocess.CompletedProcess(node.args, node.returncode, stdout, stderr))
+    return out
+
+
+@pytest.mark.slow
+def test_two_nodes_one_killed_then_rerun_equals_single_process(reference):
+    """#17: two "nodes" (two torchrun agents, --nnodes 2) write one run; the rank on node 1 is
+    SIGKILLed after its first shard; both nodes rerun the same command, and the run equals the
+    one-process reference chunk file by chunk file."""
+    path = _path(reference, "two-nodes")
+    killed = _two_nodes(reference, "two-nodes", "after_marker:1@1")
+    assert any(r.returncode != 0 for r in killed), killed[0].stderr[-2000:]
+    assert_marked_chunks_match(path, reference["path"])
+    assert 0 < (read_progress(path)[..., 0] == 1).sum() < N_CHUNKS
+    done = _two_nodes(reference, "two-nodes")
+    assert [r.returncode for r in done] == [0, 0], done[0].stderr[-3000:] + done[1].stderr[-3000:]
+    assert "status: complete" in done[0].stdout + done[1].stdout and "2 ranks" in done[0].stderr + done[1].stderr
+    assert_same_run(path, reference["path"], reference["registry"])
+    FIGURES["two-node kills survived"] = 1
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
 def test_workers_stop_when_the_coordinator_is_killed(procs, reference):
