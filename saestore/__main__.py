@@ -1,4 +1,4 @@
-"""``python -m saestore``: ``info RUN``, ``runs list|show``, ``extract ...`` (same as ``python -m saestore.extract``)."""
+"""``python -m saestore``: ``info RUN``, ``validate RUN``, ``runs list|show|add``, ``extract ...`` (same as ``python -m saestore.extract``)."""
 
 from __future__ import annotations
 
@@ -24,16 +24,44 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     report = validate_run(args.run, repair=args.repair)
     print(dumps(report) if args.json else report.format())
+    if report.repaired:
+        _repaired_in_registry(args)
     return 1 if not report.ok else 3 if report.incomplete else 0
 
 
-def _registry(args: argparse.Namespace):
+def _repaired_in_registry(args: argparse.Namespace) -> None:
+    """After ``validate --repair``: the run's registry row takes the store's new status (on stderr)."""
+    import sqlite3
     from pathlib import Path
 
-    from saestore.registry import Registry, default_registry
+    from saestore.registry import Registry, find_registry
 
-    path = Path(args.registry) if args.registry else default_registry(args.output_dir)
-    if not path.exists():
+    path = Path(args.registry) if args.registry else find_registry(args.run)
+    if path is None or not path.exists():
+        print("registry: none found above the run (pass --registry to update one)", file=sys.stderr)
+        return
+    try:
+        record, _ = Registry(path).add(args.run, only_if_registered=True)
+    except (OSError, sqlite3.Error) as e:
+        print(f"registry {path}: could not be updated ({type(e).__name__}: {e})", file=sys.stderr)
+        return
+    print(f"registry {path}: " + (f"status {record.status}" if record else
+                                  "the run is not registered (`python -m saestore runs add RUN` registers it)"),
+          file=sys.stderr)
+
+
+def _registry(args: argparse.Namespace, *, create: bool = False):
+    from pathlib import Path
+
+    from saestore.registry import REGISTRY_FILENAME, Registry, default_registry, find_registry
+
+    if args.registry:
+        path = Path(args.registry)
+    elif args.output_dir is None and create:  # runs add: the registry above the run, else runs/
+        path = find_registry(args.run) or Path("runs") / REGISTRY_FILENAME
+    else:
+        path = default_registry(args.output_dir or "runs")
+    if not create and not path.exists():
         raise SaestoreError(f"no run registry at {path}; pass --registry or --output_dir")
     return Registry(path)
 
@@ -41,7 +69,13 @@ def _registry(args: argparse.Namespace):
 def _cmd_runs(args: argparse.Namespace) -> int:
     from saestore.registry import shown_status
 
-    reg = _registry(args)
+    if args.action != "list" and not args.run:
+        raise SaestoreError(f"runs {args.action} needs a run (a path, a run id or, for show, a run name)")
+    if args.action == "add":
+        from saestore.registry import read_run
+
+        read_run(args.run)  # no run there: refused before a registry is created
+    reg = _registry(args, create=args.action == "add")
     if args.action == "list":
         rows = reg.list(model=args.model, dataset=args.dataset)
         if not rows:
@@ -50,8 +84,11 @@ def _cmd_runs(args: argparse.Namespace) -> int:
             tokens = f"{r.n_tokens:,}" if r.n_tokens is not None else "-"
             print(f"{shown_status(r):<11} {r.started_at}  {r.model:<24} {r.dataset:<10} {tokens:>12} tok  {r.path}")
         return 0
-    if not args.run:
-        raise SaestoreError("runs show needs a run path or name")
+    if args.action == "add":
+        rec, moved = reg.add(args.run)
+        print(f"{'moved' if moved else 'registered'} {rec.path} (run id {rec.run_id or '-'}, status "
+              f"{shown_status(rec)}) in {reg.path}" + (f"; it was at {moved}" if moved else ""))
+        return 0
     rec = reg.get(args.run)
     shown = {**rec.__dict__, "status": shown_status(rec)}
     if shown["status"] != rec.status:
@@ -77,13 +114,20 @@ def make_parser() -> argparse.ArgumentParser:
     val.add_argument("--repair", action="store_true",
                      help="clear the markers of bad doc-chunks so `extract` (same command or --resume) recomputes them")
     val.add_argument("--json", action="store_true", help="print JSON")
+    val.add_argument("--registry", help="with --repair: the registry whose row of the run takes its new status "
+                     "(default: the nearest saestore_runs.sqlite in a folder above the run)")
     val.set_defaults(func=_cmd_validate)
-    runs = sub.add_parser("runs", help="the run registry: runs list [--model M --dataset D] | runs show RUN")
-    runs.add_argument("action", choices=["list", "show"])
-    runs.add_argument("run", nargs="?", help="run path or run name (for show)")
+    runs = sub.add_parser("runs", help="the run registry: runs list [--model M --dataset D] | runs show RUN | "
+                          "runs add PATH")
+    runs.add_argument("action", choices=["list", "show", "add"],
+                      help="list the runs; show one; add (or re-register) the run found at a path, e.g. a moved "
+                           "or copied run (the row with its run id moves there)")
+    runs.add_argument("run", nargs="?", help="show: any spelling of a run's path, its run id, or its run name; "
+                      "add: the run's path")
     runs.add_argument("--model")
     runs.add_argument("--dataset")
-    runs.add_argument("--output_dir", default="runs", help="where the registry lives (default: runs)")
+    runs.add_argument("--output_dir", help="where the registry lives (default: runs; for add, the nearest "
+                      "saestore_runs.sqlite above the run, else runs)")
     runs.add_argument("--registry", help="registry file (default: {output_dir}/saestore_runs.sqlite)")
     runs.set_defaults(func=_cmd_runs)
     sub.add_parser("extract", help="extract a run (python -m saestore extract --help)", add_help=False)

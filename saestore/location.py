@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fsspec.core import split_protocol
 
-__all__ = ["default_cache_dir", "is_url", "join", "name", "size_of"]
+__all__ = ["default_cache_dir", "is_url", "join", "name", "resolved", "size_of"]
 
 
 def is_url(path: str | Path) -> bool:
@@ -49,3 +49,13 @@ def size_of(path: str | Path) -> int:
         return int(fs.du(root, total=True)) if fs.exists(root) else 0
     path = Path(path)
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+def resolved(path: str | Path) -> str:
+    """The one spelling of a run's location, for catalogs: a local path made absolute with symlinks,
+    ``..`` and trailing slashes resolved (``runs/x.zarr``, ``./runs/x.zarr/`` and a link to it are one
+    place); a URL as given, without trailing slashes."""
+    text = str(path)
+    if is_url(text):
+        return text.rstrip("/")
+    return str(Path(text).expanduser().resolve())

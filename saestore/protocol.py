@@ -338,9 +338,15 @@ class RunAttrs:
     """layer type → str(layer) → SAE."""
     library_versions: dict[str, str] = field(default_factory=dict)
     failed_authors: list[str] = field(default_factory=list)
+    run_id: str | None = None
+    """the run's own id (``uuid4().hex``), set when the store is created (since 1.2, optional: stores
+    written before have none); the registry finds a moved or copied run by it."""
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["run_id"] is None:  # optional: absent, not null
+            del data["run_id"]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunAttrs:

@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -293,7 +294,7 @@ def create_run(
                           dimension_names=["author", "doc_chunk", "field"], **zarr_codecs(protocol.plain_codecs("int64")),
                           attributes={"fields": list(protocol.PROGRESS_FIELDS)})
     attrs = replace(attrs, status="running", created_at=_now(), finalized_at=None,
-                    library_versions=protocol.library_versions())
+                    library_versions=protocol.library_versions(), run_id=uuid.uuid4().hex)
     protocol.validate_json(attrs.to_json(), "run_attributes")
     faults.point("create_array")
     group.attrs[protocol.ATTRS_KEY] = attrs.to_json()
@@ -326,7 +327,8 @@ def _reopen(path: str, layout: RunLayout, attrs: RunAttrs) -> RunAttrs:
         raise ConfigMismatchError(
             f"{path} has the same configuration but another layout (the dataset changed?); pass --overwrite"
         )
-    new = replace(old, status="running", finalized_at=None, failed_authors=[])
+    new = replace(old, status="running", finalized_at=None, failed_authors=[],
+                  run_id=old.run_id or uuid.uuid4().hex)  # a store created before run ids gets one
     group = zarr.open_group(path, mode="r+", use_consolidated=False)
     group.attrs[protocol.ATTRS_KEY] = new.to_json()
     faults.point("reopen")

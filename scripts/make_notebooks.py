@@ -131,13 +131,13 @@ def author_features() -> nbformat.NotebookNode:
             "its z-score, where `c`, `n` are the author's active and valid token counts and `c'`, `n'` the rest's."),
         new_code_cell('spec = st.author_specificity(ds, "res", layer=layer).compute()\n'
                       'plots.author_heatmap(spec, n=4)'),
-        new_code_cell('top = st.top_author_features(ds, "res", layer=layer, n=3).compute()\n'
+        new_code_cell('top = st.top_author_features(ds, "res", layer=layer, k=3).compute()\n'
                       'top.to_dataframe()[["feature", "z", "log_odds", "count", "frequency", "frequency_rest"]].round(3)'),
         new_markdown_cell("## What do they fire on?\n\nTop tokens and top activating examples of each author's most "
                           "specific feature; the built-in corpus gives each author a distinctive vocabulary, and "
                           "these features pick it up."),
         new_code_cell('best = {str(a): int(top.feature.sel(author=a, rank=0)) for a in top.author.values}\n'
-                      'tokens = st.top_tokens(ds, "res", layer=layer, feature=list(best.values()), n=5, '
+                      'tokens = st.top_tokens(ds, "res", layer=layer, feature=list(best.values()), k=5, '
                       'min_count=2).compute()\n'
                       'pd.DataFrame({a: [str(t).strip() for t in tokens.token.sel(feature=f).values] '
                       'for a, f in best.items()})'),

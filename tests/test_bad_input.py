@@ -522,6 +522,22 @@ def case_stats_out_in_a_missing_folder(request):
     assert not missing.parent.exists()
 
 
+def case_runs_add_or_show_of_no_run(request):
+    """``runs add`` on a path with no run: one line naming the path, and no registry is created;
+    ``runs show`` of a run not in the registry: one line naming the registry and ``runs add``."""
+    from saestore.registry import Registry
+
+    tmp = request.getfixturevalue("tmp_path")
+    registry = tmp / "saestore_runs.sqlite"
+    _one_line(*_cli("runs", "add", str(tmp / "nope.zarr"), "--registry", str(registry))[::2], "runs",
+              "no saestore run at", "nope.zarr")
+    assert not registry.exists()
+    Registry(registry)
+    _one_line(*_cli("runs", "show", str(tmp / "nope.zarr"), "--registry", str(registry))[::2], "runs",
+              "no run", str(registry), "runs add PATH")
+    assert Registry(registry).list() == []
+
+
 CASES: dict[str, Callable] = {
     name.removeprefix("case_").replace("_", "-"): fn for name, fn in globals().items() if name.startswith("case_")
 }

@@ -44,10 +44,10 @@ def test_author_specific_features_fire_on_the_authors_vocabulary(demo_run):
     """Each author's most specific features are ones whose top tokens come from that author's
     distinctive vocabulary — a property of the data, not hard-coded feature ids."""
     ds = saestore.open_run(demo_run)
-    top = st.top_author_features(ds, "res", layer=3, n=5).compute()
+    top = st.top_author_features(ds, "res", layer=3, k=5).compute()
     for author in top.author.values:
         feats = [int(f) for f in top.feature.sel(author=author).values]
-        tokens = st.top_tokens(ds, "res", layer=3, feature=feats, n=5, min_count=3).compute()
+        tokens = st.top_tokens(ds, "res", layer=3, feature=feats, k=5, min_count=3).compute()
         hits = sum(bool(_vocab_tokens(tokens.token.sel(feature=f).values, DEMO_AUTHOR_VOCAB[str(author)]))
                    for f in feats)
         assert hits >= 3, f"{author}: only {hits} of its 5 most specific features fire on its vocabulary"

@@ -200,7 +200,7 @@ def _files(path: Path) -> dict[str, bytes]:
 
 def _attrs(path: Path) -> dict:
     attrs = json.loads((path / "zarr.json").read_text())["attributes"]["saestore"]
-    return {k: v for k, v in attrs.items() if k not in ("created_at", "finalized_at", "library_versions")}
+    return {k: v for k, v in attrs.items() if k not in ("created_at", "finalized_at", "library_versions", "run_id")}
 
 
 def assert_same_run(path: Path, ref: Path, registry: Path | None = None) -> None:
@@ -217,7 +217,7 @@ def assert_same_run(path: Path, ref: Path, registry: Path | None = None) -> None
     assert not Path(str(path) + CREATING_SUFFIX).exists()
     if registry is not None:
         with contextlib.closing(sqlite3.connect(registry)) as db:
-            status = db.execute("SELECT status FROM runs WHERE path = ?", (str(path),)).fetchone()
+            status = db.execute("SELECT status FROM runs WHERE path = ?", (str(Path(path).resolve()),)).fetchone()
         assert status == ("complete",), status
 
 

@@ -338,7 +338,7 @@ def test_top_examples_scalar_feature_and_doc_selection(sp, ref):
 @pytest.mark.parametrize("by", ["author", None])
 def test_top_tokens_match_numpy(ds, ref, by):
     feats, n, min_count = [3, 4, 9], 3, 2
-    tt = st.top_tokens(ds, "res", feature=feats, n=n, min_count=min_count, by=by).compute()
+    tt = st.top_tokens(ds, "res", feature=feats, k=n, min_count=min_count, by=by).compute()
     x, v, _, _ = sub(ref, "res")
     groups = [[a] for a in range(len(AUTHORS))] if by else [list(range(len(AUTHORS)))]
     for gi, g in enumerate(groups):
@@ -393,7 +393,7 @@ def test_author_specificity_formula_and_ranking(ds, ref):
     var = 1 / (c + alpha) + 1 / (n - c + alpha) + 1 / (cr + alpha) + 1 / (nr - cr + alpha)
     close(spec["log_odds"], lo)
     close(spec["z"], lo / np.sqrt(var))
-    top = st.top_author_features(ds, "res", n=3).compute()
+    top = st.top_author_features(ds, "res", k=3).compute()
     assert top["feature"].dims == ("author", "layer", "rank")
     ranked = np.argsort(-(lo / np.sqrt(var)), axis=-1, kind="stable")[..., :3]
     np.testing.assert_array_equal(top["feature"].values, ranked)

@@ -126,7 +126,7 @@ class Coordinator:
         registry.start(path=str(self.path), run_name=location.name(self.path).removesuffix(".zarr"), model=self.cfg.model,
                        dataset=self.cfg.dataset_name, category=self.cfg.category_name,
                        config_hash=attrs.config_hash, config=attrs.config, authors=list(self.layout.authors),
-                       n_docs=sum(self.layout.n_docs))
+                       n_docs=sum(self.layout.n_docs), run_id=attrs.run_id)
 
     def _finish_registry(self, registry: Registry, status: str, failed_authors: list[str], error: str | None) -> None:
         """Record the outcome in the registry; a registry that cannot be written is logged, not fatal."""

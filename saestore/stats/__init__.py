@@ -13,6 +13,10 @@ Selections (every function): ``layer_type`` (str, list or None = all), ``author`
 ``layer`` (layer numbers), ``doc`` (positions: int, slice or list), ``feature`` (ids). A scalar
 layer type, layer or feature drops that dimension. ``by="author"`` keeps authors apart,
 ``by=None`` pools them. Only valid tokens (``valid_mask``) count.
+
+A selection as an array: ``ds.sae.to_csr("res", layer=3, feature=[4, 9])`` (scipy CSR, token rows ×
+features) and ``ds.sae.dense("res", doc=0, max_bytes=1 << 30)`` (a dense DataArray), see
+:mod:`saestore.stats.arrays`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 from saestore.stats import accessor as _accessor  # noqa: F401  (registers ds.sae)
 from saestore.stats._registry import NAMES as _NAMES
 from saestore.stats._select import Selection, StatsError, make_selection
+from saestore.stats.arrays import dense, to_csr
 from saestore.stats.core import (
     activation_count,  # noqa: F401
     activation_max,  # noqa: F401
@@ -50,4 +55,4 @@ from saestore.stats.relations import (
 )
 
 # __all__ is generated from the one registry (saestore.stats._registry): the names are re-exported.
-__all__ = ["Selection", "StatsError", "make_selection", "log_bins", "quantiles_from_histogram", "quality_metric", *_NAMES]  # noqa: PLE0604
+__all__ = ["Selection", "StatsError", "make_selection", "to_csr", "dense", "log_bins", "quantiles_from_histogram", "quality_metric", *_NAMES]  # noqa: PLE0604

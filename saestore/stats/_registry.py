@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Stat", "STATISTICS", "NAMES", "function", "cli_stats"]
+__all__ = ["Stat", "STATISTICS", "NAMES", "RANK_BY", "function", "cli_stats"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,10 @@ STATISTICS: tuple[Stat, ...] = (
 )
 
 NAMES: tuple[str, ...] = tuple(s.name for s in STATISTICS)
+
+#: what ranks the partners of ``cooccurrence(top_k=)`` (the first is the default); here, not in the
+#: kernels, so the CLI's choices need no numpy import
+RANK_BY: tuple[str, ...] = ("jaccard", "count", "p_given_query", "lift")
 BY_NAME: dict[str, Stat] = {s.name: s for s in STATISTICS}
 
 

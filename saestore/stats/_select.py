@@ -33,7 +33,7 @@ from saestore import protocol, selection
 from saestore.errors import StatsError
 
 __all__ = ["Selection", "SelectionKw", "StatsError", "make_selection", "sae_array", "token_array", "doc_array", "per_block",
-           "check_by", "By", "group_coords", "over_layer_types"]
+           "check_by", "By", "group_coords", "over_layer_types", "renamed_n"]
 
 LAYER_TYPES = protocol.LAYER_TYPES
 By = Literal["author"] | None
@@ -86,6 +86,18 @@ def check_by(by: str | None) -> By:
     if by == "author":
         return "author"
     raise StatsError(f"by must be 'author' or None (pooled), not {by!r}")
+
+
+def renamed_n(k: int, n: int | None, where: str, default: int = 10) -> int:
+    """``k`` (the name every top-k statistic uses), or the old ``n=`` with a DeprecationWarning."""
+    if n is None:
+        return k
+    if k != default:
+        raise StatsError(f"{where}: give k= only (n= is its old name), not both k={k} and n={n}")
+    import warnings
+
+    warnings.warn(f"{where}(n=...) is deprecated: use k=", DeprecationWarning, stacklevel=3)
+    return n
 
 
 def make_selection(ds: xr.Dataset, layer_type: LayerTypes = None, *, author: Authors = None, layer: Layers = None,

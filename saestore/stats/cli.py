@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from saestore.stats._registry import BY_NAME, cli_stats
+from saestore.stats._registry import BY_NAME, RANK_BY, cli_stats
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="feature id(s); for cooccurrence the query feature(s) (default: all)")
     p.add_argument("--k", type=int, default=10, help="top_examples: examples per feature; top_tokens, "
                    "top_author_features: entries per feature / author (default: 10)")
+    p.add_argument("--top_k", type=int, help="cooccurrence: only each query's top-k partners (default: every "
+                   "feature, a dense queries x features result)")
+    p.add_argument("--rank_by", choices=list(RANK_BY), default=RANK_BY[0],
+                   help="cooccurrence --top_k: what ranks the partners (default: jaccard)")
     p.add_argument("--window", type=int, default=5, help="top_examples: tokens each side (default: 5)")
     p.add_argument("--threshold", type=float, default=0.1, help="dense: frequency threshold (default: 0.1)")
     p.add_argument("--q", nargs="+", type=float, help="quantiles / l0_summary: the quantiles")
@@ -106,11 +110,13 @@ def compute_stat(ds: Any, args: argparse.Namespace) -> Any:
     if fn_name == "top_examples":
         kw.update(k=args.k, window=args.window)
     elif fn_name == "top_tokens":
-        kw.update(n=args.k, min_count=args.min_count)
+        kw.update(k=args.k, min_count=args.min_count)
     elif fn_name == "top_author_features":
-        kw.update(n=args.k, alpha=args.alpha)
+        kw.update(k=args.k, alpha=args.alpha)
     elif fn_name == "author_specificity":
         kw.update(alpha=args.alpha)
+    elif fn_name == "cooccurrence":
+        kw.update(top_k=args.top_k, rank_by=args.rank_by)
     elif fn_name == "dense_features":
         kw.update(threshold=args.threshold)
     elif fn_name == "quantiles":

@@ -35,6 +35,7 @@ from saestore.stats._select import (
     make_selection,
     over_layer_types,
     per_block,
+    renamed_n,
     sae_array,
     token_array,
 )
@@ -196,16 +197,18 @@ def _final_top_tokens(sums: Triple, counts: Triple, n_feat: int, n: int, min_cou
     return out
 
 
-def top_tokens(ds: xr.Dataset, layer_type: LayerTypes = None, *, n: int = 10, min_count: int = 1,
-               by: str | None = None, **selection: Unpack[SelectionKw]) -> xr.Dataset:
-    """Per feature, the ``n`` token ids with the highest mean activation over their valid
+def top_tokens(ds: xr.Dataset, layer_type: LayerTypes = None, *, k: int = 10, min_count: int = 1,
+               by: str | None = None, n: int | None = None, **selection: Unpack[SelectionKw]) -> xr.Dataset:
+    """Per feature, the ``k`` token ids with the highest mean activation over their valid
     occurrences (zeros included), among tokens seen at least ``min_count`` times; dims
     ``[author,] layer, feature, rank``. Variables: ``token_id`` (-1 for an empty rank), ``token``,
     ``mean`` = sum / n_token, ``mean_active`` = sum / n_active, ``sum``, ``n_active`` (occurrences
-    where the feature fired), ``n_token`` (occurrences). Ties by token id."""
+    where the feature fired), ``n_token`` (occurrences). Ties by token id. ``n=`` is the old name
+    of ``k=`` (deprecated)."""
     by = check_by(by)
+    n = renamed_n(k, n, "top_tokens")
     if n < 1 or min_count < 1:
-        raise StatsError(f"need n >= 1 and min_count >= 1, got n={n}, min_count={min_count}")
+        raise StatsError(f"need k >= 1 and min_count >= 1, got k={n}, min_count={min_count}")
     sel: Selection = make_selection(ds, layer_type, **selection)
 
     def one(lt: str) -> xr.Dataset:

@@ -153,18 +153,78 @@ def metric_sums(acts_11DTF: Any, valid_1DT: np.ndarray, *metrics_1DT: np.ndarray
 
 
 def cooccurrence(acts_11DTF: Any, valid_1DT: np.ndarray, *, query_idx: np.ndarray,
-                 feature_idx: np.ndarray | None) -> np.ndarray:
-    """``(1, 1, 1, Q + 1, F')`` int64: row q counts, for every feature, the tokens where it and query
-    feature ``query_idx[q]`` (a position among all features) are both active; the last row counts
-    the tokens where each feature is active."""
+                 feature_idx: np.ndarray | None, totals: bool = True) -> np.ndarray:
+    """``(1, 1, 1, Q (+ 1), F')`` int64: row q counts, for every feature, the tokens where it and query
+    feature ``query_idx[q]`` (a position among all features) are both active; with ``totals`` a last
+    row counts the tokens where each feature is active. One pass over the pairs (query nonzero,
+    feature nonzero) of each token, in numpy: memory is the pairs plus the ``(Q, F')`` output."""
     full, _ = block_nonzeros(acts_11DTF, valid_1DT, None)
     kept = full.select_features(feature_idx)
-    out = np.empty((query_idx.size + 1, kept.n_features), dtype=np.int64)
-    for q, fq in enumerate(query_idx):
-        both = np.isin(kept.rows, full.rows[full.cols == fq])
-        out[q] = np.bincount(kept.cols[both], minlength=kept.n_features)
-    out[-1] = np.bincount(kept.cols, minlength=kept.n_features)
-    return out[None, None, None]
+    n_f = kept.n_features
+    uq, inv = np.unique(np.asarray(query_idx, dtype=np.int64), return_inverse=True)
+    qpos = np.full(full.n_features, -1, dtype=np.int64)
+    qpos[uq] = np.arange(uq.size)
+    is_q = qpos[full.cols] >= 0
+    q_rows, q_q = full.rows[is_q], qpos[full.cols[is_q]]
+    order = np.argsort(kept.rows, kind="stable")
+    k_cols = kept.cols[order]
+    per_row = np.bincount(kept.rows, minlength=full.n_docs * full.n_tok)
+    start = np.cumsum(per_row) - per_row
+    n = per_row[q_rows]  # partners of each query nonzero: the kept nonzeros of its token
+    first = np.cumsum(n) - n
+    idx = np.repeat(start[q_rows] - first, n) + np.arange(int(n.sum()))
+    pairs = np.repeat(q_q, n) * n_f + k_cols[idx]
+    counts = np.bincount(pairs, minlength=uq.size * n_f).reshape(uq.size, n_f)[inv]
+    if totals:
+        counts = np.concatenate([counts, np.bincount(kept.cols, minlength=n_f)[None]])
+    return counts.astype(np.int64, copy=False)[None, None, None]
+
+
+#: the values :func:`top_partners` returns per (query, rank), in this order
+PARTNER_FIELDS = ("feature", "count", "n_feature", "p_given_query", "lift", "jaccard")
+
+
+def cooccurrence_scores(count: np.ndarray, n_query: np.ndarray, n_feature: np.ndarray,
+                        n_valid: np.ndarray) -> dict[str, np.ndarray]:
+    """``p_given_query``, ``lift``, ``jaccard`` from counts (broadcast together; NaN where undefined)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c = count.astype(np.float64)
+        p = np.where(n_query > 0, c / n_query, np.nan)
+        base = np.where(n_valid > 0, n_feature / n_valid, np.nan)
+        lift = np.where(base > 0, p / base, np.nan)
+        union = n_query + n_feature - c
+        jaccard = np.where(n_query + n_feature > 0, c / union, np.nan)
+    return {"p_given_query": p, "lift": lift, "jaccard": jaccard}
+
+
+def top_partners(count_GLQF: np.ndarray, n_feature_GLF: np.ndarray, n_query_GLQ: np.ndarray,
+                 n_valid_G: np.ndarray, *, self_pos: np.ndarray, feature_ids: np.ndarray, k: int,
+                 rank_by: str) -> np.ndarray:
+    """``(G, L, Q, k, len(PARTNER_FIELDS))`` float64: per query its ``k`` features with the highest
+    ``rank_by`` among those active with it at least once, the query itself left out
+    (``self_pos[q]``: its position among the features, -1 if it is not one); ties by feature id.
+    Empty ranks: feature -1, count and n_feature 0, the rest NaN."""
+    nq = n_query_GLQ[..., None].astype(np.float64)
+    nf = n_feature_GLF[:, :, None, :].astype(np.float64)
+    nv = np.asarray(n_valid_G, dtype=np.float64).reshape(-1, 1, 1, 1)
+    if rank_by == "count":
+        score = count_GLQF.astype(np.float64)
+    else:  # the one score ranked by over every feature; the others only at the chosen ones
+        score = cooccurrence_scores(count_GLQF, nq, nf, nv)[rank_by]
+    score[np.isnan(score) | (count_GLQF == 0)] = -np.inf
+    q_self = np.flatnonzero(self_pos >= 0)
+    score[:, :, q_self, self_pos[q_self]] = -np.inf
+    ids = np.broadcast_to(np.asarray(feature_ids), score.shape)
+    order = np.lexsort((ids, -score), axis=-1)[..., :k]
+    ok = np.take_along_axis(score, order, axis=-1) > -np.inf
+    count = np.take_along_axis(count_GLQF, order, axis=-1)
+    n_feature = np.take_along_axis(np.broadcast_to(nf, score.shape), order, axis=-1)
+    values = {"feature": np.take_along_axis(ids, order, axis=-1), "count": count, "n_feature": n_feature,
+              **cooccurrence_scores(count, nq, n_feature, nv)}
+    out = np.full((*order.shape, len(PARTNER_FIELDS)), np.nan)
+    for i, name in enumerate(PARTNER_FIELDS):
+        out[..., i] = np.where(ok, values[name], {"feature": -1, "count": 0, "n_feature": 0}.get(name, np.nan))
+    return out
 
 
 # --- top tokens: variable-size partials, combined with dask.delayed -----------------------------------

@@ -17,6 +17,7 @@ import xarray as xr
 from saestore import selection
 from saestore.errors import StatsError
 from saestore.stats import _select, kernels
+from saestore.stats._registry import RANK_BY
 from saestore.stats.core import feature_stats
 
 __all__ = ["doc_vectors", "author_specificity", "top_author_features", "cooccurrence", "metric_by_activity"]
@@ -114,14 +115,19 @@ def top_author_features(
     ds: xr.Dataset,
     layer_type: str | Sequence[str] | None = None,
     *,
-    n: int = 10,
+    k: int = 10,
     score: str = "z",
     alpha: float = 0.5,
+    n: int | None = None,
     **sel: Any,
 ) -> xr.Dataset:
-    """For each author the ``n`` features with the highest :func:`author_specificity` ``score``
+    """For each author the ``k`` features with the highest :func:`author_specificity` ``score``
     (``"z"`` or ``"log_odds"``), dims ``[layer_type,] author, layer, rank``; variables ``feature``
-    and the specificity variables at those features. Ties by feature id."""
+    and the specificity variables at those features. Ties by feature id. ``n=`` is the old name of
+    ``k=`` (deprecated)."""
+    n = _select.renamed_n(k, n, "top_author_features")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise StatsError(f"k must be a positive integer, not {n!r}")
     if score not in ("z", "log_odds"):
         raise StatsError(f"score must be 'z' or 'log_odds', not {score!r}")
     spec = author_specificity(ds, layer_type, alpha=alpha, **sel)
@@ -145,6 +151,10 @@ def top_author_features(
         rank=np.arange(n))
 
 
+#: memory for one batch of query rows (Q_batch × features int64 counts) in ``cooccurrence(top_k=)``
+QUERY_BATCH_BYTES = 64 << 20
+
+
 def cooccurrence(
     ds: xr.Dataset,
     layer_type: str | Sequence[str] | None = None,
@@ -152,6 +162,8 @@ def cooccurrence(
     feature: int | Sequence[int],
     others: int | Sequence[int] | None = None,
     by: str | None = None,
+    top_k: int | None = None,
+    rank_by: str = "jaccard",
     author: str | Sequence[str] | None = None,
     layer: int | Sequence[int] | None = None,
     doc: int | slice | Sequence[int] | None = None,
@@ -162,8 +174,20 @@ def cooccurrence(
     * ``count``: tokens where both are active; ``n_query``, ``n_feature``: tokens where each is;
     * ``p_given_query`` = count / n_query; ``lift`` = p_given_query / (n_feature / n_valid);
     * ``jaccard`` = count / (n_query + n_feature − count).
+
+    That result is dense, (queries × features) float64 per variable: for many queries give
+    ``top_k=K``: per query its ``K`` partners with the highest ``rank_by`` (``jaccard``, the
+    default, ``count``, ``p_given_query`` or ``lift``) among the features active with it at least
+    once, the query itself left out, ties by feature id; dims ``[author,] layer, [query,] rank``,
+    variables ``feature`` (-1 for an empty rank), ``count``, ``n_feature``, ``p_given_query``,
+    ``lift``, ``jaccard``, plus ``n_query`` and ``n_valid``. Queries are counted in batches
+    (:data:`QUERY_BATCH_BYTES` of counts each), so memory does not grow with the number of queries.
     """
     by = _select.check_by(by)
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise StatsError(f"top_k must be a positive integer or None (every feature), not {top_k!r}")
+    if rank_by not in RANK_BY:
+        raise StatsError(f"rank_by must be one of {', '.join(RANK_BY)}, not {rank_by!r}")
     sel = _select.make_selection(ds, layer_type, author=author, layer=layer, doc=doc, feature=others)
     query_idx, q_scalar = selection.positions("feature", feature, np.asarray(ds["feature"].values), int,
                                               error=StatsError)
@@ -173,17 +197,20 @@ def cooccurrence(
     def one(lt: str) -> xr.Dataset:
         acts = _select.sae_array(ds, sel, lt)
         valid = _select.token_array(ds, sel, "valid_mask", acts)
-        parts = _select.per_block(kernels.cooccurrence, acts, [valid], new_axes={"q": n_q + 1, "g": sel.n_features},
-                          dtype=np.int64, query_idx=query_idx, feature_idx=sel.feature_idx)
         stats_q = _select.per_block(kernels.feature_moments, acts, [valid], new_axes={"g": n_q, "s": 3}, dtype=np.float64,
                             feature_idx=query_idx)[..., 0]
-        counts = parts.sum(axis=2)
         n_query = stats_q.sum(axis=2).astype(np.int64)
         n_valid = valid.sum(axis=(1, 2), dtype=np.int64)
-        if by is None:
-            counts, n_query, n_valid = counts.sum(axis=0), n_query.sum(axis=0), n_valid.sum()
         dims, coords = _select.group_coords(sel, by)
         coords.update(feature=("feature", sel.features), query=("query", queries))
+        if top_k is not None:
+            return _top_partners(acts, valid, n_query, n_valid, dims, coords)
+        parts = _select.per_block(kernels.cooccurrence, acts, [valid], new_axes={"q": n_q + 1, "g": sel.n_features},
+                          dtype=np.int64, query_idx=query_idx, feature_idx=sel.feature_idx)
+        counts = parts.sum(axis=2)
+        if by is None:
+            counts, n_query, n_valid = counts.sum(axis=0), n_query.sum(axis=0), n_valid.sum()
+
         def wrap(x: da.Array, d: list[str]) -> xr.DataArray:
             return xr.DataArray(x, dims=d, coords={k: v for k, v in coords.items() if v[0] in d})
 
@@ -197,6 +224,45 @@ def cooccurrence(
             "count": both, "n_query": nq, "n_feature": n_feature, "n_valid": nv, "p_given_query": p,
             "lift": p / base.where(base > 0), "jaccard": both / (nq + n_feature - both).where(nq + n_feature > 0),
         })
+
+    def _top_partners(acts: da.Array, valid: da.Array, n_query: da.Array, n_valid: da.Array, dims: list[str],
+                      coords: dict[str, Any]) -> xr.Dataset:
+        n_f = sel.n_features
+        k = min(int(top_k), n_f)
+        n_feature = _select.per_block(kernels.feature_moments, acts, [valid], new_axes={"g": n_f, "s": 3},
+                                      dtype=np.float64, feature_idx=sel.feature_idx)[..., 0].sum(axis=2)
+        if by is None:  # one group of all authors, kept as a leading axis of size 1 until the end
+            n_feature, n_query = n_feature.sum(axis=0, keepdims=True), n_query.sum(axis=0, keepdims=True)
+            n_valid = n_valid.sum(keepdims=True)
+        n_feature, n_valid = n_feature.astype(np.int64), n_valid.rechunk(1)
+        position = {int(f): i for i, f in enumerate(sel.feature_idx if sel.feature_idx is not None else range(n_f))}
+        self_pos = np.array([position.get(int(q), -1) for q in query_idx], dtype=np.int64)
+        batch = max(1, QUERY_BATCH_BYTES // (8 * n_f))
+        tops = []
+        for b0 in range(0, n_q, batch):
+            qb = slice(b0, min(b0 + batch, n_q))
+            counts = _select.per_block(kernels.cooccurrence, acts, [valid], new_axes={"q": qb.stop - b0, "g": n_f},
+                                       dtype=np.int64, query_idx=query_idx[qb], feature_idx=sel.feature_idx,
+                                       totals=False).sum(axis=2)
+            if by is None:
+                counts = counts.sum(axis=0, keepdims=True)
+            nq = n_query[..., qb].rechunk({2: -1})
+            tops.append(da.blockwise(kernels.top_partners, "glqkv", counts, "glqf", n_feature, "glf", nq, "glq",
+                                     n_valid, "g", new_axes={"k": k, "v": len(kernels.PARTNER_FIELDS)},
+                                     concatenate=True, dtype=np.float64, self_pos=self_pos[qb],
+                                     feature_ids=sel.features, k=k, rank_by=rank_by))
+        top = da.concatenate(tops, axis=2)
+        if by is None:
+            top, n_query, n_valid = top[0], n_query[0], n_valid[0]
+        coords = {**{name: c for name, c in coords.items() if name != "feature"}, "rank": ("rank", np.arange(k))}
+        d = [*dims, "query", "rank"]
+        out: dict[str, Any] = {}
+        for i, name in enumerate(kernels.PARTNER_FIELDS):
+            x = top[..., i]
+            out[name] = (d, x.astype(np.int64) if name in ("feature", "count", "n_feature") else x)
+        out["n_query"] = ([*dims, "query"], n_query)
+        out["n_valid"] = (dims[:-1], n_valid)
+        return xr.Dataset(out, coords=coords).assign_attrs(top_k=k, rank_by=rank_by)
 
     out = _select.over_layer_types(sel, one)
     return out.isel(query=0) if q_scalar else out
