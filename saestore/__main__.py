@@ -1,4 +1,5 @@
-"""``python -m saestore``: ``info RUN``, ``runs list|show``, ``extract ...`` (same as ``python -m saestore.extract``)."""
+"""``python -m saestore``: ``info RUN``, ``validate``, ``runs list|show``, ``stats``, ``dashboard``, ``export``,
+``extract ...`` (same as ``python -m saestore.extract``)."""
 
 from __future__ import annotations
 
@@ -66,6 +67,9 @@ def make_parser() -> argparse.ArgumentParser:
     from saestore.stats.cli import register as register_stats
 
     register_stats(sub)
+    from saestore.dashboard import register as register_dashboard
+
+    register_dashboard(sub)
     info = sub.add_parser("info", help="summary of a run: authors, docs, tokens, SAEs, nonzeros, L0, bytes, status")
     info.add_argument("run", help="run path (or fsspec URL)")
     info.add_argument("--json", action="store_true", help="print JSON")
