@@ -70,6 +70,9 @@ def make_parser() -> argparse.ArgumentParser:
     from saestore.dashboard import register as register_dashboard
 
     register_dashboard(sub)
+    from saestore.export import register as register_export
+
+    register_export(sub)
     info = sub.add_parser("info", help="summary of a run: authors, docs, tokens, SAEs, nonzeros, L0, bytes, status")
     info.add_argument("run", help="run path (or fsspec URL)")
     info.add_argument("--json", action="store_true", help="print JSON")

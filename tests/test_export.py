@@ -1,0 +1,127 @@
+"""Exports: delphi's latent cache (read back with delphi's documented names, dtypes and shapes, and
+with its own TensorBuffer where the package imports) and Neuronpedia's gzipped JSONL batches
+(checked against their documented row fields and against saestore.stats)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+import saestore
+import saestore.stats as st
+from saestore.__main__ import main
+
+from tests.helpers.stats_run import AUTHORS, LAYERS, N_DOCS, N_FEAT, write_run
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory):
+    return write_run(tmp_path_factory.mktemp("export") / "run.zarr")
+
+
+def test_split_bounds_follow_delphi_and_the_65536_limit():
+    from saestore.export.delphi import split_bounds
+
+    assert split_bounds(40, 5) == [(0, 7), (8, 15), (16, 23), (24, 31), (32, 39)]  # delphi's linspace, end inclusive
+    big = split_bounds(200_000, 1)
+    assert len(big) == 4 and max(b - a + 1 for a, b in big) <= 65_536 and big[-1][1] == 199_999
+    assert split_bounds(3, 5) == [(0, 0), (1, 1), (2, 2)]
+
+
+def test_delphi_export_reads_back_as_the_run(ref, tmp_path, capsys):
+    pytest.importorskip("safetensors", reason="needs the 'export' extra (safetensors)")
+    from safetensors.numpy import load_file
+
+    out = tmp_path / "delphi"
+    assert main(["export", "delphi", ref.path, str(out), "--layer_type", "res", "--n_splits", "3"]) == 0
+    assert "layers.2, layers.5" in capsys.readouterr().out
+    seqs = json.loads((out / "sequences.json").read_text())
+    assert len(seqs) == sum(N_DOCS) and seqs[N_DOCS[0]] == {"author": AUTHORS[1], "doc": 0, "doc_id": 100}
+    seq_of = {(s["author"], s["doc"]): i for i, s in enumerate(seqs)}
+    for li, layer in enumerate(LAYERS):
+        folder = out / "latents" / f"layers.{layer}"
+        cfg = json.loads((folder / "config.json").read_text())
+        assert {"dataset_repo", "dataset_split", "dataset_name", "dataset_column", "batch_size", "cache_ctx_len",
+                "n_tokens", "n_splits", "model_name"} <= set(cfg) and cfg["n_splits"] == 3
+        files = sorted(folder.glob("*.safetensors"), key=lambda p: int(p.stem.split("_")[0]))
+        assert [p.stem for p in files] == ["0_12", "13_25", "26_39"]
+        got = np.zeros((sum(N_DOCS), ref.valid_ADT.shape[2], N_FEAT), np.float32)
+        for p in files:
+            d = load_file(str(p))
+            start = int(p.stem.split("_")[0])  # as delphi's loader parses it
+            loc, act, tok = d["locations"], d["activations"], d["tokens"]
+            assert loc.dtype == np.int64 and loc.ndim == 2 and loc.shape[1] == 3
+            assert act.dtype == np.float16 and act.shape == (loc.shape[0],)
+            assert tok.dtype == np.int64 and tok.shape == (sum(N_DOCS), cfg["cache_ctx_len"])
+            assert (np.lexsort(loc.T[::-1]) == np.arange(len(loc))).all()  # sorted (seq, pos, latent)
+            got[loc[:, 0], loc[:, 1], loc[:, 2] + start] = act
+        want = np.zeros_like(got)
+        for a, name in enumerate(AUTHORS):
+            for dd in range(N_DOCS[a]):
+                s = seq_of[(name, dd)]
+                want[s] = np.where(ref.valid_ADT[a, dd][:, None], ref.acts["res"][a, li, dd], 0).astype(np.float16)
+                assert (tok[s] == np.where(ref.token_id_ADT[a, dd] < 0, 0, ref.token_id_ADT[a, dd])).all()
+        np.testing.assert_array_equal(got, want)
+
+
+def test_delphi_export_with_delphis_own_loader(ref, tmp_path):
+    pytest.importorskip("safetensors", reason="needs the 'export' extra (safetensors)")
+    loader = pytest.importorskip("delphi.latents.loader", reason="delphi (eai-delphi) is not installed")
+    from saestore.export.delphi import export_delphi
+
+    export_delphi(ref.path, tmp_path, layer_type=["mlp"], layer=[2], n_splits=2, show_progress=False)
+    buf = loader.TensorBuffer(str(tmp_path / "latents" / "layers.2.mlp" / "20_39.safetensors"), "layers.2.mlp")
+    locations, activations, tokens = buf.load()
+    assert int(locations[:, 2].min()) >= 20 and tokens.shape[0] == sum(N_DOCS)
+
+
+def test_neuronpedia_export_rows(ref, tmp_path):
+    out = tmp_path / "np"
+    assert main(["export", "neuronpedia", ref.path, str(out), "--layer_type", "res", "--layer", "2", "--feature",
+                 "0", "3", "4", "11", "--batch_size", "3", "--k", "4", "--window", "2",
+                 "--model_name", "org/synthetic-model"]) == 0
+    folder = out / "synthetic-model" / "2-saestore-res"
+    assert json.loads((folder / "skipped_indexes.json").read_text()) == [0]  # feature 0 is dead
+    feats = [json.loads(line) for n in (0, 1) for line in gzip.open(folder / "features" / f"batch-{n}.jsonl.gz", "rt")]
+    acts = [json.loads(line) for n in (0, 1) for line in gzip.open(folder / "activations" / f"batch-{n}.jsonl.gz", "rt")]
+    assert [f["index"] for f in feats] == ["3", "4", "11"]
+    ds = saestore.open_run(ref.path)
+    fs = st.feature_stats(ds, "res", layer=2, feature=[3, 4, 11]).compute()
+    for row in feats:
+        assert {"modelId", "layer", "index", "maxActApprox", "frac_nonzero", "freq_hist_data_bar_heights",
+                "freq_hist_data_bar_values", "hookName", "neg_str", "pos_str", "sourceSetName"} <= set(row)
+        assert row["modelId"] == "org/synthetic-model" and row["layer"] == "2-saestore-res"
+        f = int(row["index"])
+        assert row["frac_nonzero"] == pytest.approx(float(fs["frequency"].sel(feature=f)), rel=1e-5)
+        assert row["maxActApprox"] == pytest.approx(float(fs["max"].sel(feature=f)), rel=1e-5)
+        assert sum(row["freq_hist_data_bar_heights"]) == int(fs["count"].sel(feature=f))
+    te = st.top_examples(ds, "res", layer=2, feature=[3, 4, 11], k=4, window=2).compute()
+    for f in (3, 4, 11):
+        rows = [r for r in acts if r["index"] == str(f)]
+        top = [r for r in rows if r["binMin"] == -1]
+        assert len(top) == 4 and len(rows) > 4  # and examples from the quantile bins
+        for rank, r in enumerate(top):
+            ex = te.sel(feature=f, rank=rank)
+            assert {"id", "tokens", "values", "maxValue", "maxValueTokenIndex", "minValue", "binMin", "binMax",
+                    "binContains", "qualifyingTokenIndex", "modelId", "layer"} <= set(r)
+            assert len(r["tokens"]) == len(r["values"])
+            assert r["tokens"][r["qualifyingTokenIndex"]] == str(ex["tokens"].values[2])
+            assert r["values"][r["qualifyingTokenIndex"]] == pytest.approx(float(ex["value"]), rel=1e-3)
+            assert r["dataSource"] == str(ex["example_author"].values)
+        for r in rows[4:]:
+            v = r["values"][r["qualifyingTokenIndex"]]
+            assert r["binMin"] - 1e-3 <= v <= r["binMax"] * 1.001 and 0 < r["binContains"] <= 1
+    assert len({r["id"] for r in acts}) == len(acts)
+
+
+def test_export_bad_input(ref, tmp_path, capsys):
+    assert main(["export", "neuronpedia", ref.path, str(tmp_path / "x"), "--layer_type", "res"]) == 2
+    assert "exactly one --layer_type and one --layer" in capsys.readouterr().err
+    assert main(["export", "neuronpedia", ref.path, str(tmp_path / "x"), "--layer_type", "res", "--layer", "9"]) == 2
+    assert "layer" in capsys.readouterr().err
+    assert main(["export", "delphi", ref.path, str(tmp_path / "no" / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "no").exists()
