@@ -80,9 +80,16 @@ function render(){
 }
 for (const th of document.querySelectorAll('#features th[data-key]')){
   th.addEventListener('click', () => { const k = th.dataset.key;
-    dir = (k === key) ? -dir : (k === 'feature' ? 1 : -1); key = k; render(); });
+    dir = (k === key) ? -dir : (k === 'feature' ? 1 : -1); key = k; save(); render(); });
 }
-sel.addEventListener('change', render);
+sel.addEventListener('change', () => { save(); render(); });
+// the view is in the address (#author=NAME&sort=KEY&dir=asc), so a filtered, sorted index can be linked
+function save(){ const p = new URLSearchParams(); if (sel.value) p.set('author', sel.value);
+  p.set('sort', key); p.set('dir', dir > 0 ? 'asc' : 'desc'); history.replaceState(null, '', '#' + p.toString()); }
+const init = new URLSearchParams(location.hash.slice(1));
+if (init.has('author') && data.authors.includes(init.get('author'))) sel.value = init.get('author');
+if (['feature', 'frequency', 'max', 'count', 'z'].includes(init.get('sort'))) key = init.get('sort');
+if (init.has('dir')) dir = init.get('dir') === 'asc' ? 1 : -1;
 render();
 """
 

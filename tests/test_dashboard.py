@@ -202,3 +202,30 @@ def test_dashboard_in_headless_chromium(demo_run, tmp_path):
     if os.environ.get("SAESTORE_UPDATE_SCREENSHOT") == "1":  # refresh the README's picture
         (REPO / "docs" / "img").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, REPO / "docs" / "img" / "feature_page.png")
+
+
+def test_index_of_1000_features_sorts_and_filters_in_the_browser(ref, tmp_path):
+    """An index of 1,000 features renders all its rows; the view in the address (author filter,
+    sort key and direction) gives exactly that author's features in that order."""
+    exe = chromium()
+    ds = saestore.open_run(ref.path)
+    data = feature_data(ds, "res", 2, list(range(3, 40)), k=1, window=1, per_bin=1, show_progress=False)
+    base = data["features"]
+    many = []
+    for i in range(1000):
+        f = dict(base[i % len(base)])
+        f["feature"] = i
+        f["max"] = (f["max"] or 0.0) + i * 1e-3  # distinct values, so the order is unique
+        many.append(f)
+    data["features"] = many
+    (tmp_path / "index.html").write_text(dashboard.render_index(data, "synthetic"), encoding="utf-8")
+    url = (tmp_path / "index.html").as_uri()
+    rows = Tree(browse(exe, url, tmp_path / "profile", "--dump-dom")).find("tr")[1:]
+    assert len(rows) == 1000
+    by_id = {f["feature"]: f for f in many}
+    top_author = {r["feature"]: r["top_author"] for r in dashboard._index_rows(data)}
+    author = AUTHORS[2]
+    shown = Tree(browse(exe, f"{url}#author={author}&sort=max&dir=desc", tmp_path / "profile", "--dump-dom"))
+    ids = [int(a["data-feature"]) for _, a, _ in shown.find("tr")[1:]]
+    want = sorted((f for f in by_id if top_author[f] == author), key=lambda f: -by_id[f]["max"])
+    assert ids == want and 0 < len(ids) < 1000

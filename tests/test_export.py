@@ -46,6 +46,7 @@ def test_delphi_export_reads_back_as_the_run(ref, tmp_path, capsys):
         cfg = json.loads((folder / "config.json").read_text())
         assert {"dataset_repo", "dataset_split", "dataset_name", "dataset_column", "batch_size", "cache_ctx_len",
                 "n_tokens", "n_splits", "model_name"} <= set(cfg) and cfg["n_splits"] == 3
+        assert cfg["model_name"] == "synthetic-stats" and cfg["cache_ctx_len"] == ref.valid_ADT.shape[2]
         files = sorted(folder.glob("*.safetensors"), key=lambda p: int(p.stem.split("_")[0]))
         assert [p.stem for p in files] == ["0_12", "13_25", "26_39"]
         got = np.zeros((sum(N_DOCS), ref.valid_ADT.shape[2], N_FEAT), np.float32)
@@ -125,3 +126,40 @@ def test_export_bad_input(ref, tmp_path, capsys):
     assert main(["export", "delphi", ref.path, str(tmp_path / "no" / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "no").exists()
+
+
+@pytest.mark.extract
+def test_delphi_latent_dataset_reads_a_demo_export(tiny_cache, tmp_path, request):
+    """delphi's own LatentDataset builds its train examples from an export of the tiny-model run
+    (where eai-delphi and its dependencies are installed; skipped otherwise)."""
+    import asyncio
+
+    pytest.importorskip("safetensors", reason="needs the 'export' extra (safetensors)")
+    torch = pytest.importorskip("torch")
+    latents = pytest.importorskip("delphi.latents", reason="delphi (eai-delphi) is not installed")
+    config = pytest.importorskip("delphi.config")
+    from transformers import AutoTokenizer
+
+    from saestore.export.delphi import export_delphi
+    from saestore.extract.launch import main as extract
+
+    runs = tmp_path / "runs"
+    assert extract(["--model", "tiny", "--dataset_name", "demo", "--layers", "3", "--layer_types", "res",
+                    "--sae_features_width", "1k", "--max_seq_len", "64", "--output_dir", str(runs), "--run_name",
+                    "d", "--quiet"]) == 0
+    run = runs / "demo" / "tiny" / "d.zarr"
+    export_delphi(str(run), tmp_path / "delphi", show_progress=False)
+    n_tok = saestore.open_run(run).sizes["tok"]
+    tok = AutoTokenizer.from_pretrained(tiny_cache / "tiny-v1" / "tokenizer")
+    ds = latents.LatentDataset(
+        tmp_path / "delphi" / "latents", config.SamplerConfig(n_examples_train=5, n_examples_test=2, n_quantiles=2),
+        config.ConstructorConfig(example_ctx_len=next(n for n in (32, 21, 16, 9, 8, 7) if n_tok % n == 0),
+                                 min_examples=5, n_non_activating=2, non_activating_source="random"),
+        tokenizer=tok, modules=["layers.3"], latents={"layers.3": torch.arange(0, 20)})
+
+    async def records():
+        return [rec async for rec in ds]
+
+    got = asyncio.run(records())
+    assert got and all(len(r.train) > 0 for r in got)
+    assert all(float(ex.activations.max()) > 0 for r in got for ex in r.train)

@@ -26,6 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from saestore.errors import StatsError
+from saestore.protocol import ATTRS_KEY
 
 __all__ = ["export_delphi", "split_bounds", "hookpoint", "MAX_SPLIT_LATENTS", "HOOKPOINTS"]
 
@@ -69,7 +70,8 @@ def export_delphi(run: str, out: str | Path, *, layer_type: list[str] | None = N
         raise StatsError(f"cannot write {out}: the folder {out.parent} does not exist; create it or choose another OUT")
     ds = open_run(run)
     sel = make_selection(ds, layer_type, layer=layer)
-    model = model_name or str(ds.attrs.get("model", ""))
+    attrs = ds.attrs.get(ATTRS_KEY, {})
+    model = model_name or str(attrs.get("model", ""))
     n_docs = np.asarray(ds["n_docs"].values, dtype=np.int64)[sel.author_idx]
     seq_start = np.concatenate([[0], np.cumsum(n_docs)])
     n_tok = ds.sizes["tok"]
@@ -116,7 +118,7 @@ def export_delphi(run: str, out: str | Path, *, layer_type: list[str] | None = N
                        "tokens": np.ascontiguousarray(tokens)}, str(folder / f"{start}_{end}.safetensors"))
             bar.update(1)
         config: dict[str, Any] = {
-            "dataset_repo": "", "dataset_split": "", "dataset_name": str(ds.attrs.get("config", {}).get("dataset_name", "")),
+            "dataset_repo": "", "dataset_split": "", "dataset_name": str(attrs.get("config", {}).get("dataset_name") or ""),
             "dataset_column": "text", "batch_size": 1, "cache_ctx_len": int(n_tok), "n_tokens": int(tokens.size),
             "n_splits": len(splits), "model_name": model,
         }

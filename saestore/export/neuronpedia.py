@@ -31,6 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from saestore.errors import StatsError
+from saestore.protocol import ATTRS_KEY
 
 __all__ = ["export_neuronpedia", "feature_row", "activation_rows"]
 
@@ -112,11 +113,12 @@ def export_neuronpedia(run: str, out: str | Path, *, layer_type: Sequence[str] |
     from saestore.stats._select import make_selection
 
     make_selection(ds, lt, layer=L, feature=features)  # names a layer type, layer or feature the run lacks
-    model = model_id or str(ds.attrs.get("model", "model"))
+    attrs = ds.attrs.get(ATTRS_KEY, {})
+    model = model_id or str(attrs.get("model") or "model")
     model_dir = "".join(c if c.isalnum() or c in "._-" else "-" for c in model.split("/")[-1])
     source_set = source_set or f"saestore-{lt}"
     source_id = f"{L}-{source_set}"
-    hook_name = str(ds.attrs.get("saes", {}).get(lt, {}).get(str(L), {}).get("hook_name", ""))
+    hook_name = str(attrs.get("saes", {}).get(lt, {}).get(str(L), {}).get("hook_name") or "")
     feats = [int(f) for f in (features if features is not None else ds["feature"].values)]
     folder = out / model_dir / "".join(c if c.isalnum() or c in "._-" else "-" for c in source_id)
     (folder / "features").mkdir(parents=True, exist_ok=True)
