@@ -279,6 +279,9 @@ def write_dashboard(run: str, out: str | Path, *, layer_type: str, layer: int, f
                         show_progress=show_progress)
     run_name = Path(str(run).rstrip("/")).name
     (out / "features").mkdir(parents=True, exist_ok=True)
+    for old in (out / "features").glob("*.html"):  # a previous dashboard's pages (names are feature ids)
+        if old.stem.isdigit():
+            old.unlink()
     ids = [f["feature"] for f in data["features"]]
     for i, f in enumerate(tqdm(data["features"], desc="feature pages", unit="page",
                                disable=None if show_progress is None else not show_progress)):

@@ -81,7 +81,19 @@ def test_cli_errors(ref, tmp_path, capsys):
     assert main(["dashboard", ref.path, "--layer_type", "res", "--layer", "2", "--feature", "4",
                  "--out", str(tmp_path / "missing" / "d")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["dashboard", ref.path, "--layer_type", "res", "--layer", "2", "--feature", "4", "400",
+                 "--out", str(tmp_path / "d")]) == 2
+    assert "400" in capsys.readouterr().err
     assert not (tmp_path / "d").exists() and not (tmp_path / "missing").exists()
+
+
+def test_rewrite_replaces_the_previous_pages(ref, tmp_path):
+    out = tmp_path / "d"
+    dashboard.write_dashboard(ref.path, out, layer_type="res", layer=2, features=[3, 4], k=2, window=1,
+                              show_progress=False)
+    dashboard.write_dashboard(ref.path, out, layer_type="res", layer=2, features=[4, 5], k=2, window=1,
+                              show_progress=False)
+    assert sorted(p.name for p in (out / "features").iterdir()) == ["4.html", "5.html"]
 
 
 # --- in a real browser -------------------------------------------------------------------------------
