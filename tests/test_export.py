@@ -79,16 +79,38 @@ def test_delphi_export_with_delphis_own_loader(ref, tmp_path):
     assert int(locations[:, 2].min()) >= 20 and tokens.shape[0] == sum(N_DOCS)
 
 
+#: the fields of SAEDashboard's Activation and Feature rows (sae_dashboard/neuronpedia/neuronpedia_export.py,
+#: mirrors of neuronpedia_utils.db_models), as documented there
+ACTIVATION_FIELDS = {"id", "tokens", "index", "layer", "modelId", "maxValue", "maxValueTokenIndex", "minValue", "values",
+                     "creatorId", "dataSource", "dataIndex", "dfaValues", "dfaTargetIndex", "dfaMaxValue", "createdAt",
+                     "lossValues", "logitContributions", "binMin", "binMax", "binContains", "qualifyingTokenIndex",
+                     "zIndices", "zValues"}
+FEATURE_FIELDS = {"modelId", "layer", "index", "creatorId", "createdAt", "maxActApprox", "hasVector", "vector",
+                  "vectorLabel", "vectorDefaultSteerStrength", "hookName", "topkCosSimIndices", "topkCosSimValues",
+                  "neuron_alignment_indices", "neuron_alignment_values", "neuron_alignment_l1",
+                  "correlated_neurons_indices", "correlated_neurons_pearson", "correlated_neurons_l1",
+                  "correlated_features_indices", "correlated_features_pearson", "correlated_features_l1", "neg_str",
+                  "neg_values", "pos_str", "pos_values", "frac_nonzero", "freq_hist_data_bar_heights",
+                  "freq_hist_data_bar_values", "logits_hist_data_bar_heights", "logits_hist_data_bar_values",
+                  "decoder_weights_dist", "sourceSetName"}
+
+
 def test_neuronpedia_export_rows(ref, tmp_path):
     out = tmp_path / "np"
     assert main(["export", "neuronpedia", ref.path, str(out), "--layer_type", "res", "--layer", "2", "--feature",
                  "0", "3", "4", "11", "--batch_size", "3", "--k", "4", "--window", "2",
-                 "--model_name", "org/synthetic-model"]) == 0
+                 "--model_name", "org/synthetic-model", "--creator_id", "me"]) == 0
     folder = out / "synthetic-model" / "2-saestore-res"
     assert json.loads((folder / "skipped_indexes.json").read_text()) == [0]  # feature 0 is dead
     feats = [json.loads(line) for n in (0, 1) for line in gzip.open(folder / "features" / f"batch-{n}.jsonl.gz", "rt")]
     acts = [json.loads(line) for n in (0, 1) for line in gzip.open(folder / "activations" / f"batch-{n}.jsonl.gz", "rt")]
     assert [f["index"] for f in feats] == ["3", "4", "11"]
+    assert all(set(f) == FEATURE_FIELDS and f["creatorId"] == "me" for f in feats)
+    assert all(set(a) == ACTIVATION_FIELDS and a["creatorId"] == "me" for a in acts)
+    source = json.loads((folder / "source.jsonl").read_text())
+    assert source["id"] == "2-saestore-res" and source["setName"] == "saestore-res"
+    assert json.loads((folder / "sourceset.jsonl").read_text())["name"] == "saestore-res"
+    assert json.loads((folder / "model.jsonl").read_text())["id"] == "org/synthetic-model"
     ds = saestore.open_run(ref.path)
     fs = st.feature_stats(ds, "res", layer=2, feature=[3, 4, 11]).compute()
     for row in feats:

@@ -29,7 +29,7 @@ def _run(args: argparse.Namespace) -> int:
 
     folder = export_neuronpedia(args.run, args.out, layer_type=args.layer_type, layer=args.layer,
                                 features=args.feature, model_id=args.model_name, source_set=args.source_set,
-                                batch_size=args.batch_size, k=args.k, window=args.window)
+                                batch_size=args.batch_size, k=args.k, window=args.window, creator_id=args.creator_id)
     print(f"wrote the Neuronpedia export to {folder}")
     return 0
 
@@ -52,5 +52,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=128, help="neuronpedia: features per batch file (default: 128)")
     p.add_argument("--k", type=int, default=20, help="neuronpedia: top activations per feature (default: 20)")
     p.add_argument("--window", type=int, default=24, help="neuronpedia: tokens each side (default: 24)")
+    p.add_argument("--creator_id", default="", help="neuronpedia: the creatorId of every row (default: empty)")
     p.set_defaults(func=_run)
     return p
