@@ -238,11 +238,15 @@ def render_index(data: dict[str, Any], run_name: str) -> str:
 
 
 def choose_features(ds: Any, layer_type: str, layer: int, features: Sequence[int] | None,
-                    top_author_features: int | None, alpha: float = 0.5) -> list[int]:
+                    top_author_features: int | None, alpha: float = 0.5,
+                    author: Sequence[str] | None = None) -> list[int]:
     """``features`` plus, per author, the ``top_author_features`` features with the highest
-    specificity ``z`` (default 10 when no feature is named), sorted by id."""
+    specificity ``z`` (default 10 when no feature is named; with one author, its most frequent
+    features), sorted by id."""
     import numpy as np
 
+    from saestore.stats._select import make_selection
+    from saestore.stats.core import frequency
     from saestore.stats.relations import author_specificity
 
     chosen = {int(f) for f in features or ()}
@@ -250,9 +254,12 @@ def choose_features(ds: Any, layer_type: str, layer: int, features: Sequence[int
     if n < 0:
         raise StatsError(f"--top_author_features must be >= 0, got {n}")
     if n:
-        z = author_specificity(ds, layer_type, alpha=alpha, layer=layer)["z"].compute()
-        zz = np.where(np.isnan(z.values), -np.inf, z.values)  # (author, feature)
-        ids = np.asarray(z["feature"].values)
+        if make_selection(ds, layer_type, author=author).authors.size >= 2:
+            score = author_specificity(ds, layer_type, alpha=alpha, layer=layer, author=author)["z"].compute()
+        else:
+            score = frequency(ds, layer_type, by="author", layer=layer, author=author).compute()
+        zz = np.where(np.isnan(score.values), -np.inf, score.values).reshape(-1, score.sizes["feature"])
+        ids = np.asarray(score["feature"].values)
         for row in zz:
             chosen |= {int(ids[i]) for i in np.argsort(-row, kind="stable")[:n]}
     return sorted(chosen)
@@ -260,9 +267,11 @@ def choose_features(ds: Any, layer_type: str, layer: int, features: Sequence[int
 
 def write_dashboard(run: str, out: str | Path, *, layer_type: str, layer: int, features: Sequence[int] | None = None,
                     top_author_features: int | None = None, k: int = 20, window: int = 10, n_bins: int = 5,
-                    per_bin: int = 5, show_progress: bool | None = None) -> Path:
-    """Compute and write the dashboard of ``run`` into the folder ``out`` (created; its
-    ``index.html`` and ``features/`` replaced). Nothing is written until everything is computed."""
+                    per_bin: int = 5, author: Sequence[str] | None = None,
+                    show_progress: bool | None = None) -> Path:
+    """Compute and write the dashboard of ``run`` (its ``author`` documents, default all) into the
+    folder ``out`` (created; its ``index.html`` and ``features/`` replaced). Nothing is written
+    until everything is computed."""
     from tqdm.auto import tqdm
 
     from saestore.featuredata import feature_data
@@ -274,9 +283,9 @@ def write_dashboard(run: str, out: str | Path, *, layer_type: str, layer: int, f
     if out.exists() and not out.is_dir():
         raise StatsError(f"cannot write the dashboard to {out}: it is a file; choose a folder for --out")
     ds = open_run(run)
-    feats = choose_features(ds, layer_type, layer, features, top_author_features)
+    feats = choose_features(ds, layer_type, layer, features, top_author_features, author=author)
     data = feature_data(ds, layer_type, layer, feats, k=k, window=window, n_bins=n_bins, per_bin=per_bin,
-                        show_progress=show_progress)
+                        author=author, show_progress=show_progress)
     run_name = Path(str(run).rstrip("/")).name
     (out / "features").mkdir(parents=True, exist_ok=True)
     for old in (out / "features").glob("*.html"):  # a previous dashboard's pages (names are feature ids)
@@ -295,7 +304,7 @@ def write_dashboard(run: str, out: str | Path, *, layer_type: str, layer: int, f
 def _run(args: argparse.Namespace) -> int:
     out = write_dashboard(args.run, args.out, layer_type=args.layer_type, layer=args.layer, features=args.feature,
                           top_author_features=args.top_author_features, k=args.k, window=args.window,
-                          n_bins=args.n_bins, per_bin=args.per_bin)
+                          n_bins=args.n_bins, per_bin=args.per_bin, author=args.author)
     n = len(list((out / "features").glob("*.html")))
     print(f"wrote a dashboard of {n} features to {out}{os.sep}index.html")
     return 0
@@ -311,6 +320,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--feature", nargs="+", type=int, help="feature ids to show")
     p.add_argument("--top_author_features", type=int,
                    help="also show each author's N most specific features (default 10 when no --feature)")
+    p.add_argument("--author", nargs="+", help="only these authors' documents (default: all)")
     p.add_argument("--k", type=int, default=20, help="top examples per feature (default: 20)")
     p.add_argument("--window", type=int, default=10, help="tokens each side of an example (default: 10)")
     p.add_argument("--n_bins", type=int, default=5, help="activation quantile bins (default: 5)")

@@ -57,13 +57,14 @@ class progress(Callback):
 
 
 def quantile_bin_examples(ds: xr.Dataset, layer_type: str, *, layer: int, feature: Sequence[int],
-                          edges_FB: np.ndarray, m: int = 5, window: int = 8) -> xr.Dataset:
+                          edges_FB: np.ndarray, m: int = 5, window: int = 8,
+                          author: str | Sequence[str] | None = None) -> xr.Dataset:
     """Per feature and value bin (``edges_FB[f, b] <= value < edges_FB[f, b + 1]``), ``m`` examples
     drawn uniformly from the bin's activations over valid tokens (a fixed hash of the position, so
     the same on every scheduler and chunking), dims ``feature, bin, rank[, offset]``, with the
     variables of :func:`saestore.stats.top_examples` (lazy)."""
     feats = [int(f) for f in feature]
-    sel = make_selection(ds, layer_type, layer=[layer], feature=feats)
+    sel = make_selection(ds, layer_type, layer=[layer], feature=feats, author=author)
     edges = np.asarray(edges_FB, dtype=np.float64)
     n_b = edges.shape[1] - 1
     acts = sae_array(ds, sel, layer_type)
@@ -113,7 +114,7 @@ def _example_list(ex: xr.Dataset) -> list[dict[str, Any]]:
 
 def feature_data(ds: xr.Dataset, layer_type: str, layer: int, features: Sequence[int], *, k: int = 20,
                  window: int = 12, n_bins: int = 5, per_bin: int = 5, alpha: float = 0.5,
-                 show_progress: bool | None = None) -> dict[str, Any]:
+                 author: str | Sequence[str] | None = None, show_progress: bool | None = None) -> dict[str, Any]:
     """The data of the feature pages of ``features`` of the ``layer_type`` SAE at ``layer``:
     ``{"authors", "n_valid", "n_valid_author", "features": [{"feature", "count", "frequency", "max",
     "mean_active", "authors": [{"author", "count", "frequency", "log_odds", "z"}], "histogram":
@@ -121,12 +122,17 @@ def feature_data(ds: xr.Dataset, layer_type: str, layer: int, features: Sequence
     "examples": [example]}]}]}``; an example is ``{"value", "author", "doc", "doc_id", "tok", "tokens",
     "acts", "center"}`` (``acts[i]`` the activation on ``tokens[i]``, ``tokens[center]`` the example's
     token). Quantile bins split each feature's active values at its approximate ``i / n_bins``
-    quantiles (from the histogram)."""
+    quantiles (from the histogram). ``author`` restricts everything to those authors' documents
+    (with one author, ``log_odds`` and ``z`` are None)."""
     feats = [int(f) for f in features]
-    sel = dict(layer=layer, feature=feats)
+    sel: dict[str, Any] = dict(layer=layer, feature=feats, author=author)
     edges = log_bins()
     pooled = feature_stats(ds, layer_type, **sel)
-    spec = author_specificity(ds, layer_type, alpha=alpha, **sel)
+    if make_selection(ds, layer_type, author=author).authors.size >= 2:
+        spec = author_specificity(ds, layer_type, alpha=alpha, **sel)
+    else:  # one author: frequency only, no specificity against the others
+        spec = feature_stats(ds, layer_type, by="author", **sel)[["count", "n_valid", "frequency"]]
+        spec = spec.assign(log_odds=spec["frequency"] * np.nan, z=spec["frequency"] * np.nan)
     hist = histogram(ds, layer_type, edges=edges, **sel)
     top = top_examples(ds, layer_type, k=k, window=window, **sel)
     disable = None if show_progress is None else not show_progress
@@ -142,7 +148,7 @@ def feature_data(ds: xr.Dataset, layer_type: str, layer: int, features: Sequence
                                  np.full(len(feats), np.inf)])
     bin_edges = np.maximum.accumulate(bin_edges, axis=1)
     bins = quantile_bin_examples(ds, layer_type, layer=layer, feature=feats, edges_FB=bin_edges, m=per_bin,
-                                 window=window)
+                                 window=window, author=author)
     with progress("quantile-bin examples", disable=disable):
         bins = bins.compute(scheduler="threads")
     authors = [str(a) for a in spec["author"].values]

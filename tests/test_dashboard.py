@@ -241,3 +241,19 @@ def test_index_of_1000_features_sorts_and_filters_in_the_browser(ref, tmp_path):
     ids = [int(a["data-feature"]) for _, a, _ in shown.find("tr")[1:]]
     want = sorted((f for f in by_id if top_author[f] == author), key=lambda f: -by_id[f]["max"])
     assert ids == want and 0 < len(ids) < 1000
+
+
+def test_one_author_dashboard_has_no_specificity(ref, tmp_path):
+    """With one author selected, the pages show its frequencies, the examples are its own, and the
+    features are its most frequent ones."""
+    out = dashboard.write_dashboard(ref.path, tmp_path / "d", layer_type="mlp", layer=5, author=["zoë"],
+                                    top_author_features=3, k=3, window=1, show_progress=False)
+    freq = st.frequency(saestore.open_run(ref.path), "mlp", layer=5, author=["zoë"]).compute()
+    want = sorted(int(f) for f in freq.feature.values[np.argsort(-freq.values, kind="stable")[:3]])
+    assert sorted(int(p.stem) for p in (out / "features").glob("*.html")) == want
+    data = feature_data(saestore.open_run(ref.path), "mlp", 5, want, k=3, window=1, per_bin=2, author="zoë",
+                        show_progress=False)
+    assert data["authors"] == ["zoë"]
+    for f in data["features"]:
+        assert f["authors"][0]["z"] is None and f["authors"][0]["frequency"] == f["frequency"]
+        assert {e["author"] for e in f["top"]} | {e["author"] for b in f["bins"] for e in b["examples"]} <= {"zoë"}
