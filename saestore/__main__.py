@@ -31,9 +31,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _registry(args: argparse.Namespace):
     from pathlib import Path
 
-    from saestore.registry import REGISTRY_FILENAME, Registry
+    from saestore.registry import Registry, default_registry
 
-    path = Path(args.registry) if args.registry else Path(args.output_dir) / REGISTRY_FILENAME
+    path = Path(args.registry) if args.registry else default_registry(args.output_dir)
     if not path.exists():
         raise SaestoreError(f"no run registry at {path}; pass --registry or --output_dir")
     return Registry(path)

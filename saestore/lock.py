@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from saestore.errors import RunLockedError
+from saestore.errors import MissingExtraError, RunLockedError
+from saestore.lease import S3Lease, describe, supports_lease
 from saestore.location import is_url
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,9 @@ class RunLock:
     with an exclusive ``flock(2)`` for as long as the holder runs. A second writer gets
     :class:`RunLockedError` naming the holder. A process that dies, even by SIGKILL, releases its
     ``flock``; the next writer takes the lock over (its file names the dead holder until then).
-    Taking over needs no liveness guess, so two processes can never both win a stale lock. Remote
-    URLs are not locked (object stores have no locks); a warning says so.
+    Taking over needs no liveness guess, so two processes can never both win a stale lock. On S3
+    (``s3://``, or an S3-compatible store) the lock is a lease object taken and renewed with
+    conditional writes (:mod:`saestore.lease`). Other URLs are not locked; a warning says so.
     """
 
     def __init__(self, run_path: str | Path) -> None:
@@ -44,9 +46,22 @@ class RunLock:
         self.path = Path(self.run_path.rstrip("/") + ".lock") if self.local else None
         self.held = False
         self._fd: int | None = None
+        self.lease: S3Lease | None = None
+        if not self.local:
+            from fsspec.core import url_to_fs
+
+            try:
+                fs, lock_path = url_to_fs(self.run_path.rstrip("/") + ".lock")
+            except ImportError as e:  # fsspec names the package: s3fs for s3://, gcsfs for gs://
+                raise MissingExtraError(f"cannot open {self.run_path}: {e} (for s3://: pip install "
+                                        "'saestore[s3]')") from None
+            if supports_lease(fs):
+                self.lease = S3Lease(fs, lock_path, self.run_path)
 
     def holder(self) -> dict | None:
         """The current (or last) holder's JSON, or None if unlocked or unreadable."""
+        if self.lease is not None:
+            return self.lease.read()[0]
         if self.path is None:
             return None
         try:
@@ -56,6 +71,10 @@ class RunLock:
         return data if isinstance(data, dict) else None
 
     def acquire(self) -> RunLock:
+        if self.lease is not None:
+            self.lease.acquire()
+            self.held = True
+            return self
         if self.path is None:
             log.warning("no writer lock on remote store %s: make sure only one extraction writes it", self.run_path)
             return self
@@ -99,6 +118,11 @@ class RunLock:
                 f"(The lock {self.path} is released when its holder exits, even if it is killed.)")
 
     def release(self) -> None:
+        if self.lease is not None:
+            if self.held:
+                self.lease.release()
+            self.held = False
+            return
         if self.held and self._fd is not None:
             try:
                 self.path.unlink(missing_ok=True)  # while still locked: waiters re-check the file they locked
@@ -122,6 +146,13 @@ def writer_state(run_path: str | Path) -> tuple[str, dict | None]:
     on a clean exit), ``("unknown", holder)`` (another host's or another user's process, or a remote
     run), ``("none", None)`` (no run and no lock file)."""
     lock = RunLock(run_path)
+    if lock.lease is not None:
+        holder, etag = lock.lease.read()
+        if etag is None:
+            from saestore.writer import run_exists
+
+            return ("gone", None) if run_exists(lock.run_path) else ("none", None)
+        return ("gone" if lock.lease.stale(holder) else "live"), holder
     if lock.path is None:
         return "unknown", None
     holder = lock.holder()
@@ -141,4 +172,4 @@ def writer_state(run_path: str | Path) -> tuple[str, dict | None]:
 
 
 def format_holder(holder: dict) -> str:
-    return f"pid {holder.get('pid')} on host {holder.get('host')} since {holder.get('started_at')}"
+    return describe(holder)

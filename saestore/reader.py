@@ -109,16 +109,27 @@ def _crop(block: sparse.COO, region: tuple[slice, ...]) -> sparse.COO:
     return sparse.COO(coords[:, keep] - starts, block.data[keep], shape=shape, has_duplicates=False, sorted=True)
 
 
-def done_docs(group: zarr.Group) -> np.ndarray:
-    """bool ``(author, doc)``: True where the document's doc-chunk is finished, i.e. its progress
-    marker is set (PROTOCOL.md §3), or holds no document of its author (nothing to write), so a
+def done_chunks(group: zarr.Group) -> np.ndarray:
+    """bool ``(author, doc-chunk)``: True where the doc-chunk is finished, i.e. its progress marker
+    is set (PROTOCOL.md §3), or it holds no document of its author (nothing to write), so a
     complete run is all True. One read of the progress array: a snapshot, so what it marks finished
     stays finished while the run is written (payloads always precede their marker)."""
     marked = np.asarray(group[protocol.PROGRESS_PATH][..., 0]) == 1
+    marked |= np.arange(marked.shape[1])[None, :] >= _n_chunks(group)[:, None]
+    return marked
+
+
+def _n_chunks(group: zarr.Group) -> np.ndarray:
+    """Doc-chunks holding at least one document, per author."""
     k = protocol.read_attrs(dict(group.attrs)).storage.chunk_docs
-    n_chunks = -(-np.asarray(group["n_docs"][...], dtype=np.int64) // k)
-    marked |= np.arange(marked.shape[1])[None, :] >= n_chunks[:, None]
-    return np.repeat(marked, k, axis=1)[:, : int(group["doc"].shape[0])]
+    return -(-np.asarray(group["n_docs"][...], dtype=np.int64) // k)
+
+
+def done_docs(group: zarr.Group, chunks: np.ndarray | None = None) -> np.ndarray:
+    """bool ``(author, doc)``: :func:`done_chunks` (or the given snapshot of it) per document."""
+    chunks = done_chunks(group) if chunks is None else chunks
+    k = protocol.read_attrs(dict(group.attrs)).storage.chunk_docs
+    return np.repeat(chunks, k, axis=1)[:, : int(group["doc"].shape[0])]
 
 
 class SparseChunkSource:
@@ -190,16 +201,15 @@ def _sparse_dask(path: str, name: str, token: str, pending: frozenset[tuple[int,
                          name=f"saestore-{name}-{tokenize(token, name, src.array.metadata.to_dict())}")
 
 
-def doc_chunk_counts(group: zarr.Group) -> tuple[int, int]:
-    """(finished, all) doc-chunks of the run: those holding at least one document of their author."""
-    done = np.asarray(group[protocol.PROGRESS_PATH][..., 0]) == 1
-    n_docs = np.asarray(group["n_docs"][...])
-    k = protocol.read_attrs(dict(group.attrs)).storage.chunk_docs
-    per_author = [math.ceil(int(n) / k) for n in n_docs]
-    return sum(int(done[a, :n].sum()) for a, n in enumerate(per_author)), sum(per_author)
+def doc_chunk_counts(group: zarr.Group, chunks: np.ndarray | None = None) -> tuple[int, int]:
+    """(finished, all) doc-chunks of the run, from :func:`done_chunks` (or the given snapshot of it),
+    counting those holding at least one document of their author."""
+    chunks = done_chunks(group) if chunks is None else chunks
+    n = _n_chunks(group)
+    return int(sum(int(chunks[a, :c].sum()) for a, c in enumerate(n))), int(n.sum())
 
 
-def _warn_incomplete(path: str, attrs: protocol.RunAttrs, group: zarr.Group, only_done: bool) -> None:
+def warn_incomplete(path: str, attrs: protocol.RunAttrs, group: zarr.Group, only_done: bool = True) -> None:
     """PROTOCOL.md §7.1: say, in one line, that a run is not complete and what that means for reading."""
     try:
         n_done, total = doc_chunk_counts(group)
@@ -239,16 +249,16 @@ def open_run(path: str | Path, *, sparse_variables: bool = True, check: bool = T
     if check:
         attrs = protocol.read_attrs(ds.attrs, where=path)
         if attrs.status != "complete":
-            _warn_incomplete(path, attrs, group, only_done)
+            warn_incomplete(path, attrs, group, only_done)
     try:
-        done = done_docs(group)
-        n_done, total = doc_chunk_counts(group)
+        chunks = done_chunks(group)
+        done = done_docs(group, chunks)
+        n_done, total = doc_chunk_counts(group, chunks)
     except (ValueError, RuntimeError, OSError, KeyError):  # damaged markers (validate names them): read as stored
         done, n_done, total = None, 0, 0
     pending: frozenset[tuple[int, int]] = frozenset()
     if done is not None and only_done and n_done < total:
-        k = protocol.read_attrs(ds.attrs).storage.chunk_docs
-        pending = frozenset((int(a), int(c)) for a, c in zip(*np.nonzero(~done[:, ::k]), strict=True))
+        pending = frozenset((int(a), int(c)) for a, c in zip(*np.nonzero(~chunks), strict=True))
         keep = xr.DataArray(done, dims=("author", "doc"))
         for name in list(ds.data_vars):
             var = ds[name]

@@ -14,8 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from saestore.errors import SaestoreError
+from saestore.location import default_cache_dir, is_url
 
 REGISTRY_FILENAME = "saestore_runs.sqlite"
+
+
+def default_registry(output_dir: str | Path) -> Path:
+    """``{output_dir}/saestore_runs.sqlite``; for an output URL (``s3://…``), where SQLite cannot
+    live, the same file in the local cache folder (``$SAESTORE_CACHE``, else ``~/.cache/saestore``)."""
+    if is_url(output_dir):
+        return default_cache_dir() / REGISTRY_FILENAME
+    return Path(output_dir) / REGISTRY_FILENAME
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (

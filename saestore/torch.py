@@ -70,7 +70,7 @@ import torch  # noqa: E402
 import zarr  # noqa: E402
 from torch.utils.data import IterableDataset, get_worker_info  # noqa: E402
 
-from saestore import protocol, selection  # noqa: E402
+from saestore import protocol, reader, selection  # noqa: E402
 from saestore.errors import CorruptChunkError, TorchReaderError  # noqa: E402
 from saestore.nonzeros import POOLS, SparseActs  # noqa: E402
 from saestore.nonzeros import pool as pool_nonzeros  # noqa: E402
@@ -143,7 +143,11 @@ class _RunDataset(IterableDataset):
         self.rank, self.world_size = _resolve_rank(rank, world_size)
         self.seed, self.epoch = int(seed), 0
         self._n_docs = np.asarray(group["n_docs"][...], dtype=np.int64)
-        self._units = self._unit_table(np.asarray(group["doc_length"][...], dtype=np.int64))
+        if attrs.status != "complete":
+            reader.warn_incomplete(self.run_path, attrs, group)
+        # the markers first (payloads precede their marker): unfinished doc-chunks read as absent
+        done_AD = reader.done_docs(group)
+        self._units = self._unit_table(np.asarray(group["doc_length"][...], dtype=np.int64) * done_AD)
         self.n_rows = int(self._units[:, 4].sum())
         """rows (tokens or documents) in the selection: one epoch across all shards."""
         if self.n_rows == 0:

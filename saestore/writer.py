@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from fsspec.core import url_to_fs
 from zarr.registry import get_codec_class
 
 from saestore import chunkio, faults, protocol, sparse_coo
@@ -186,14 +187,31 @@ def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
-def _exists(path: str) -> bool:
-    return zarr.storage.FsspecStore.from_url(path).fs.exists(path) if is_url(path) else Path(path).exists()
+def run_exists(path: str) -> bool:
+    """Whether something is at a run's path (a local folder, or objects under a URL)."""
+    if is_url(path):
+        fs, root = url_to_fs(path)
+        return bool(fs.exists(root))
+    return Path(path).exists()
+
+
+def _half_made(path: str, layout: RunLayout) -> bool:
+    """A store under a URL that holds nothing but this layout's arrays and no root ``saestore``
+    attribute: creation writes the root attributes last, so a run that has them was created
+    completely, and anything holding other nodes is not ours to remove."""
+    try:
+        group = zarr.open_group(path, mode="r", use_consolidated=False)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return False  # objects but no group: not a store saestore started, leave it (reopen names it)
+    ours = {"author", "layer", "doc", "tok", "feature", "metric", protocol.PROGRESS_PATH.split("/")[0],
+            *(spec.name for spec in layout.variables())}
+    return protocol.ATTRS_KEY not in group.attrs and set(group.keys()) <= ours
 
 
 def _remove(path: str) -> None:
     if is_url(path):
-        store = zarr.storage.FsspecStore.from_url(path)
-        store.fs.rm(path, recursive=True)
+        fs, root = url_to_fs(path)
+        fs.rm(root, recursive=True)
     else:
         shutil.rmtree(path)
 
@@ -215,7 +233,12 @@ def create_run(
     path = str(path)
     if mode not in ("auto", "resume", "overwrite"):
         raise SaestoreError(f"mode must be auto, resume or overwrite, not {mode!r}")
-    if _exists(path):
+    if run_exists(path) and is_url(path) and _half_made(path, layout):
+        # a URL has no atomic rename: a creation killed before its root attributes left this (the
+        # caller holds the lease, so its creator is gone); remove it and create the run anew
+        log.warning("removing %s, left by a creation that was interrupted", path)
+        _remove(path)
+    if run_exists(path):
         if mode == "overwrite":
             log.warning("overwriting %s", path)
             _remove(path)
@@ -233,7 +256,9 @@ def create_run(
             log.warning("removing %s, left by a creation that was interrupted", path)
             shutil.rmtree(path)
 
-    group = zarr.open_group(path, mode="w-", zarr_format=3)
+    # "w-" refuses a path with data; a URL reaches here only once nothing is there (checked above,
+    # under the lease), and zarr's own fsspec instance may still list what was just removed
+    group = zarr.open_group(path, mode="w-" if local else "w", zarr_format=3)
     cd = layout.storage.chunk_docs
     A, L, D, T, F = len(layout.authors), len(layout.layers), layout.max_docs, layout.n_tok, layout.n_features
 

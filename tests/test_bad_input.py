@@ -269,6 +269,20 @@ def case_every_document_filtered_out(request):
     _refused(code, err, "no documents left", "2 read", "1 empty")
 
 
+def case_dataset_name_of_your_own(request):
+    """``--dataset_name NAME --dataset_path FILE``: NAME is the run's dataset folder, so an unsafe one
+    ('../up', 'a/b') is refused in one line before anything is read or written; without
+    --dataset_path an unknown name is refused naming the known ones and --dataset_path."""
+    run = request.getfixturevalue("corpus")
+    out = request.getfixturevalue("tmp_path")
+    for bad in ("../up", "a/b", ".."):
+        code, err, _ = extract(out, run["dataset"], "--dataset_name", bad, "--run_name", "x")
+        _refused(code, err, "--dataset_name", "cannot be part of a path")
+    code, err, _ = extract(out, None, "--dataset_name", "mycsv", "--run_name", "x")
+    _refused(code, err, "unknown dataset 'mycsv'", "demo, AuthorMix, news", "--dataset_path")
+    assert not list(out.iterdir()) and not (out.parent / "up").exists()
+
+
 @pytest.fixture(scope="module")
 def one_author_two_workers(corpus, tiny_cache) -> dict:
     data = _jsonl(corpus["out"] / "one.jsonl", [{"style": "solo", "text": t["text"][:70]} for t in demo_corpus(3)[:3]])

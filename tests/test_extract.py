@@ -198,6 +198,66 @@ def test_different_config_refused_and_store_untouched(runs, capsys):
     assert xr.open_zarr(path).attrs["saestore"]["status"] == "complete"
 
 
+def test_same_content_in_another_spelling_resumes_and_runs_hashed_as_typed_stay_resumable(runs, capsys):
+    """The config hash is of the normalized config: ``--layers 3 1`` after ``--layers 1 3`` and a
+    --prompt_template in the baseline setting (unused there) resume the same run. A run made before
+    normalization (its config and hash as typed, e.g. layers [3, 1] and a prompt_template) stays
+    resumable with its command: its stored config and hash are kept."""
+    import shutil
+
+    import zarr
+
+    from saestore import protocol
+    from saestore.extract.config import DEFAULT_PROMPT
+
+    argv = [*BASE, "--output_dir", str(runs["root"]), "--layer_types", "res", "att"]
+    stored = xr.open_zarr(runs["sparse"]).attrs["saestore"]
+    assert stored["config"]["layers"] == [1, 3] and "prompt_template" not in stored["config"]
+    assert main([*argv, "--run_name", "sparse", "--layers", "3", "1", "--prompt_template", "unused {style}"]) == 0
+    assert xr.open_zarr(runs["sparse"]).attrs["saestore"]["config_hash"] == stored["config_hash"]
+    # a run hashed as typed: config {layers: [3, 1], prompt_template: DEFAULT_PROMPT, ...}
+    legacy = runs["root"] / "demo" / "tiny" / "legacy.zarr"
+    shutil.copytree(runs["sparse"], legacy)
+    old = {**stored["config"], "layers": [3, 1], "prompt_template": DEFAULT_PROMPT}
+    group = zarr.open_group(str(legacy), mode="r+", use_consolidated=False)
+    group.attrs[protocol.ATTRS_KEY] = {**stored, "config": old, "config_hash": protocol.config_hash(old)}
+    zarr.consolidate_metadata(str(legacy))
+    before = read_progress(legacy).copy()
+    assert main([*argv, "--run_name", "legacy", "--layers", "3", "1"]) == 0, capsys.readouterr().err
+    after = xr.open_zarr(legacy).attrs["saestore"]
+    assert after["config"] == old and after["config_hash"] == protocol.config_hash(old)
+    np.testing.assert_array_equal(read_progress(legacy), before)
+    # another content is still refused
+    assert main([*argv, "--run_name", "legacy", "--layers", "1"]) == 2
+    assert re.search(r"different configuration \(differs in: layers\b", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+def test_l0_warning_names_the_missing_error_term_as_the_likely_cause(runs, kind, caplog):
+    """A measured L0 far from the SAE's expected one: on a run without the error term (the default)
+    the warning says that splicing every SAE without it is the likely cause; with it, the other causes."""
+    import dataclasses
+    import logging
+
+    from saestore import protocol
+    from saestore.extract.coordinator import Coordinator
+    from saestore.extract.worker import WorkerStats
+
+    attrs = protocol.read_attrs(xr.open_zarr(runs[kind]).attrs)
+    res = {k: dataclasses.replace(v, expected_l0=5.0) for k, v in attrs.saes["res"].items()}
+    attrs = dataclasses.replace(attrs, saes={**attrs.saes, "res": res})
+    with caplog.at_level(logging.WARNING, logger="saestore.extract"):
+        Coordinator._check_l0(WorkerStats(n_tokens=100, nnz={"res/1": 100 * 60, "res/3": 100 * 5}), attrs)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "res layer 1: measured mean L0 60.0 is far from the SAE's expected 5.0" in warned[0]
+    assert attrs.use_error_term == (kind == "dense")
+    if attrs.use_error_term:
+        assert "prompt/BOS handling, dtype or the wrong SAE" in warned[0]
+    else:
+        assert "likely cause: every SAE is spliced without the error term" in warned[0]
+        assert "--use_error_term" in warned[0] and "wrong SAE" not in warned[0]
+
+
 def test_second_writer_is_refused(runs, capsys):
     from saestore.lock import RunLock
 

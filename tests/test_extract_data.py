@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -130,8 +131,31 @@ def test_news_folder_of_categories(tmp_path):
         load_documents("news")
 
 
+def test_a_dataset_of_your_own_is_named_by_you_and_known_names_are_canonical(tmp_path):
+    """``--dataset_name mycsv --dataset_path FILE`` reads the file as AuthorMix's local copy is read and
+    names the run's dataset folder ``mycsv``; ``authormix`` (any case) is ``AuthorMix``, one tree."""
+    from saestore.errors import ExtractionConfigError
+    from saestore.extract.config import ExtractConfig
+    from saestore.extract.data import resolve_dataset_name
+
+    path = tmp_path / "mine.csv"
+    pd.DataFrame(AUTHORMIX_ROWS).to_csv(path, index=False)
+    assert load_documents("mycsv", dataset_path=str(path)) == _expected(AUTHORMIX_ROWS)
+    cfg = ExtractConfig(layers=(1,), model="tiny", dataset_name="mycsv", dataset_path=str(path), output_dir="o")
+    assert cfg.dataset_name == "mycsv" and Path(cfg.run_path()).parts[:2] == ("o", "mycsv")
+    for spelling in ("authormix", "AUTHORMIX", " AuthorMix", "hallisky/AuthorMix"):
+        assert resolve_dataset_name(spelling) == "AuthorMix"
+        assert Path(ExtractConfig(layers=(1,), dataset_name=spelling).run_path()).parts[1] == "AuthorMix"
+    assert resolve_dataset_name("DEMO") == "demo" and resolve_dataset_name("News", "x") == "news"
+    # a name of your own is a user string: never a path that leaves its folder
+    for bad in ("../up", "a/b", ".hidden", "x y"):
+        with pytest.raises(ExtractionConfigError, match="cannot be part of a path"):
+            ExtractConfig(layers=(1,), dataset_name=bad, dataset_path=str(path))
+
+
 def test_bad_dataset_requests(tmp_path):
-    with pytest.raises(DatasetError, match="unknown dataset 'imdb': choose one of demo, AuthorMix, news"):
+    with pytest.raises(DatasetError, match="unknown dataset 'imdb': choose one of demo, AuthorMix, news, or pass "
+                                           "--dataset_path FILE"):
         load_documents("imdb")
     with pytest.raises(DatasetError, match="does not exist"):
         load_documents("AuthorMix", dataset_path=str(tmp_path / "missing.parquet"))
@@ -226,3 +250,24 @@ def test_select_on_demo_corpus():
     assert list(got) == ["astronomer", "gardener", "lawyer", "sailor"]
     assert sum(map(len, got.values())) == 10
     assert all(len(d.text.split()) >= 50 for ds in got.values() for d in ds)
+
+
+def test_a_cap_above_what_there_is_is_said_once(caplog):
+    """``--n_docs_per_author 60`` on the 24-document demo corpus keeps the 24 and says so in one warning
+    (not one per author), naming how many were available; so does ``--n_docs`` above the total."""
+    docs = load_documents("demo")
+    with caplog.at_level(logging.WARNING, logger="saestore.extract.data"):
+        got = select_documents(docs, n_docs=None, n_docs_per_author=60, min_length_doc=0)
+    assert {len(ds) for ds in got.values()} == {24}
+    assert [r.getMessage() for r in caplog.records] == [
+        "n_docs_per_author=60: 5 of 5 authors have fewer usable documents (24); they keep all they have"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="saestore.extract.data"):
+        select_documents(_docs({"a": [10] * 3, "b": [10] * 1}), n_docs=10, n_docs_per_author=2, min_length_doc=1)
+    assert [r.getMessage() for r in caplog.records] == [
+        "n_docs_per_author=2: 1 of 2 authors have fewer usable documents (1); they keep all they have",
+        "n_docs=10: only 3 usable documents are selected; all are kept"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="saestore.extract.data"):
+        select_documents(docs, n_docs=10, n_docs_per_author=24, min_length_doc=0)
+    assert not caplog.records

@@ -446,9 +446,17 @@ def test_config_hash_covers_content_fields_and_skips_run_options():
                "batch_size": 3, "quiet": True}
     assert set(changed) | {"overwrite"} == {f.name for f in dataclasses.fields(ExtractConfig)}
     h0 = protocol.config_hash(base.semantic())
+    unused = {"prompt_template"}  # by the baseline setting: left out of the hash (normalize_config)
     for name, value in changed.items():
         h = protocol.config_hash(dataclasses.replace(base, **{name: value}).semantic())
-        assert (h == h0) == (name in options), name
+        assert (h == h0) == (name in options | unused), name
+    prompted = dataclasses.replace(base, setting="prompted")
+    assert (protocol.config_hash(dataclasses.replace(prompted, prompt_template="{style}!").semantic())
+            != protocol.config_hash(prompted.semantic()))
+    # sets in one order: the store sorts layers and layer types
+    same = [dataclasses.replace(base, layers=(3, 1), layer_types=("res", "att"), exclude_authors=("b", "a")),
+            dataclasses.replace(base, layers=(1, 3), layer_types=("att", "res"), exclude_authors=("a", "b"))]
+    assert len({protocol.config_hash(c.semantic()) for c in same}) == 1
 
 
 def test_every_layer_type_has_one_hook_site():
@@ -460,3 +468,43 @@ def test_every_layer_type_has_one_hook_site():
     assert hooks.forward_hooks(1) == ["blocks.0.attn.hook_z", "blocks.0.hook_mlp_out", "blocks.0.hook_resid_post"]
     with pytest.raises(ExtractionConfigError, match="unknown layer type 'xyz': choose res, mlp, att"):
         hooks.hook_name("xyz", 0)
+
+
+def test_default_run_name_sorts_layers_and_finds_a_run_named_as_typed(tmp_path):
+    """``--layers 3 1`` and ``--layers 1 3`` name one run (layers sorted); a run made before, named with
+    the layers as typed, is still found there (and resumed) by the same command."""
+    from saestore.extract.config import ExtractConfig
+
+    typed = ExtractConfig(layers=(3, 1), model="tiny", dataset_name="demo", output_dir=str(tmp_path))
+    ordered = ExtractConfig(layers=(1, 3), model="tiny", dataset_name="demo", output_dir=str(tmp_path))
+    assert typed.run_path() == ordered.run_path() == str(tmp_path / "demo" / "tiny" / "baseline_all_L1-3_w16k.zarr")
+    legacy = tmp_path / "demo" / "tiny" / "baseline_all_L3-1_w16k.zarr"
+    legacy.mkdir(parents=True)
+    assert typed.run_path() == str(legacy) and Path(ordered.run_path()).name == "baseline_all_L1-3_w16k.zarr"
+
+
+def test_help_says_each_default_once_and_a_bare_command_names_the_offline_defaults(tmp_path, capsys, monkeypatch):
+    """``--help`` shows each default once (none for options without one), the prompt with repr (its
+    trailing newline visible); a bare ``--layers 1`` fails on the hub defaults in one line that names
+    the built-in offline ones (``--model tiny --dataset_name demo``), and leaves nothing behind."""
+    import re
+
+    from saestore.extract.config import DEFAULT_PROMPT, ExtractConfig, make_parser, offline_hint
+    from saestore.extract.launch import main
+
+    text = " ".join(make_parser().format_help().split())
+    assert "(default: None)" not in text and "(default: [])" not in text and "(default: False)" not in text
+    options = re.split(r" (?=--\w+ [A-Z{])", text.split("options:", 1)[1])
+    assert all(o.lower().count("default") <= 1 for o in options), [o for o in options if o.lower().count("default") > 1]
+    assert f"(default: {DEFAULT_PROMPT!r})" in text  # repr: the trailing newline shows as \\n
+    assert "(default: google/gemma-2-9b-it)" in text and "(default: 0)" in text and "--model tiny --dataset_name demo" in text
+    monkeypatch.chdir(tmp_path)
+    assert main(["--layers", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "gemma-2-9b-it has res SAEs only at layers" in err, err
+    assert "--model google/gemma-2-9b-it is the default" in err and "--model tiny --dataset_name demo" in err
+    assert not list(tmp_path.iterdir())
+    hub = "cannot load 'hallisky/AuthorMix' from the Hugging Face hub"
+    assert "--dataset_name AuthorMix is the default" in offline_hint([ExtractConfig(layers=(1,))], hub)
+    assert offline_hint([ExtractConfig(layers=(1,), dataset_path="x.csv")], hub) == ""
+    assert offline_hint([ExtractConfig(layers=(1,), model="tiny", dataset_name="demo")], "layer 9") == ""

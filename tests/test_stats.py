@@ -523,6 +523,60 @@ def test_cli_errors_and_register(ref, tmp_path, capsys):
     assert (tmp_path / "l0.csv").read_text().startswith("layer_type,")
 
 
+def test_cli_pooled_scalar_to_a_table(ref, tmp_path, capsys):
+    """``--stat bits_per_byte`` pooled is one value per variable: a one-row table (csv, parquet)."""
+    import pandas as pd
+
+    from saestore.stats import cli
+
+    want = st.bits_per_byte(saestore.open_run(ref.path), by=None).compute()
+    assert not want.dims
+    for suffix in (".csv", ".parquet"):
+        out = tmp_path / f"bpb{suffix}"
+        assert cli.main([ref.path, "--stat", "bits_per_byte", "--out", str(out)]) == 0, capsys.readouterr().err
+        df = pd.read_csv(out) if suffix == ".csv" else pd.read_parquet(out)
+        assert len(df) == 1 and set(want.data_vars) <= set(df.columns)
+        for name in want.data_vars:
+            np.testing.assert_allclose(df[name].to_numpy(), [float(want[name])], rtol=1e-12)
+
+
+def test_cli_refuses_a_run_with_nothing_finished_and_warns_once_on_an_incomplete_one(tmp_path, capsys, caplog):
+    """``stats`` on a run killed or failed before any doc-chunk finished: refused in one line (exit 2),
+    nothing written; on an incomplete run one warning line says so and the statistic covers the
+    finished doc-chunks only."""
+    import logging
+
+    from saestore.stats import cli
+    from saestore.writer import finalize_run
+
+    empty = tmp_path / "empty.zarr"
+    write_run(empty, authors=[], finalize=False)
+    finalize_run(str(empty), failed_authors=list(AUTHORS))
+    for path, status in ((empty, "failed"), (tmp_path / "killed.zarr", "running")):
+        if status == "running":
+            write_run(path, authors=[], finalize=False)
+        out = tmp_path / "x.csv"
+        assert cli.main([str(path), "--stat", "top_author_features", "--layer_type", "res", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"has no finished doc-chunk (status {status}, 0 of " in err[0], err
+        assert "nothing to compute" in err[0] and not out.exists()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # the refusal is the one line
+    partial = tmp_path / "partial.zarr"
+    ref = write_run(partial, authors=[0], finalize=False)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="saestore.stats.cli"):
+        assert cli.main([str(partial), "--stat", "count", "--layer_type", "res", "--out",
+                         str(tmp_path / "n.csv")]) == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and "statistics of an incomplete run, over its finished doc-chunks only" in warned[0]
+    assert "(status running)" in warned[0] and "\n" not in warned[0]
+    import pandas as pd
+
+    got = pd.read_csv(tmp_path / "n.csv").set_index(["layer", "feature"])["count"].unstack("feature").to_numpy()
+    x, v, _, _ = sub(ref, "res", authors=[AUTHORS[0]])
+    np.testing.assert_array_equal(got, ref_stats(x, v, pooled=True)["count"])
+
+
 @pytest.mark.parametrize("full_text", [False, True])
 def test_cli_top_examples_table_one_row_per_example(ref, tmp_path, full_text):
     """``--stat top_examples --out x.csv``: one row per (layer, feature, rank) example with its

@@ -319,3 +319,37 @@ def test_author_probe_beats_chance(tiny_run):
     assert result["n_authors"] == 5 and result["chance"] == pytest.approx(0.2)
     assert result["n_test_docs"] >= 20 and result["n_train_docs"] >= 80
     assert result["test_accuracy"] >= 2 * result["chance"], result
+
+
+def test_readers_of_a_run_being_written_yield_finished_doc_chunks_only(tmp_path):
+    """#16: like open_run, the torch readers read unfinished doc-chunks as absent (a payload written
+    before its marker is not yielded) and say in one line that the run is incomplete."""
+    storage = protocol.StorageInfo(format="sparse", value_dtype="float32", chunk_docs=CHUNK_DOCS,
+                                   shard_docs=CHUNK_DOCS)  # a shard per doc-chunk: each written alone
+    layout = RunLayout(authors=AUTHORS, n_docs=N_DOCS, n_tok=N_TOK, layer_types=LAYER_TYPES, layers=LAYERS,
+                       n_features=N_FEAT, storage=storage)
+    path = str(tmp_path / "live.zarr")
+    create_run(path, layout, _attrs(layout))
+    writer = RunWriter(path)
+    finished = {(0, 0), (0, 2), (2, 1), (3, 0)}
+    for a, c in sorted(finished):
+        writer.write_chunk(a, c, _payload(layout, a, c))
+    # a writer caught between payloads of (author 1, doc-chunk 0): its doc_length is written, no marker
+    import zarr
+    zarr.open_array(path, path="doc_length", mode="r+")[1, 0:2] = 5
+    ds_live = xr.open_zarr(path)
+    done = np.zeros(ds_live["valid_mask"].shape[:2], bool)
+    for a, c in finished:
+        done[a, c * CHUNK_DOCS:(c + 1) * CHUNK_DOCS] = True
+    ref = {name: ds_live[name].values for name in [*LAYER_TYPES, "valid_mask", "token_id", "ce_loss", "entropy"]}
+    ref["valid_mask"] = ref["valid_mask"] & done[:, :, None]
+    with pytest.warns(UserWarning, match=r"4 of 9 doc-chunks are done; the others read as absent"):
+        ds = TokenDataset(path, layer_type=["res", "att"], batch_size=5, token_vars=("token_id",))
+    want = _expected_tokens(ref, ["res", "att"], list(LAYERS))
+    got = _collect(ds)
+    assert ds.n_rows == len(want["tok"]) > 0
+    for k in ("author", "doc", "tok", "token_id", "x"):
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    with pytest.warns(UserWarning, match="doc-chunks are done"):
+        docs = DocumentDataset(path, batch_size=4)
+    assert docs.n_rows == int((done & (ds_live["doc_length"].values > 0)).sum())

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
-from saestore import protocol
+from saestore import location, protocol
 from saestore.errors import ExtractionConfigError
+from saestore.extract.data import resolve_dataset_name
 
 DEFAULT_PROMPT = "The text in style of {style}: \n"
 
@@ -28,6 +29,8 @@ class _RunOption:
 
 
 RUN_OPTION: Final = _RunOption()
+ONLINE_DEFAULTS_MODEL: Final = "google/gemma-2-9b-it"
+ONLINE_DEFAULTS_DATASET: Final = "AuthorMix"
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
@@ -37,7 +40,7 @@ class ExtractConfig:
 
     layers: tuple[int, ...]
     """model layers to extract (e.g. ``--layers 9 20 31`` or ``--layers 9,20,31``)."""
-    model: str = "google/gemma-2-9b-it"
+    model: str = ONLINE_DEFAULTS_MODEL
     """model: tiny (built-in, offline), google/gemma-2-2b, google/gemma-2-9b, google/gemma-2-9b-it,
     another TransformerLens model name, or a local path."""
     layer_types: tuple[str, ...] | None = None
@@ -48,8 +51,9 @@ class ExtractConfig:
     """pick the SAE whose average L0 is closest to this (default: the canonical SAE)."""
     sae_path: str | None = None
     """folder of local SAEs (see README: {layer_type}/layer_{L}/ with cfg.json + sae_weights.safetensors)."""
-    dataset_name: str = "AuthorMix"
-    """demo (built-in corpus), AuthorMix, news, or a name for your own file given with --dataset_path."""
+    dataset_name: str = ONLINE_DEFAULTS_DATASET
+    """demo (built-in corpus), AuthorMix, news (matched case-insensitively), or, with --dataset_path, a name of
+    your own for that file (the run's dataset folder: letters, digits, '.', '_', '+', '-')."""
     dataset_path: str | None = None
     """local parquet/json/jsonl/csv file (or news folder) instead of the hub."""
     category_name: str | None = None
@@ -112,6 +116,9 @@ class ExtractConfig:
     """no progress bars."""
 
     def __post_init__(self) -> None:
+        # one spelling per dataset (``authormix`` is ``AuthorMix``); a name of your own is a path component
+        object.__setattr__(self, "dataset_name", resolve_dataset_name(self.dataset_name, self.dataset_path))
+        _component(self.dataset_name, "--dataset_name")
         if not self.layers:
             raise ExtractionConfigError("--layers needs at least one layer")
         if len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
@@ -149,9 +156,10 @@ class ExtractConfig:
         return tuple(name for name, hint in _hints(cls).items() if RUN_OPTION in getattr(hint, "__metadata__", ()))
 
     def semantic(self) -> dict[str, Any]:
-        """The configuration that defines the stored content (hashed into config_hash)."""
+        """The configuration that defines the stored content (hashed into config_hash), normalized
+        (:func:`normalize_config`): two commands that store the same thing hash the same."""
         options = self.run_options()
-        return {k: v for k, v in self.to_json().items() if k not in options}
+        return normalize_config({k: v for k, v in self.to_json().items() if k not in options})
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -160,12 +168,14 @@ class ExtractConfig:
                 out[k] = list(v)
         return out
 
-    def default_run_name(self) -> str:
+    def default_run_name(self, *, as_typed: bool = False) -> str:
+        """``{setting}_{types}_L{layers}_w{width}``, layers sorted (one name per set; ``as_typed``: in the
+        order given, the name of runs made before names were sorted)."""
         types = "-".join(self.layer_types or ("all",))
-        layers = "-".join(str(x) for x in self.layers)
+        layers = "-".join(str(x) for x in (self.layers if as_typed else sorted(self.layers)))
         return f"{self.setting}_{types}_L{layers}_w{self.sae_features_width}"
 
-    def run_path(self) -> Path:
+    def run_path(self) -> str:
         """``{output_dir}/{dataset_name}/{category_name}/{model}/{run_name}.zarr`` (no category for AuthorMix)."""
         parts = [_component(self.dataset_name, "--dataset_name")]
         if self.category_name and self.dataset_name.lower() != "authormix":
@@ -174,13 +184,60 @@ class ExtractConfig:
         if Path(model).expanduser().exists():  # a local model folder: use its name only
             model = Path(model).expanduser().resolve().name
         parts += [_component(p, "--model") for p in model.strip("/").split("/")]
-        parts.append(_component(self.run_name or self.default_run_name(), "--run_name") + ".zarr")
-        return Path(self.output_dir).joinpath(*parts)
+        path = location.join(self.output_dir, *parts,
+                             _component(self.run_name or self.default_run_name(), "--run_name") + ".zarr")
+        typed = location.join(self.output_dir, *parts, self.default_run_name(as_typed=True) + ".zarr")
+        if not self.run_name and typed != path and not location.is_url(path) and Path(typed).exists() \
+                and not Path(path).exists():
+            return typed  # a run made before default names sorted the layers: resume it where it is
+        return path
 
     def registry_path(self) -> Path:
-        from saestore.registry import REGISTRY_FILENAME
+        from saestore.registry import default_registry
 
-        return Path(self.registry) if self.registry else Path(self.output_dir) / REGISTRY_FILENAME
+        return Path(self.registry) if self.registry else default_registry(self.output_dir)
+
+
+def normalize_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (plain JSON, as stored) in the one form that is hashed: sets in one order (``layers``
+    sorted, as the store sorts them; ``layer_types`` in protocol order; ``exclude_authors`` sorted) and
+    options the chosen setting does not use left out (``prompt_template`` outside ``prompted``).
+    Idempotent; applies to a stored config as well (runs made before normalization, see
+    :func:`stored_identity`).
+
+    >>> normalize_config({"layers": [3, 1], "setting": "baseline", "prompt_template": "x"})
+    {'layers': [1, 3], 'setting': 'baseline'}
+    """
+    out = dict(config)
+    if isinstance(out.get("layers"), list):
+        out["layers"] = sorted(set(out["layers"]))
+    if isinstance(out.get("layer_types"), list):
+        out["layer_types"] = [t for t in protocol.LAYER_TYPES if t in out["layer_types"]]
+    if isinstance(out.get("exclude_authors"), list):
+        out["exclude_authors"] = sorted(set(out["exclude_authors"]))
+    if out.get("setting", "baseline") != "prompted":
+        out.pop("prompt_template", None)
+    return out
+
+
+def stored_identity(path: str | Path, config: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The ``(config, config_hash)`` to record for a run of ``config`` at ``path``: those of the run
+    already there when it is the same run made before normalization (its stored config normalizes to
+    ``config`` but was hashed as typed), so it stays resumable; else ``config`` and its hash. Reads
+    only; anything unreadable is left to the writer, which refuses it with the reason."""
+    import zarr
+
+    new = (config, protocol.config_hash(config))
+    try:
+        stored = zarr.open_group(str(path), mode="r", use_consolidated=False).attrs.get(protocol.ATTRS_KEY)
+    except (OSError, ValueError, KeyError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+        return new
+    if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict):
+        return new
+    old_config, old_hash = stored["config"], stored.get("config_hash")
+    if old_hash != new[1] and normalize_config(old_config) == config and old_hash == protocol.config_hash(old_config):
+        return old_config, old_hash
+    return new
 
 
 #: context lengths known without loading anything (prefix of the model name → tokens)
@@ -250,34 +307,64 @@ def _int_list(values: list[str]) -> tuple[int, ...]:
         raise ExtractionConfigError(f"--layers takes integers, got {' '.join(values)}") from None
 
 
+#: what a bare command uses that needs the Hugging Face hub (the seed script's defaults), and the
+#: built-in offline equivalent that errors about them name
+ONLINE_DEFAULTS: Final = {"model": ONLINE_DEFAULTS_MODEL, "dataset_name": ONLINE_DEFAULTS_DATASET}
+OFFLINE_DEFAULTS: Final = "--model tiny --dataset_name demo"
+
+
+def _help(text: str, default: Any) -> str:
+    """``text`` with its default said once: appended unless the text already says it (``default:``) or
+    there is none to say (None, a flag, an empty list); strings with edge whitespace shown with repr.
+    ``%`` is escaped for argparse."""
+    if not (default is None or isinstance(default, bool) or default in ([], ())) and "default" not in text.lower():
+        shown = repr(default) if isinstance(default, str) and default != default.strip() else str(default)
+        text = f"{text} (default: {shown})"
+    return text.replace("%", "%%")
+
+
 def make_parser() -> argparse.ArgumentParser:
     helps = _doc(ExtractConfig)
     p = argparse.ArgumentParser(
         prog="python -m saestore.extract",
         description="Extract SAE feature activations of an author-labelled corpus into a saestore run "
-                    "(a Zarr v3 store that opens with xr.open_zarr). Offline demo: "
-                    "--model tiny --dataset_name demo --layers 0 1 --sae_features_width 1k",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                    "(a Zarr v3 store that opens with xr.open_zarr). The default model and dataset come from "
+                    f"the Hugging Face hub; the built-in offline ones: {OFFLINE_DEFAULTS} (e.g. "
+                    f"{OFFLINE_DEFAULTS} --layers 1 3 --sae_features_width 1k).",
     )
     defaults = {f.name: f.default for f in dataclasses.fields(ExtractConfig)}
-    p.add_argument("--layers", nargs="+", required=True, help=helps["layers"])
+    p.add_argument("--layers", nargs="+", required=True, help=_help(helps["layers"], None))
     p.add_argument("--model", nargs="+", default=[defaults["model"]],
-                   help=helps["model"] + " Several models (or a .txt file listing one per line) make one run "
-                   "each, on the same documents; one model's failure is reported and the others go on.")
-    p.add_argument("--layer_types", nargs="+", choices=list(protocol.LAYER_TYPES), help=helps["layer_types"])
-    p.add_argument("--exclude_authors", nargs="*", default=[], help=helps["exclude_authors"])
+                   help=_help(helps["model"] + " Several models (or a .txt file listing one per line) make one run "
+                              "each, on the same documents; one model's failure is reported and the others go on.",
+                              defaults["model"]))
+    p.add_argument("--layer_types", nargs="+", choices=list(protocol.LAYER_TYPES),
+                   help=_help(helps["layer_types"], None))
+    p.add_argument("--exclude_authors", nargs="*", default=[], help=_help(helps["exclude_authors"], None))
     hints = _hints(ExtractConfig)
     for f in dataclasses.fields(ExtractConfig):
         if f.name in ("layers", "layer_types", "exclude_authors", "model"):
             continue
         default = defaults[f.name]
         if isinstance(default, bool):
-            p.add_argument(f"--{f.name}", action="store_true", help=helps.get(f.name))
+            p.add_argument(f"--{f.name}", action="store_true", help=_help(helps.get(f.name, ""), None))
             continue
         literal = list(typing.get_args(hints[f.name])) if typing.get_origin(hints[f.name]) is Literal else None
         p.add_argument(f"--{f.name}", type=_arg_type(hints[f.name]), default=default, choices=literal,
-                       help=helps.get(f.name))
+                       help=_help(helps.get(f.name, ""), default))
     return p
+
+
+def offline_hint(configs: list[ExtractConfig], message: str) -> str:
+    """A sentence to append to ``message`` (an error) when it is about a default that needs the hub
+    (the default model or dataset, named in it): the built-in offline defaults; else ``""``."""
+    hub = [f"--{k} {v}" for cfg in configs[:1] for k, v in ONLINE_DEFAULTS.items()
+           if getattr(cfg, k) == v and v.rsplit("/", 1)[-1] in message
+           and not (k == "dataset_name" and cfg.dataset_path)]
+    if not hub:
+        return ""
+    return f" ({' and '.join(hub)} {'are' if len(hub) > 1 else 'is'} the default, from the Hugging Face hub; " \
+           f"the built-in offline model and corpus: {OFFLINE_DEFAULTS})"
 
 
 def _models(values: list[str]) -> list[str]:
@@ -315,4 +402,4 @@ def parse_args(argv: list[str] | None = None) -> ExtractConfig:
     return configs[0]
 
 
-__all__ = ["ExtractConfig", "DEFAULT_PROMPT", "make_parser", "parse_args", "parse_all", "resolve_defaults", "model_context"]
+__all__ = ["ExtractConfig", "DEFAULT_PROMPT", "make_parser", "normalize_config", "offline_hint", "stored_identity", "parse_args", "parse_all", "resolve_defaults", "model_context"]

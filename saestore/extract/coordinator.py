@@ -16,10 +16,9 @@ import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
-from saestore import faults, protocol
+from saestore import faults, location, protocol
 from saestore.errors import SaestoreError, StoreWriteError, WorkerFailedError
 from saestore.extract.config import ExtractConfig
 from saestore.extract.worker import AuthorWork, WorkerStats
@@ -44,8 +43,8 @@ class Launcher(Protocol):
     def finished(self, code: int) -> None: ...
 
 
-def _du(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+def _du(path: str) -> int:
+    return location.size_of(path)
 
 
 @dataclass
@@ -55,7 +54,7 @@ class Coordinator:
     cfg: ExtractConfig
     layout: RunLayout
     attrs: protocol.RunAttrs
-    path: Path
+    path: str
     t0: float
 
     def work(self, by_author: dict[str, list[Any]]) -> list[AuthorWork]:
@@ -124,7 +123,7 @@ class Coordinator:
 
     def _start_registry(self, registry: Registry, attrs: protocol.RunAttrs) -> None:
         """Record the run as running (after the store exists, before any worker starts)."""
-        registry.start(path=str(self.path), run_name=self.path.name.removesuffix(".zarr"), model=self.cfg.model,
+        registry.start(path=str(self.path), run_name=location.name(self.path).removesuffix(".zarr"), model=self.cfg.model,
                        dataset=self.cfg.dataset_name, category=self.cfg.category_name,
                        config_hash=attrs.config_hash, config=attrs.config, authors=list(self.layout.authors),
                        n_docs=sum(self.layout.n_docs))
@@ -146,8 +145,11 @@ class Coordinator:
             expected = attrs.saes[lt][layer].expected_l0
             l0 = nnz / max(stats.n_tokens, 1)
             if expected and stats.n_tokens and not expected / 3 <= l0 <= expected * 3:
-                log.warning("%s layer %s: measured mean L0 %.1f is far from the SAE's expected %.1f "
-                            "(prompt/BOS handling, dtype or the wrong SAE?)", lt, layer, l0, expected)
+                cause = ("prompt/BOS handling, dtype or the wrong SAE?" if attrs.use_error_term else
+                         "likely cause: every SAE is spliced without the error term, so the SAEs before this "
+                         "one change its input; --use_error_term measures each SAE on clean activations")
+                log.warning("%s layer %s: measured mean L0 %.1f is far from the SAE's expected %.1f (%s)",
+                            lt, layer, l0, expected, cause)
 
     def summary(self, attrs: protocol.RunAttrs, stats: WorkerStats, wall: float) -> str:
         progress = read_progress(self.path)

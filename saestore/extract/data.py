@@ -14,6 +14,12 @@ Datasets
         filtered to ``category_name`` when given, or a folder holding one such file per
         category, named ``{category}.json`` (or ``.jsonl``), of which ``category_name`` picks
         one (required).
+    a name of your own
+        With ``dataset_path``: a local file or folder read as for ``AuthorMix``; the name becomes the
+        run's dataset name (its folder under ``output_dir``), so it must be a safe path component.
+
+Known names match case-insensitively and resolve to their canonical spelling
+(:func:`resolve_dataset_name`), so ``authormix`` is ``AuthorMix``.
 
 ``doc_id`` is the row index in the source file (before any filtering); for a folder of several
 files it counts on across them in the order read. Local files are read with
@@ -30,12 +36,14 @@ from typing import Any
 
 from saestore.errors import DatasetError
 
-__all__ = ["DATASETS", "Document", "load_documents", "select_documents"]
+__all__ = ["DATASETS", "Document", "load_documents", "resolve_dataset_name", "select_documents"]
 
 logger = logging.getLogger(__name__)
 
 DATASETS: tuple[str, ...] = ("demo", "AuthorMix", "news")
 AUTHORMIX_HUB_ID = "hallisky/AuthorMix"
+#: other spellings of the known datasets (lower case) -> canonical name
+_ALIASES = {name.lower(): name for name in DATASETS} | {AUTHORMIX_HUB_ID.lower(): "AuthorMix"}
 _FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 
 
@@ -49,6 +57,23 @@ class Document:
     """Author (the dataset's author column, ``style`` by default)."""
     text: str
     """Document text."""
+
+
+def resolve_dataset_name(dataset_name: str, dataset_path: str | None = None) -> str:
+    """The run's dataset name: a known dataset in its canonical spelling (matched case-insensitively,
+    ``hallisky/AuthorMix`` included), else, with ``dataset_path``, the name as given (a dataset of your
+    own). Raises :class:`DatasetError` for an unknown name without ``dataset_path``.
+
+    >>> resolve_dataset_name("authormix"), resolve_dataset_name("mycsv", "my.csv")
+    ('AuthorMix', 'mycsv')
+    """
+    known = _ALIASES.get(dataset_name.strip().lower())
+    if known is not None:
+        return known
+    if dataset_path is None:
+        raise DatasetError(f"unknown dataset {dataset_name!r}: choose one of {', '.join(DATASETS)}, or pass "
+                           "--dataset_path FILE to name a file of your own")
+    return dataset_name
 
 
 def load_documents(
@@ -66,7 +91,7 @@ def load_documents(
     later by :func:`select_documents`). Raises :class:`DatasetError` for an unknown dataset, a
     missing file or column, an unreachable hub, or a dataset without rows.
     """
-    key = dataset_name.strip().lower()
+    key = resolve_dataset_name(dataset_name, dataset_path)
     if key == "demo":
         from saestore.extract.corpus import demo_corpus
 
@@ -74,15 +99,12 @@ def load_documents(
             raise DatasetError("the demo corpus is built in: drop --dataset_path")
         rows: Iterable[Mapping[str, Any]] = demo_corpus()
         source = "demo corpus"
-    elif key in ("authormix", AUTHORMIX_HUB_ID.lower()):
-        if dataset_path is not None:
-            rows, source = _read_local(Path(dataset_path).expanduser()), str(dataset_path)
-        else:
-            rows, source = _read_hub(AUTHORMIX_HUB_ID, split), AUTHORMIX_HUB_ID
     elif key == "news":
         rows, source = _read_news(dataset_path, category_name)
+    elif dataset_path is not None:  # AuthorMix's local copy, or a dataset of your own
+        rows, source = _read_local(Path(dataset_path).expanduser()), str(dataset_path)
     else:
-        raise DatasetError(f"unknown dataset {dataset_name!r}: choose one of {', '.join(DATASETS)}")
+        rows, source = _read_hub(AUTHORMIX_HUB_ID, split), AUTHORMIX_HUB_ID
     docs = _to_documents(rows, source, author_column, text_column)
     logger.info("loaded %d documents from %s", len(docs), source)
     return docs
@@ -236,7 +258,8 @@ def select_documents(
     each author in source order; drop authors left with fewer than ``min_docs_per_author``;
     cap the total at ``n_docs`` by dealing documents round-robin over the sorted authors (each
     author's first, then each author's second, …); drop authors the cap left below
-    ``min_docs_per_author``. Every dropped author is logged with the reason. Raises
+    ``min_docs_per_author``. Every dropped author is logged with the reason; a cap that asks for more
+    documents than there are is said in one warning (per cap, not per author). Raises
     :class:`DatasetError` when nothing is left.
     """
     for name, value in (("n_docs", n_docs), ("n_docs_per_author", n_docs_per_author)):
@@ -265,6 +288,14 @@ def select_documents(
         logger.info(
             "dropped %d empty documents and %d shorter than %d words", n_empty, n_short, min_length_doc
         )
+    if n_docs_per_author is not None:
+        short = {a: len(ds) for a, ds in by_author.items() if a not in excluded and len(ds) < n_docs_per_author}
+        if short:
+            lo, hi = min(short.values()), max(short.values())
+            logger.warning(
+                "n_docs_per_author=%d: %d of %d authors have fewer usable documents (%s); they keep all they have",
+                n_docs_per_author, len(short), len(set(by_author) - excluded), f"{lo}" if lo == hi else f"{lo} to {hi}",
+            )
     selected: dict[str, list[Document]] = {}
     for author in sorted(by_author):
         kept = by_author[author]
@@ -281,6 +312,9 @@ def select_documents(
             continue
         selected[author] = kept
     if n_docs is not None:
+        available = sum(len(ds) for ds in selected.values())
+        if available < n_docs:
+            logger.warning("n_docs=%d: only %d usable documents are selected; all are kept", n_docs, available)
         selected = _deal(selected, n_docs)
         for author in [a for a, ds in selected.items() if len(ds) < min_docs_per_author]:
             logger.warning(

@@ -21,7 +21,7 @@ from typing import Any
 
 from saestore import protocol
 from saestore.errors import SaestoreError, WorkerFailedError
-from saestore.extract.config import ExtractConfig, parse_all, resolve_defaults
+from saestore.extract.config import ExtractConfig, offline_hint, parse_all, resolve_defaults, stored_identity
 from saestore.extract.coordinator import Coordinator
 from saestore.extract.worker import AuthorWork, WorkerStats, run_worker
 from saestore.writer import RunLayout
@@ -93,10 +93,11 @@ def plan(cfg: ExtractConfig) -> tuple[list[Any], dict[str, list[Any]], RunLayout
                        layer_types=used_types, layers=tuple(sorted(cfg.layers)), n_features=widths.pop(),
                        storage=storage, loss_recovered=cfg.loss_recovered)
     config = cfg.semantic()
+    config, config_hash = (config, protocol.config_hash(config)) if cfg.overwrite else stored_identity(cfg.run_path(), config)
     attrs = protocol.RunAttrs(
         protocol_version=protocol.PROTOCOL_VERSION, layout=protocol.LAYOUT, status="running",
         created_at="1970-01-01T00:00:00+00:00", finalized_at=None, config=config,
-        config_hash=protocol.config_hash(config), model=cfg.model, setting=cfg.setting,
+        config_hash=config_hash, model=cfg.model, setting=cfg.setting,
         prompt_template=cfg.prompt_template if cfg.setting == "prompted" else None,
         use_error_term=cfg.use_error_term, storage=storage, saes=_sae_infos(specs))
     return specs, by_author, layout, attrs
@@ -233,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "huggingface_hub", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    configs: list[ExtractConfig] = []
     try:
         configs = parse_all(argv)
         if len(configs) > 1:
@@ -242,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saestore.extract: error: {e}", file=sys.stderr)
         return 1
     except SaestoreError as e:
-        print(f"saestore.extract: error: {e}", file=sys.stderr)
+        print(f"saestore.extract: error: {e}{offline_hint(configs, str(e))}", file=sys.stderr)
         return 2
 
 

@@ -56,6 +56,7 @@ from saestore.extract.tiny_saes import (
     tiny_hook_name,
     write_saes,
 )
+from saestore.location import default_cache_dir
 
 __all__ = [
     "TINY_BUNDLE_NAME",
@@ -99,12 +100,6 @@ _TOKENIZER_TRAIN_SEED = 1
 _REGISTRY_FILE = "registry.json"
 _BUILD_VERSION = 1
 """Bump whenever the builder's output changes; older cached bundles are then rebuilt."""
-
-
-def default_cache_dir() -> Path:
-    """``$SAESTORE_CACHE`` if set, else ``~/.cache/saestore``."""
-    env = os.environ.get("SAESTORE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "saestore"
 
 
 #: layer type -> the TransformerLens hook (a format string over ``layer``) its SAEs read

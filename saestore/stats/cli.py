@@ -167,8 +167,10 @@ def write_result(ds: Any, out: str | Path) -> str:
     is_sparse = not isinstance(ds, pd.DataFrame) and any(isinstance(v.data, sparse.SparseArray)
                                                          for v in ds.data_vars.values())
     if suffix in (".csv", ".parquet"):
-        if isinstance(ds, pd.DataFrame):
+        if isinstance(ds, pd.DataFrame):  # already a table (top_examples: one row per example)
             df = ds
+        elif not ds.dims:  # a pooled scalar (e.g. bits_per_byte): one row, one column per variable
+            df = pd.DataFrame([{str(k): v.values.item() for k, v in {**ds.coords, **ds.data_vars}.items()}])
         else:
             df = _sparse_table(ds) if is_sparse else ds.to_dataframe(dim_order=_dim_order(ds)).reset_index()
         if suffix == ".csv":
@@ -271,14 +273,42 @@ def _check_out(out: str) -> None:
         raise StatsError(f"cannot write {out}: the folder {parent} is not writable; choose another --out")
 
 
+def open_finished(run: str) -> Any:
+    """``open_run(run)`` for statistics: refused (StatsError) when no doc-chunk is finished (a run
+    killed or failed before any: nothing to compute); on an incomplete run the reader's warning is
+    said in one log line (statistics then cover the finished doc-chunks only)."""
+    import warnings
+
+    import zarr
+
+    from saestore.errors import IncompleteRunWarning, StatsError
+    from saestore.reader import doc_chunk_counts, open_run
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", IncompleteRunWarning)
+        ds = open_run(run)
+    try:
+        n_done, total = doc_chunk_counts(zarr.open_group(run, mode="r"))
+    except (ValueError, RuntimeError, OSError, KeyError):  # damaged markers (validate names them): read as stored
+        n_done, total = 1, 1
+    if n_done == 0 and total:
+        status = ds.attrs.get("saestore", {}).get("status")
+        raise StatsError(f"{run} has no finished doc-chunk (status {status}, 0 of {total} done): there is nothing to "
+                         "compute statistics of; rerun its extraction command to finish it")
+    for w in caught:
+        if issubclass(w.category, IncompleteRunWarning):
+            log.warning("statistics of an incomplete run, over its finished doc-chunks only: %s", w.message)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return ds
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the ``stats`` command from parsed arguments; returns the exit code."""
-    from saestore.reader import open_run
-
     require_extras(args.out, args.scheduler)
     _check_out(args.out)
     t0 = time.perf_counter()
-    ds = open_run(args.run)
+    ds = open_finished(args.run)
     lazy = compute_stat(ds, args)
     result = _to_dataset(_compute(lazy, args.scheduler), args.stat)
     if args.stat == "top_examples" and _out_format(args.out) in (".csv", ".parquet"):
@@ -286,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
 
         result = example_table(result, text=args.full_text)  # one row per example, not per window token
     fmt = write_result(result, args.out)
-    sizes = ", ".join(f"{k}: {v}" for k, v in getattr(result, "sizes", {"rows": len(result)}).items())
+    sizes = ", ".join(f"{k}: {v}" for k, v in getattr(result, "sizes", {"rows": len(result)}).items()) or "one value each"
     print(f"wrote {args.stat} ({sizes}) to {args.out} [{fmt[1:]}] in {time.perf_counter() - t0:.1f} s")
     return 0
 

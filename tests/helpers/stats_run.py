@@ -3,6 +3,7 @@ numpy arrays it was written from (the reference every statistic is checked again
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,14 +96,16 @@ def make_reference(path: str, seed: int = 0) -> Reference:
                      ce_loss_ADT=ce, entropy_ADT=ent, text_AD=text, doc_id_AD=doc_id)
 
 
-def write_run(path: str | Path, storage_format: str = "sparse", seed: int = 0) -> Reference:
-    """Write the reference run at ``path`` with RunWriter; returns the reference."""
+def write_run(path: str | Path, storage_format: str = "sparse", seed: int = 0, authors: Sequence[int] | None = None,
+              finalize: bool = True) -> Reference:
+    """Write the reference run at ``path`` with RunWriter; returns the reference. ``authors``: write only
+    these authors' doc-chunks (default all); ``finalize=False`` leaves the run ``running``."""
     path = str(path)
     ref = make_reference(path, seed)
     layout = make_layout(storage_format)
     create_run(path, layout, make_attrs(layout))
     writer = RunWriter(path)
-    for a in range(len(AUTHORS)):
+    for a in range(len(AUTHORS)) if authors is None else authors:
         for c in range(layout.n_chunks(a)):
             r = layout.chunk_docs_range(a, c)
             sl = slice(r.start, r.stop)
@@ -116,5 +119,6 @@ def write_run(path: str | Path, storage_format: str = "sparse", seed: int = 0) -
                 ce_loss_DT=ref.ce_loss_ADT[a, sl], entropy_DT=ref.entropy_ADT[a, sl], text_D=list(ref.text_AD[a, sl]),
                 doc_id_D=ref.doc_id_AD[a, sl], doc_length_D=ref.valid_ADT[a, sl].sum(-1).astype(np.int32),
                 n_truncated_D=np.zeros(len(r), np.int32), acts=acts))
-    finalize_run(path)
+    if finalize:
+        finalize_run(path)
     return ref
