@@ -1,4 +1,5 @@
-"""``python -m saestore``: ``info RUN``, ``validate RUN``, ``runs list|show|add``, ``extract ...`` (same as ``python -m saestore.extract``)."""
+"""``python -m saestore``: ``info RUN``, ``validate RUN``, ``runs list|show|add``, ``stats``, ``dashboard``,
+``export``, ``extract ...`` (same as ``python -m saestore.extract``)."""
 
 from __future__ import annotations
 
@@ -103,6 +104,12 @@ def make_parser() -> argparse.ArgumentParser:
     from saestore.stats.cli import register as register_stats
 
     register_stats(sub)
+    from saestore.dashboard import register as register_dashboard
+
+    register_dashboard(sub)
+    from saestore.export import register as register_export
+
+    register_export(sub)
     info = sub.add_parser("info", help="summary of a run: authors, docs, tokens, SAEs, nonzeros, L0, bytes, status")
     info.add_argument("run", help="run path (or fsspec URL)")
     info.add_argument("--json", action="store_true", help="print JSON")

@@ -26,6 +26,7 @@ EXTRAS: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
     "io": ("Parquet and netCDF outputs of the stats CLI", ("pyarrow", "h5netcdf")),
     "s3": ("runs on S3 or an S3-compatible store (s3://…), with the writer lease", ("s3fs",)),
     "scipy": ("scipy.sparse matrices of a selection (ds.sae.to_csr)", ("scipy",)),
+    "export": ("the delphi export (python -m saestore export delphi)", ("safetensors",)),
     "bench": ("the benchmarks (python -m saestore.bench)",
               ("torch", "transformer_lens", "sae_lens", "datasets", "transformers", "tokenizers", "safetensors",
                "simple_parsing", "scipy")),

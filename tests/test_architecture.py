@@ -12,7 +12,8 @@ PACKAGE = REPO / "saestore"
 CORE_AND_ANALYSIS = ("saestore.errors", "saestore.sparse_coo", "saestore.nonzeros", "saestore.selection", "saestore.codec", "saestore.protocol",
                      "saestore.chunkio", "saestore.location", "saestore.extras", "saestore.faults", "saestore.writer", "saestore.reader",
                      "saestore.validate", "saestore.info", "saestore.lock", "saestore.registry", "saestore.stats",
-                     "saestore.plots", "saestore.torch", "saestore.torch_rows")
+                     "saestore.plots", "saestore.torch", "saestore.torch_rows", "saestore.featuredata", "saestore.dashboard",
+                     "saestore.export")
 
 
 def _modules() -> dict[str, Path]:

@@ -497,7 +497,8 @@ def test_cli_top_examples_and_sparse_doc_vectors_to_tables(ref, tmp_path):
     assert cli.main([ref.path, "--stat", "top_examples", "--layer_type", "res", "--feature", "4", "--k", "2",
                      "--window", "1", "--out", str(tmp_path / "top.parquet")]) == 0
     df = pd.read_parquet(tmp_path / "top.parquet")
-    assert {"value", "example_author", "tokens", "window_acts", "text", "offset"} <= set(df.columns)
+    assert {"value", "example_author", "doc_id", "token", "context"} <= set(df.columns)
+    assert "text" not in df.columns and "offset" not in df.columns
     assert cli.main([ref.path, "--stat", "doc_vectors", "--layer_type", "mlp", "--out", str(tmp_path / "dv.csv")]) == 0
     dv = pd.read_csv(tmp_path / "dv.csv")
     x = np.where(ref.valid_ADT[:, None, :, :, None], ref.acts["mlp"], 0).astype(np.float64).sum(3)
@@ -574,3 +575,43 @@ def test_cli_refuses_a_run_with_nothing_finished_and_warns_once_on_an_incomplete
     got = pd.read_csv(tmp_path / "n.csv").set_index(["layer", "feature"])["count"].unstack("feature").to_numpy()
     x, v, _, _ = sub(ref, "res", authors=[AUTHORS[0]])
     np.testing.assert_array_equal(got, ref_stats(x, v, pooled=True)["count"])
+
+
+@pytest.mark.parametrize("full_text", [False, True])
+def test_cli_top_examples_table_one_row_per_example(ref, tmp_path, full_text):
+    """``--stat top_examples --out x.csv``: one row per (layer, feature, rank) example with its
+    value, author, doc id, token and context string; the full document text only with --full_text."""
+    import pandas as pd
+
+    from saestore.stats import cli
+
+    out = tmp_path / "top.csv"
+    argv = [ref.path, "--stat", "top_examples", "--layer_type", "res", "--feature", "0", "4", "7", "--k", "3",
+            "--window", "2", "--out", str(out)]
+    assert cli.main(argv + (["--full_text"] if full_text else [])) == 0
+    df = pd.read_csv(out, keep_default_na=False)
+    te = st.top_examples(saestore.open_run(ref.path), "res", feature=[0, 4, 7], k=3, window=2).compute()
+    n_examples = int(np.isfinite(te["value"].values).sum())
+    assert len(df) == n_examples and 0 not in set(df["feature"])  # feature 0 is dead: no rows
+    assert list(df.columns[:4]) == ["layer_type", "layer", "feature", "rank"]
+    assert ("text" in df.columns) == full_text
+    for row in df.itertuples():
+        ex = te.sel(layer=row.layer, feature=row.feature, rank=row.rank)
+        a, d, t = AUTHORS.index(row.example_author), int(ex["example_doc"]), int(ex["example_tok"])
+        assert row.value == pytest.approx(float(ex["value"]), rel=1e-12)
+        assert (row.doc_id, row.doc, row.tok) == (ref.doc_id_AD[a, d], d, t)
+        assert row.token == ref.token_ADT[a, d, t]
+        window = [ref.token_ADT[a, d, tt] for tt in range(max(t - 2, 0), min(t + 3, N_TOK))]
+        assert row.context == "".join(window) and row.left_context + row.token + row.right_context == row.context
+        if full_text:
+            assert row.text == ref.text_AD[a, d]
+
+
+def test_example_table_keeps_author_dimension(sp):
+    from saestore.stats.examples import example_table
+
+    te = st.top_examples(sp, "mlp", layer=2, feature=5, k=2, window=1, by="author").compute()
+    df = example_table(te, text=True)
+    assert list(df.columns[:5]) == ["layer_type", "author", "layer", "feature", "rank"]
+    assert set(df["author"]) <= set(AUTHORS) and (df["author"] == df["example_author"]).all()
+    assert len(df) == int(np.isfinite(te["value"].values).sum())

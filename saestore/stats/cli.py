@@ -64,6 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank_by", choices=list(RANK_BY), default=RANK_BY[0],
                    help="cooccurrence --top_k: what ranks the partners (default: jaccard)")
     p.add_argument("--window", type=int, default=5, help="top_examples: tokens each side (default: 5)")
+    p.add_argument("--full_text", action="store_true", help="top_examples to .csv/.parquet: add each example's "
+                   "full document text (default: the context window only, one row per example)")
     p.add_argument("--threshold", type=float, default=0.1, help="dense: frequency threshold (default: 0.1)")
     p.add_argument("--q", nargs="+", type=float, help="quantiles / l0_summary: the quantiles")
     p.add_argument("--over", choices=["active", "valid"], default="active", help="quantiles: over active or all "
@@ -161,16 +163,19 @@ def _dim_order(ds: Any) -> list[str]:
 
 
 def write_result(ds: Any, out: str | Path) -> str:
-    """Write a computed Dataset by extension: .nc, .zarr, .csv or .parquet. Returns the format."""
+    """Write a computed Dataset by extension: .nc, .zarr, .csv or .parquet (a DataFrame: .csv or
+    .parquet only). Returns the format."""
+    import pandas as pd
     import sparse
 
     out = str(out)
     suffix = _out_format(out)
-    is_sparse = any(isinstance(v.data, sparse.SparseArray) for v in ds.data_vars.values())
+    is_sparse = not isinstance(ds, pd.DataFrame) and any(isinstance(v.data, sparse.SparseArray)
+                                                         for v in ds.data_vars.values())
     if suffix in (".csv", ".parquet"):
-        if not ds.dims:  # a pooled scalar (e.g. bits_per_byte): one row, one column per variable
-            import pandas as pd
-
+        if isinstance(ds, pd.DataFrame):  # already a table (top_examples: one row per example)
+            df = ds
+        elif not ds.dims:  # a pooled scalar (e.g. bits_per_byte): one row, one column per variable
             df = pd.DataFrame([{str(k): v.values.item() for k, v in {**ds.coords, **ds.data_vars}.items()}])
         else:
             df = _sparse_table(ds) if is_sparse else ds.to_dataframe(dim_order=_dim_order(ds)).reset_index()
@@ -312,8 +317,12 @@ def run(args: argparse.Namespace) -> int:
     ds = open_finished(args.run)
     lazy = compute_stat(ds, args)
     result = _to_dataset(_compute(lazy, args.scheduler), args.stat)
+    if args.stat == "top_examples" and _out_format(args.out) in (".csv", ".parquet"):
+        from saestore.stats.examples import example_table
+
+        result = example_table(result, text=args.full_text)  # one row per example, not per window token
     fmt = write_result(result, args.out)
-    sizes = ", ".join(f"{k}: {v}" for k, v in result.sizes.items()) or "one value each"
+    sizes = ", ".join(f"{k}: {v}" for k, v in getattr(result, "sizes", {"rows": len(result)}).items()) or "one value each"
     print(f"wrote {args.stat} ({sizes}) to {args.out} [{fmt[1:]}] in {time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -19,6 +19,7 @@ from typing import Any, Unpack
 import dask
 import dask.array as da
 import numpy as np
+import pandas as pd
 import xarray as xr
 from dask.delayed import Delayed
 
@@ -40,7 +41,7 @@ from saestore.stats._select import (
     token_array,
 )
 
-__all__ = ["top_examples", "top_tokens"]
+__all__ = ["top_examples", "top_tokens", "example_table", "context_strings"]
 
 
 def _lookup(idx: np.ndarray, table: np.ndarray, fill: Any) -> np.ndarray:
@@ -90,6 +91,33 @@ def _gathered(pos: da.Array, blocks: da.Array, n_docs_sel: int, n_tok: int, wind
     return da.from_delayed(result, shape=shape, dtype=dtype)
 
 
+def example_vars(ds: xr.Dataset, sel: Selection, acts: da.Array, best: da.Array, window: int, *,
+                 ranked_by_value: bool = True) -> dict[str, da.Array]:
+    """The variables of :func:`top_examples` from merged :func:`kernels.top_k`-layout partials
+    ``best`` (``(..., K, 2 + 2·window + 1)``: value, flat position, window activations): ``value``,
+    ``example_author``, ``example_doc``, ``example_tok``, ``example_doc_id``, ``tokens``,
+    ``window_acts`` and ``text``, each of ``best``'s leading shape (``tokens``/``window_acts`` with
+    the window last). Samplers ranking by another score in column 0 (``ranked_by_value=False``)
+    take the value from the window's centre."""
+    n_docs_sel, n_tok = acts.shape[2], acts.shape[3]
+    value = best[..., 0]
+    pos = best[..., 1].astype(np.int64)
+    a_pos = da.where(pos >= 0, pos // (n_docs_sel * n_tok), -1)
+    d_pos = da.where(pos >= 0, (pos // n_tok) % n_docs_sel, -1)
+    t_pos = da.where(pos >= 0, pos % n_tok, -1)
+    authors = sel.authors.astype(object)
+    return {
+        "value": da.where(pos >= 0, value if ranked_by_value else best[..., 2 + window], np.nan),
+        "example_author": a_pos.map_blocks(_lookup, table=authors, fill="", dtype=object),
+        "example_doc": d_pos.map_blocks(_lookup, table=sel.docs, fill=-1, dtype=np.int64),
+        "example_tok": t_pos,
+        "example_doc_id": _gathered(pos, doc_array(ds, sel, "doc_id", acts), n_docs_sel, n_tok, None, -1, np.int64),
+        "tokens": _gathered(pos, token_array(ds, sel, "token", acts), n_docs_sel, n_tok, window, "", object),
+        "window_acts": best[..., 2:],
+        "text": _gathered(pos, doc_array(ds, sel, "text", acts), n_docs_sel, n_tok, None, "", object),
+    }
+
+
 def top_examples(ds: xr.Dataset, layer_type: LayerTypes = None, *, k: int = 10, window: int = 5,
                  by: str | None = None, **selection: Unpack[SelectionKw]) -> xr.Dataset:
     """The ``k`` largest activations of each feature over valid tokens, dims
@@ -113,39 +141,63 @@ def top_examples(ds: xr.Dataset, layer_type: LayerTypes = None, *, k: int = 10, 
     def one(lt: str) -> xr.Dataset:
         acts = sae_array(ds, sel, lt)
         valid = token_array(ds, sel, "valid_mask", acts)
-        n_docs_sel, n_tok = acts.shape[2], acts.shape[3]
+        n_docs_sel = acts.shape[2]
         parts = per_block(kernels.top_k, acts, [valid], positions=index_arrays(sel, acts),
                           new_axes={"g": sel.n_features, "k": k, "p": 2 + n_w}, dtype=np.float64,
                           feature_idx=sel.feature_idx, k=k, window=window, n_docs_sel=n_docs_sel)
         axes = (2,) if by == "author" else (0, 2)
         best = da.reduction(parts, chunk=merge, combine=merge, aggregate=merge, axis=axes, keepdims=False,
                             dtype=np.float64, concatenate=True, meta=np.empty((0,) * (parts.ndim - len(axes))))
-        value = best[..., 0]
-        pos = best[..., 1].astype(np.int64)
-        a_pos = da.where(pos >= 0, pos // (n_docs_sel * n_tok), -1)
-        d_pos = da.where(pos >= 0, (pos // n_tok) % n_docs_sel, -1)
-        t_pos = da.where(pos >= 0, pos % n_tok, -1)
         dims, coords = group_coords(sel, by)
         coords.update(feature=("feature", sel.features), rank=("rank", np.arange(k)),
                       offset=("offset", np.arange(-window, window + 1)))
         dk = [*dims, "feature", "rank"]
         dw = [*dk, "offset"]
-        tokens = _gathered(pos, token_array(ds, sel, "token", acts), n_docs_sel, n_tok, window, "", object)
-        text = _gathered(pos, doc_array(ds, sel, "text", acts), n_docs_sel, n_tok, None, "", object)
-        doc_id = _gathered(pos, doc_array(ds, sel, "doc_id", acts), n_docs_sel, n_tok, None, -1, np.int64)
-        authors = sel.authors.astype(object)
-        return xr.Dataset({
-            "value": (dk, da.where(pos >= 0, value, np.nan)),
-            "example_author": (dk, a_pos.map_blocks(_lookup, table=authors, fill="", dtype=object)),
-            "example_doc": (dk, d_pos.map_blocks(_lookup, table=sel.docs, fill=-1, dtype=np.int64)),
-            "example_tok": (dk, t_pos),
-            "example_doc_id": (dk, doc_id),
-            "tokens": (dw, tokens),
-            "window_acts": (dw, best[..., 2:]),
-            "text": (dk, text),
-        }, coords=coords).assign_attrs(k=k, window=window)
+        v = example_vars(ds, sel, acts, best, window)
+        return xr.Dataset({name: (dw if name in ("tokens", "window_acts") else dk, x) for name, x in v.items()},
+                          coords=coords).assign_attrs(k=k, window=window)
 
     return over_layer_types(sel, one)
+
+
+def context_strings(tokens_NW: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(left, token, right)`` strings of windows of tokens ``(N, 2·window + 1)`` (the example's
+    token in the middle): the tokens joined as the tokenizer decoded them one by one."""
+    tok = np.asarray(tokens_NW, dtype=object)
+    w = tok.shape[-1] // 2
+    join = np.vectorize(lambda *parts: "".join(str(p) for p in parts), otypes=[object])
+    left = join(*tok[:, :w].T) if w else np.full(tok.shape[0], "", dtype=object)
+    right = join(*tok[:, w + 1:].T) if w else np.full(tok.shape[0], "", dtype=object)
+    return left, tok[:, w].astype(object), right
+
+
+def example_table(examples: xr.Dataset, *, text: bool = False) -> pd.DataFrame:
+    """A computed :func:`top_examples` result as one row per example (empty ranks dropped):
+    its coordinates (``layer_type``, ``author`` when ``by="author"``, ``layer``, ``feature``,
+    ``rank``), ``value``, ``example_author``, ``doc_id``, ``doc`` (position), ``tok``, ``token``,
+    ``left_context`` / ``right_context`` (the window's tokens before and after it, joined),
+    ``context`` (all three joined) and, with ``text=True``, the document's full ``text``."""
+    lead = [d for d in examples["value"].dims]
+    flat = examples.stack(example=lead) if lead else examples.expand_dims("example")
+    keep = np.flatnonzero(~np.isnan(np.asarray(flat["value"].values, dtype=np.float64)))
+    flat = flat.isel(example=keep)
+    cols: dict[str, Any] = {}
+    index = flat.indexes.get("example")
+    if lead:
+        for name in lead:
+            cols[name] = np.asarray(index.get_level_values(name))
+    for name, coord in examples.coords.items():
+        if np.ndim(coord.values) == 0:
+            cols[name] = np.repeat(coord.values.item(), keep.size)
+    tokens = np.asarray(flat["tokens"].transpose("example", "offset").values, dtype=object).reshape(keep.size, -1)
+    left, token, right = context_strings(tokens)
+    cols.update(value=flat["value"].values, example_author=flat["example_author"].values,
+                doc_id=flat["example_doc_id"].values, doc=flat["example_doc"].values, tok=flat["example_tok"].values,
+                token=token, left_context=left, right_context=right, context=left + token + right)
+    if text:
+        cols["text"] = flat["text"].values
+    order = [c for c in ("layer_type", "author", "layer", "feature", "rank") if c in cols]
+    return pd.DataFrame({c: cols[c] for c in [*order, *(c for c in cols if c not in order)]})
 
 
 # --- top tokens --------------------------------------------------------------------------------------

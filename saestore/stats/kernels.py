@@ -96,19 +96,73 @@ def top_k(acts_11DTF: Any, valid_1DT: np.ndarray, aidx_1: np.ndarray, didx_D: np
         d_local, t = np.divmod(rows, nz.n_tok)
         out[f, r, 0] = nz.values[idx]
         out[f, r, 1] = ((int(aidx_1[0]) * n_docs_sel + np.asarray(didx_D)[d_local]) * nz.n_tok + t).astype(np.float64)
-        if window >= 0:
-            key = nz.rows * nz.n_features + nz.cols
-            srt = np.argsort(key, kind="stable")
-            key_s, val_s = key[srt], nz.values[srt]
-            for j, o in enumerate(range(-window, window + 1)):
-                tt = t + o
-                inside = (tt >= 0) & (tt < nz.n_tok)
-                tt_c = np.clip(tt, 0, nz.n_tok - 1)
-                ok = inside & valid_DT[d_local, tt_c]
-                q = (d_local * nz.n_tok + tt_c) * nz.n_features + f
-                i = np.minimum(np.searchsorted(key_s, q), max(key_s.size - 1, 0))
-                found = key_s[i] == q
-                out[f, r, 2 + j] = np.where(ok, np.where(found, val_s[i], 0.0), np.nan)
+        out[f, r, 2:] = _window_acts(nz, valid_DT, d_local, t, f, window)
+    return out[None, None, None]
+
+
+def _window_acts(nz: SparseActs, valid_DT: np.ndarray, d_local: np.ndarray, t: np.ndarray, f: np.ndarray,
+                 window: int) -> np.ndarray:
+    """``(N, 2·window + 1)``: feature ``f[i]``'s activation at tokens ``t[i] - window … t[i] + window``
+    of block document ``d_local[i]`` (0 where inactive, NaN outside the document or at padding)."""
+    key = nz.rows * nz.n_features + nz.cols
+    srt = np.argsort(key, kind="stable")
+    key_s, val_s = key[srt], nz.values[srt]
+    out = np.full((t.size, 2 * window + 1), np.nan)
+    for j, o in enumerate(range(-window, window + 1)):
+        tt = t + o
+        inside = (tt >= 0) & (tt < nz.n_tok)
+        tt_c = np.clip(tt, 0, nz.n_tok - 1)
+        ok = inside & valid_DT[d_local, tt_c]
+        q = (d_local * nz.n_tok + tt_c) * nz.n_features + f
+        i = np.minimum(np.searchsorted(key_s, q), max(key_s.size - 1, 0))
+        found = key_s[i] == q if key_s.size else np.zeros(q.shape, dtype=bool)
+        out[:, j] = np.where(ok, np.where(found, val_s[i] if key_s.size else 0.0, 0.0), np.nan)
+    return out
+
+
+def _hash01(x: np.ndarray) -> np.ndarray:
+    """A fixed pseudo-random number in [0, 1) for each non-negative int64 (splitmix64's finalizer):
+    the same on every machine, so a hash-ranked sample does not depend on chunking or scheduler."""
+    z = np.asarray(x, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def bin_samples(acts_11DTF: Any, valid_1DT: np.ndarray, aidx_1: np.ndarray, didx_D: np.ndarray, *,
+                feature_idx: np.ndarray | None, edges_GB: np.ndarray, m: int, window: int,
+                n_docs_sel: int) -> np.ndarray:
+    """``(1, 1, 1, F'·B, m, 2 + 2·window + 1)``, in :func:`top_k`'s layout: for each selected
+    feature ``g`` and value bin ``b`` (``edges_GB[g, b] <= value < edges_GB[g, b + 1]``, ``B`` =
+    ``edges_GB.shape[1] - 1``) at row ``g·B + b`` the ``m`` nonzeros of the block with the highest
+    :func:`_hash01` of (flat position, feature); column 0 holds that score, so :func:`merge_top_k`
+    keeps a uniform sample of each bin that does not depend on the chunking. The value is the
+    window's centre."""
+    nz, valid_DT = block_nonzeros(acts_11DTF, valid_1DT, feature_idx)
+    n_b = edges_GB.shape[1] - 1
+    out = np.full((nz.n_features * n_b, m, 2 + 2 * window + 1), np.nan)
+    out[..., 0] = -np.inf
+    out[..., 1] = NO_POS
+    if nz.values.size:
+        e = np.asarray(edges_GB, dtype=np.float64)[nz.cols]
+        b = (nz.values[:, None] >= e).sum(axis=1) - 1
+        ok = (b >= 0) & (b < n_b)
+        rows, cols, b = nz.rows[ok], nz.cols[ok], b[ok]
+        d_local, t = np.divmod(rows, nz.n_tok)
+        pos = (int(aidx_1[0]) * n_docs_sel + np.asarray(didx_D)[d_local]) * nz.n_tok + t
+        feat = cols if feature_idx is None else np.asarray(feature_idx)[cols]
+        score = _hash01(pos * (1 << 20) + feat)
+        g = cols * n_b + b
+        order = np.lexsort((pos, -score, g))
+        g_sorted = g[order]
+        rank = np.arange(order.size) - np.searchsorted(g_sorted, np.arange(nz.n_features * n_b))[g_sorted]
+        keep = rank < m
+        idx, gg, r = order[keep], g_sorted[keep], rank[keep]
+        out[gg, r, 0] = score[idx]
+        out[gg, r, 1] = pos[idx].astype(np.float64)
+        out[gg, r, 2:] = _window_acts(nz, valid_DT, d_local[idx], t[idx], cols[idx], window)
     return out[None, None, None]
 
 
