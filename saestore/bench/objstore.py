@@ -1,6 +1,7 @@
 """``python -m saestore.bench --objstore``: a run on S3 next to the same run on local disk.
 
-A local S3-compatible server (moto's server mode) is started on 127.0.0.1 for the measurement.
+A local S3-compatible server (moto's server mode, its own process) is started on 127.0.0.1 for the
+measurement.
 The same synthetic run (every doc-chunk generated from ``(seed, author, chunk)``) is written with
 :class:`saestore.writer.RunWriter` to a local folder and to ``s3://bench/run.zarr``. Then, for
 each, the bench measures three things: write throughput, the full scan behind
@@ -21,6 +22,8 @@ import os
 import shutil
 import socket
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,20 +47,28 @@ MANY_THREADS = 16
 
 @contextmanager
 def s3_server() -> Iterator[str]:
-    """A moto S3 server on 127.0.0.1 and the environment pointing botocore and s3fs at it."""
+    """A moto S3 server on 127.0.0.1, in its own process (so it does not share this one's GIL), and
+    the environment pointing botocore and s3fs at it."""
     try:
-        import logging
-
+        import moto.server  # noqa: F401
         import s3fs
-        from moto.server import ThreadedMotoServer
     except ImportError as e:
         raise BenchError(f"--objstore needs s3fs and moto ({e}): pip install 'saestore[bench]'") from None
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise BenchError(f"the moto S3 server did not start on 127.0.0.1:{port}") from None
+            time.sleep(0.1)
     env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
     saved = {k: os.environ.get(k) for k in env}
@@ -73,7 +84,8 @@ def s3_server() -> Iterator[str]:
             else:
                 os.environ[k] = v
         s3fs.S3FileSystem.clear_instance_cache()
-        server.stop()
+        server.terminate()
+        server.wait(30)
 
 
 class RequestCounter:
