@@ -32,9 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from saestore.bench.workloads import SyntheticWorkload, synthetic_attrs
+from saestore.bench.workloads import SyntheticWorkload, write_workload
 from saestore.errors import BenchError
-from saestore.writer import RunWriter, create_run, finalize_run
 
 __all__ = ["FULL_OBJSTORE", "QUICK_OBJSTORE", "measure_objstore", "markdown"]
 
@@ -132,20 +131,6 @@ class RequestCounter:
         return self._area / max(self._t - self._t0, 1e-9)
 
 
-def _write(wl: SyntheticWorkload, path: str) -> dict[str, Any]:
-    layout = wl.layout()
-    create_run(path, layout, synthetic_attrs(layout))
-    writer = RunWriter(path)
-    nnz = 0
-    t0 = time.perf_counter()
-    for a, c, data in wl.chunks():
-        writer.write_chunk(a, c, data)
-        nnz += sum(acts.nnz for acts in data.acts.values())
-    seconds = time.perf_counter() - t0
-    finalize_run(path)
-    return {"nnz": nnz, "write_s": seconds, "write_nnz_per_s": nnz / max(seconds, 1e-9)}
-
-
 def _scan(path: str, lt: str, num_workers: int | None) -> tuple[float, np.ndarray, RequestCounter]:
     from saestore import stats
     from saestore.reader import open_run
@@ -183,7 +168,7 @@ def measure_objstore(wl: SyntheticWorkload, work: Path, *, n_reads: int = 25) ->
     lt = wl.layer_types[0]
     with s3_server() as bucket:
         for name, path in (("local", str(local)), ("s3", f"{bucket}/run.zarr")):
-            res = _write(wl, path)
+            res = write_workload(wl, path)
             scans = {}
             for label, threads in (("default threads", None), (f"{MANY_THREADS} threads", MANY_THREADS)):
                 seconds, freq, counter = _scan(path, lt, threads)
