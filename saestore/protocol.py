@@ -40,7 +40,7 @@ COORDS: Final = ("author", "layer", "doc", "tok", "feature", "metric")
 COORDS_SINCE: Final = {"metric": "1.2"}
 #: the default documents per shard (a multiple of chunk_docs near it is used; PROTOCOL.md §2.3)
 DEFAULT_SHARD_DOCS: Final = 128
-Status = Literal["running", "complete", "failed"]
+Status = Literal["running", "complete", "failed", "interrupted"]
 StorageFormat = Literal["sparse", "dense"]
 ValueDtype = Literal["float32", "float16", "bfloat16"]
 """a float dtype of stored values (and of the model: ``--dtype``)."""

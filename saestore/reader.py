@@ -206,8 +206,9 @@ def _warn_incomplete(path: str, attrs: protocol.RunAttrs, group: zarr.Group, onl
         counts = f"{n_done} of {total} doc-chunks are done"
     except (ValueError, RuntimeError, OSError, KeyError):  # damaged markers: validate names them
         counts = "its progress markers are unreadable"
-    why = ("is being written or was interrupted" if attrs.status == "running"
-           else f"was finalized with authors unfinished: {', '.join(map(repr, attrs.failed_authors))}")
+    why = {"running": "is being written or its writer was killed",
+           "interrupted": "was interrupted (SIGINT or SIGTERM) before it was finished"}.get(
+        attrs.status, f"was finalized with authors unfinished: {', '.join(map(repr, attrs.failed_authors))}")
     reads = ("the others read as absent (fill values; ds.done marks the finished documents)" if only_done
              else "the others read as stored, possibly partial (only_done=False)")
     warnings.warn(f"{path} {why} (status {attrs.status}): {counts}; {reads}. Rerun the extraction to finish it",

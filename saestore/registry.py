@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from saestore.errors import SaestoreError
+from saestore.protocol import STATUSES
 
 REGISTRY_FILENAME = "saestore_runs.sqlite"
 
@@ -24,7 +25,7 @@ CREATE TABLE IF NOT EXISTS runs (
     model       TEXT NOT NULL,
     dataset     TEXT NOT NULL,
     category    TEXT,
-    status      TEXT NOT NULL CHECK (status IN ('running', 'complete', 'failed')),
+    status      TEXT NOT NULL {status_check},
     config_hash TEXT NOT NULL,
     config      TEXT NOT NULL,
     authors     TEXT NOT NULL DEFAULT '[]',
@@ -39,6 +40,9 @@ CREATE TABLE IF NOT EXISTS runs (
     error       TEXT
 );
 """
+#: the statuses a row may have: those of a run (PROTOCOL.md §4)
+_STATUS_CHECK = f"CHECK (status IN ({', '.join(repr(s) for s in STATUSES)}))"
+_SCHEMA = _SCHEMA.replace("{status_check}", _STATUS_CHECK)
 
 
 def _now() -> str:
@@ -93,6 +97,21 @@ def shown_status(record: RunRecord) -> str:
     return record.status
 
 
+def _migrate(db: sqlite3.Connection) -> None:
+    """Rebuild a ``runs`` table created by an older saestore whose schema differs (its status CHECK
+    lacked ``interrupted``): SQLite cannot alter a CHECK, so the rows are copied into a new table."""
+    (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'runs'").fetchone()
+    if _STATUS_CHECK in " ".join(sql.split()):
+        return
+    old = [r[1] for r in db.execute("PRAGMA table_info(runs)")]
+    db.execute("ALTER TABLE runs RENAME TO runs_before_migration")
+    db.executescript(_SCHEMA)
+    new = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
+    cols = ", ".join(c for c in old if c in new)
+    db.execute(f"INSERT INTO runs ({cols}) SELECT {cols} FROM runs_before_migration")
+    db.execute("DROP TABLE runs_before_migration")
+
+
 class Registry:
     """``Registry(path)``; ``path`` defaults to ``{output_dir}/saestore_runs.sqlite``."""
 
@@ -101,6 +120,7 @@ class Registry:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.executescript(_SCHEMA)
+            _migrate(db)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:

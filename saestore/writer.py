@@ -341,8 +341,9 @@ def _read_markers(arr: zarr.Array, selection: Any, path: str) -> np.ndarray:
             "then the extraction again") from e
 
 
-def finalize_run(path: str | Path, *, failed_authors: Sequence[str] = ()) -> RunAttrs:
-    """Coordinator: set ``status`` from the progress markers and consolidate metadata once."""
+def finalize_run(path: str | Path, *, failed_authors: Sequence[str] = (), interrupted: bool = False) -> RunAttrs:
+    """Coordinator: set ``status`` from the progress markers and consolidate metadata once: ``complete``
+    when every doc-chunk is done, else ``interrupted`` (a signal stopped the run) or ``failed``."""
     path = str(path)
     group = zarr.open_group(path, mode="r+", use_consolidated=False)
     layout = read_layout(group)
@@ -350,7 +351,8 @@ def finalize_run(path: str | Path, *, failed_authors: Sequence[str] = ()) -> Run
     incomplete = [a for i, a in enumerate(layout.authors) if not done[i, : layout.n_chunks(i)].all()]
     failed = sorted(set(failed_authors) | set(incomplete))
     attrs = protocol.read_attrs(dict(group.attrs), where=path)
-    attrs = replace(attrs, status="failed" if failed else "complete", finalized_at=_now(), failed_authors=failed)
+    status = "complete" if not failed else "interrupted" if interrupted else "failed"
+    attrs = replace(attrs, status=status, finalized_at=_now(), failed_authors=failed)
     group.attrs[protocol.ATTRS_KEY] = attrs.to_json()
     faults.point("finalize_attrs")
     zarr.consolidate_metadata(path)

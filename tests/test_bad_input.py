@@ -508,6 +508,102 @@ def case_stats_out_in_a_missing_folder(request):
     assert not missing.parent.exists()
 
 
+def _chunk_files(path: Path) -> dict[str, bytes]:
+    """Every data file of a run (metadata and progress markers aside: they hold times)."""
+    return {k: v for k, v in _tree(path).items()
+            if not k.endswith("zarr.json") and not k.startswith(protocol.PROGRESS_PATH)}
+
+
+def _status(path: Path, registry: Path) -> tuple[str, str]:
+    """(status in the store's attributes, status of its registry row)."""
+    import sqlite3
+
+    attrs = json.loads((path / "zarr.json").read_text())["attributes"]["saestore"]
+    with contextlib.closing(sqlite3.connect(registry)) as db:
+        (row,) = db.execute("SELECT status FROM runs").fetchall()
+    return attrs["status"], row[0]
+
+
+def _interrupted_then_resumed(request, signum: int, code: int) -> None:
+    """Start the CLI in a process, signal it once a doc-chunk is done (it waits at a forward pass),
+    check the one line, the exit code and the status, then run the printed command to the end."""
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = request.getfixturevalue("tmp_path")
+    request.getfixturevalue("tiny_cache")
+    few = ["--n_docs_per_author", "6", "--shard_docs", "2"]
+    ref_code, err, _ = extract(out / "ref", None, "--run_name", "x", *few)
+    assert ref_code == 0, err
+    argv = [*ARGS, "--dataset_name", "demo", "--output_dir", str(out / "run"), "--run_name", "x", *few]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SAESTORE_FAULT": "forward:3:sleep120"}
+    proc = subprocess.Popen([sys.executable, "-m", "saestore.extract", *argv], stderr=subprocess.PIPE, text=True,
+                            env=env)
+    path, registry = out / "run" / "demo" / "tiny" / "x.zarr", out / "run" / "saestore_runs.sqlite"
+    progress = path / protocol.PROGRESS_PATH
+    deadline = time.monotonic() + 240
+    while not (progress.exists() and (zarr.open_array(str(path), path=protocol.PROGRESS_PATH)[..., 0] == 1).any()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.2)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    lines = [ln for ln in err.splitlines() if ln.startswith("saestore.extract:")]
+    assert proc.returncode == code and len(lines) == 1 and "Traceback" not in err, err
+    assert f"interrupted by {signal.Signals(signum).name}" in lines[0] and "saved as interrupted" in lines[0], lines
+    assert _status(path, registry) == ("interrupted", "interrupted")
+    command = shlex.split(lines[0].partition("Resume with: ")[2])
+    assert command[1:3] == ["-m", "saestore.extract"] and command[3:] == [*argv, "--resume"], command
+    env.pop("SAESTORE_FAULT")
+    done = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert _status(path, registry) == ("complete", "complete")
+    assert _chunk_files(path) == _chunk_files(out / "ref" / "demo" / "tiny" / "x.zarr")
+
+
+def case_sigint_during_extraction(request):
+    """Ctrl-C (SIGINT): one line naming the signal, the run saved as ``interrupted`` (store and
+    registry) and the exact command that resumes it (the argv plus --resume); exit 130, no
+    traceback. That command finishes the run byte-identical to an uninterrupted one."""
+    import signal
+
+    _interrupted_then_resumed(request, signal.SIGINT, 130)
+
+
+def case_sigterm_during_extraction(request):
+    """SIGTERM (kill, a scheduler's pre-emption): the same as SIGINT, exit 143 (128 + 15)."""
+    import signal
+
+    _interrupted_then_resumed(request, signal.SIGTERM, 143)
+
+
+def case_registry_created_before_interrupted_existed(request):
+    """A registry made by an older saestore (its status CHECK lacks ``interrupted``) is migrated when
+    opened: its rows are kept and an interrupted run can be recorded."""
+    import sqlite3
+
+    from saestore.registry import Registry
+
+    path = request.getfixturevalue("tmp_path") / "old.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript("""CREATE TABLE runs (path TEXT PRIMARY KEY, run_name TEXT NOT NULL, model TEXT NOT NULL,
+        dataset TEXT NOT NULL, category TEXT, status TEXT NOT NULL CHECK (status IN ('running', 'complete', 'failed')),
+        config_hash TEXT NOT NULL, config TEXT NOT NULL, authors TEXT NOT NULL DEFAULT '[]',
+        failed_authors TEXT NOT NULL DEFAULT '[]', n_docs INTEGER, n_tokens INTEGER, n_nonzero INTEGER, bytes INTEGER,
+        started_at TEXT NOT NULL, finished_at TEXT, wall_s REAL, error TEXT);
+        INSERT INTO runs (path, run_name, model, dataset, status, config_hash, config, started_at)
+        VALUES ('runs/a.zarr', 'a', 'tiny', 'demo', 'complete', 'sha256:0', '{}', '2026-12-01T00:00:00+00:00');""")
+    old.close()
+    reg = Registry(path)
+    assert [(r.path, r.status) for r in reg.list()] == [("runs/a.zarr", "complete")]
+    reg.start(path="runs/b.zarr", run_name="b", model="tiny", dataset="demo", category=None, config_hash="sha256:1",
+              config={}, authors=["x"], n_docs=1)
+    reg.finish("runs/b.zarr", status="interrupted", failed_authors=["x"], n_tokens=0, n_nonzero=0, bytes=0, wall_s=1.0)
+    assert Registry(path).get("b").status == "interrupted"
+
+
 CASES: dict[str, Callable] = {
     name.removeprefix("case_").replace("_", "-"): fn for name, fn in globals().items() if name.startswith("case_")
 }

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from saestore import faults, protocol
 from saestore.errors import SaestoreError, StoreWriteError, WorkerFailedError
+from saestore.extract import interrupt
 from saestore.extract.config import ExtractConfig
 from saestore.extract.worker import AuthorWork, WorkerStats
 from saestore.lock import RunLock
@@ -89,6 +90,9 @@ class Coordinator:
             code = 0
             return 0
         except BaseException as e:
+            stop = interrupt.of(e)
+            if stop is not None:
+                code = stop.exit_code
             if not started:
                 launcher.abort(f"{type(e).__name__}: {e}")
             raise
@@ -100,11 +104,13 @@ class Coordinator:
         error = None
         try:
             stats = launcher.run(str(self.path), work)
-        except BaseException as e:  # recorded as every author's failure, re-raised below
+        except BaseException as e:  # recorded as every author's failure (a signal: interrupted), re-raised below
             stats, error = WorkerStats.failing(self.layout.authors, f"{type(e).__name__}: {e}"), e
+        stop = interrupt.of(error) if error is not None else None
         faults.point("workers_done")
         try:
-            final = finalize_run(self.path, failed_authors=sorted(stats.failed))
+            final = finalize_run(self.path, failed_authors=[] if stop else sorted(stats.failed),
+                                 interrupted=stop is not None)
         except (OSError, SaestoreError) as e:  # cannot write (disk full?) or read (corrupt markers): say so
             self._finish_registry(registry, "failed", list(self.layout.authors), f"{type(e).__name__}: {e}")
             if not isinstance(e, OSError):
@@ -116,11 +122,22 @@ class Coordinator:
             ) from (error or e)
         faults.point("finalized")
         wall = time.perf_counter() - self.t0
-        self._finish_registry(registry, final.status, final.failed_authors, repr(error) if error else
+        reason = f"interrupted by {stop.name}" if stop else repr(error) if error else None
+        self._finish_registry(registry, final.status, final.failed_authors, reason or
                               "; ".join(f"{a}: {m}" for a, m in sorted(stats.failed.items())) or None)
+        if stop is not None:
+            stop.run, stop.status = str(self.path), final.status
+            n_done, total = self._doc_chunk_counts()
+            stop.progress = f"{n_done} of {total} doc-chunks done"
+            raise stop from None
         if error is not None:
             raise error
         return stats, final, wall
+
+    def _doc_chunk_counts(self) -> tuple[int, int]:
+        done = read_progress(self.path)[..., 0] == 1
+        per_author = [self.layout.n_chunks(a) for a in range(len(self.layout.authors))]
+        return sum(int(done[a, :n].sum()) for a, n in enumerate(per_author)), sum(per_author)
 
     def _start_registry(self, registry: Registry, attrs: protocol.RunAttrs) -> None:
         """Record the run as running (after the store exists, before any worker starts)."""

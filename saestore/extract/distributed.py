@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from saestore.errors import SaestoreError, WorkerFailedError
+from saestore.extract import interrupt
 from saestore.extract.config import ExtractConfig
 from saestore.extract.worker import AuthorWork, WorkerStats, run_worker
 
@@ -83,7 +84,7 @@ class TorchrunLauncher:
     def finished(self, code: int) -> None:
         import torch.distributed as dist
 
-        if not self._aborted:
+        if not self._aborted and code not in interrupt.SIGNALS.values():  # interrupted: the ranks are stopping too
             self._broadcast(code)
             dist.barrier()
         dist.destroy_process_group()

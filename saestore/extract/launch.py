@@ -21,6 +21,7 @@ from typing import Any
 
 from saestore import protocol
 from saestore.errors import SaestoreError, WorkerFailedError
+from saestore.extract import interrupt
 from saestore.extract.config import ExtractConfig, parse_all, resolve_defaults
 from saestore.extract.coordinator import Coordinator
 from saestore.extract.worker import AuthorWork, WorkerStats, run_worker
@@ -132,6 +133,7 @@ def _exit_with(coordinator: int) -> None:
 
 def _worker_entry(path: str, cfg: ExtractConfig, specs: list[Any], work: list[AuthorWork], device: str,
                   rank: int, n_threads: int, queue: Any, coordinator: int) -> None:
+    interrupt.quiet_worker()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker{rank} %(levelname)s %(message)s")
     _exit_with(coordinator)
     try:
@@ -139,6 +141,8 @@ def _worker_entry(path: str, cfg: ExtractConfig, specs: list[Any], work: list[Au
     except SaestoreError as e:  # e.g. an SAE that does not fit the model: tell the coordinator why
         log.error("worker %d failed: %s", rank, e)
         stats = WorkerStats.failing((w.author for w in work), f"{type(e).__name__}: {e}")
+    except interrupt.Interrupted as e:  # the coordinator stops this worker: its finished doc-chunks are written
+        sys.exit(e.exit_code)
     queue.put((rank, stats))
 
 
@@ -167,23 +171,32 @@ class LocalLauncher:
         ctx = mp.get_context("spawn")
         queue = ctx.Queue()
         procs = []
-        for rank, (device, share) in enumerate(zip(devices, shares, strict=True)):
-            if not share:
-                log.info("worker %d (%s) has no author: %d workers for %d authors", rank, device, len(devices),
-                         len(work))
-                continue
-            p = ctx.Process(target=_worker_entry, args=(path, self.cfg, self.specs, share, device, rank,
-                                                        threads if device == "cpu" else 0, queue, os.getpid()),
-                            name=f"saestore-worker-{rank}")
-            p.start()
-            procs.append((rank, p, share))
-        results: dict[int, WorkerStats] = {}
-        while len(results) < len(procs) and any(p.is_alive() for _, p, _ in procs):
-            try:
-                rank, stats = queue.get(timeout=1.0)
-                results[rank] = stats
-            except queue_mod.Empty:
-                continue
+        try:
+            for rank, (device, share) in enumerate(zip(devices, shares, strict=True)):
+                if not share:
+                    log.info("worker %d (%s) has no author: %d workers for %d authors", rank, device, len(devices),
+                             len(work))
+                    continue
+                p = ctx.Process(target=_worker_entry, args=(path, self.cfg, self.specs, share, device, rank,
+                                                            threads if device == "cpu" else 0, queue, os.getpid()),
+                                name=f"saestore-worker-{rank}")
+                with interrupt.sigint_ignored():  # a Ctrl-C is for the coordinator, which stops the workers
+                    p.start()
+                procs.append((rank, p, share))
+            results: dict[int, WorkerStats] = {}
+            while len(results) < len(procs) and any(p.is_alive() for _, p, _ in procs):
+                try:
+                    rank, stats = queue.get(timeout=1.0)
+                    results[rank] = stats
+                except queue_mod.Empty:
+                    continue
+        except BaseException:  # interrupted (or failing): stop the workers, each writes its finished doc-chunks
+            for _, p, _ in procs:
+                if p.is_alive():
+                    p.terminate()
+            for _, p, _ in procs:
+                p.join()
+            raise
         while not queue.empty():
             rank, stats = queue.get()
             results[rank] = stats
@@ -229,15 +242,35 @@ def extract_many(configs: list[ExtractConfig]) -> int:
     return 0
 
 
+def _interrupted(stop: interrupt.Interrupted, argv: list[str], configs: list[ExtractConfig]) -> str:
+    """The one line an interrupted extraction ends with."""
+    run = stop.run or next((str(p) for c in configs for p in [c.run_path()] if p.exists()), None)
+    if run is None:
+        return (f"interrupted by {stop.name} before a run was created; nothing was written. Rerun: "
+                + interrupt.resume_command(argv, resume=False))
+    # several models: the same command (complete runs are skipped, the interrupted one resumes)
+    return (f"interrupted by {stop.name}: {run} is saved as {stop.status or 'interrupted'}"
+            + (f" with {stop.progress}" if stop.progress else "") + "; finished doc-chunks are kept. Resume with: "
+            + interrupt.resume_command(argv, resume=len(configs) == 1))
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "huggingface_hub", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    configs: list[ExtractConfig] = []
     try:
-        configs = parse_all(argv)
-        if len(configs) > 1:
-            return extract_many(configs)
-        return extract(configs[0])
+        with interrupt.handle_signals():
+            configs = parse_all(argv)
+            if len(configs) > 1:
+                return extract_many(configs)
+            return extract(configs[0])
+    except KeyboardInterrupt as e:  # SIGINT or SIGTERM: one line, and the command that finishes the run
+        stop = interrupt.of(e)
+        assert stop is not None
+        print(f"saestore.extract: {_interrupted(stop, argv, configs)}", file=sys.stderr, flush=True)
+        return stop.exit_code
     except WorkerFailedError as e:
         print(f"saestore.extract: error: {e}", file=sys.stderr)
         return 1
