@@ -508,6 +508,131 @@ def case_stats_out_in_a_missing_folder(request):
     assert not missing.parent.exists()
 
 
+def case_overwrite_with_a_prompt_template_that_cannot_be_filled(request):
+    """``--overwrite --prompt_template "In {style} {0}: "`` on a complete run: refused in one line
+    (the template is formatted as the worker will, before anything); the old run is byte-identical."""
+    run, path = _stored_copy(request, "keep")
+    before = _tree(path)
+    code, err, _ = extract(run["out"], run["dataset"], "--run_name", "keep", "--overwrite", "--setting", "prompted",
+                           "--prompt_template", "In {style} {0}: ")
+    _refused(code, err, "--prompt_template", "IndexError", "{style} is the only field")
+    assert _tree(path) == before
+    assert not list(path.parent.glob("keep.zarr.*"))
+
+
+def _enospc_at_creation(request, out: Path, *args: str, dataset: Path | None = None) -> tuple[int, str]:
+    from saestore import faults
+
+    faults.configure("create_array:3:enospc")
+    try:
+        code, err, _ = extract(out, dataset, *args)
+    finally:
+        faults.configure(None)
+    return code, err
+
+
+def case_overwrite_when_the_disk_fills_during_creation(request):
+    """``--overwrite`` builds the new run aside (``RUN.creating``) and swaps it in only once created:
+    a full disk while creating it is one line, and the old run is byte-identical."""
+    run, path = _stored_copy(request, "full")
+    before = _tree(path)
+    code, err = _enospc_at_creation(request, run["out"], "--run_name", "full", "--overwrite", dataset=run["dataset"])
+    _refused(code, err, "creating", "No space left on device", "existing run is untouched")
+    assert _tree(path) == before
+    assert not list(path.parent.glob("full.zarr.*"))
+
+
+def case_disk_full_during_creation(request):
+    """ENOSPC while the store is created (the ``enospc`` fault action): one line naming the run
+    and the OS error; nothing is left (no store, no build folder, no registry, no folders)."""
+    out = request.getfixturevalue("tmp_path") / "out"
+    out.mkdir()
+    request.getfixturevalue("tiny_cache")
+    code, err = _enospc_at_creation(request, out, "--run_name", "x")
+    _refused(code, err, "creating", str(out / "demo" / "tiny" / "x.zarr"), "No space left on device")
+    assert list(out.iterdir()) == []
+
+
+def case_resume_without_a_run(request):
+    """``--resume`` with no run there: refused in one line; nothing is created (no folder, no registry)."""
+    out = request.getfixturevalue("tmp_path") / "out"
+    out.mkdir()
+    request.getfixturevalue("tiny_cache")
+    code, err, _ = extract(out, None, "--run_name", "x", "--resume")
+    _refused(code, err, "--resume: no run at", "drop --resume")
+    assert list(out.iterdir()) == []
+
+
+def _rerun_complete(request, out: Path, dataset: Path, name: str) -> None:
+    from saestore.extract import models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a complete run must not load the model")
+
+    request.getfixturevalue("monkeypatch").setattr(models, "load_model", no_model)
+    capsys = request.getfixturevalue("capsys")
+    capsys.readouterr()
+    code, err, _ = extract(out, dataset, "--run_name", name)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and err == "" and len(lines) == 1 and "is already complete" in lines[0], (err, lines)
+
+
+def case_rerun_of_a_complete_run(request):
+    """The same command on a complete run: one line saying it is complete (exit 0), checked before
+    any model is loaded or the store touched."""
+    run, path = _stored_copy(request, "again")
+    before = _tree(path)
+    _rerun_complete(request, run["out"], run["dataset"], "again")
+    assert _tree(path) == before
+
+
+@contextlib.contextmanager
+def _read_only(folder: Path):
+    """``folder`` read-only: a read-only bind mount as root (chmod does not stop root), else chmod."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    if subprocess.run(["mount", "--bind", "-o", "ro", str(folder), str(folder)], capture_output=True).returncode:
+        pytest.skip("root without permission to mount: cannot make a read-only folder here")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def case_read_only_output_dir(request):
+    """A read-only --output_dir (or --registry folder): one line naming what cannot be written and
+    the option to change, before anything is loaded; nothing is written."""
+    tmp = request.getfixturevalue("tmp_path")
+    request.getfixturevalue("tiny_cache")
+    ro, rw = tmp / "ro", tmp / "rw"
+    ro.mkdir()
+    rw.mkdir()
+    with _read_only(ro):
+        code, err, _ = extract(ro, None, "--run_name", "x")
+        _refused(code, err, "cannot write the run", "not writable", "--output_dir")
+        code, err, _ = extract(ro, None, "--run_name", "x", "--registry", str(rw / "reg.sqlite"))
+        _refused(code, err, "cannot write the run", "--output_dir")
+        code, err, _ = extract(rw, None, "--run_name", "x", "--registry", str(ro / "reg.sqlite"))
+        _refused(code, err, "cannot write the registry", "--registry")
+    assert list(ro.iterdir()) == [] and list(rw.iterdir()) == []
+
+
+def case_rerun_of_a_complete_run_on_a_read_only_mount(request):
+    """The same command on a complete run on a read-only mount: 'already complete' (exit 0), no lock taken."""
+    run = request.getfixturevalue("data_run")
+    mount = request.getfixturevalue("tmp_path") / "mnt"
+    shutil.copytree(run["out"] / "AuthorMix", mount / "AuthorMix")
+    with _read_only(mount):
+        _rerun_complete(request, mount, run["dataset"], "data")
+
+
 def _chunk_files(path: Path) -> dict[str, bytes]:
     """Every data file of a run (metadata and progress markers aside: they hold times)."""
     return {k: v for k, v in _tree(path).items()

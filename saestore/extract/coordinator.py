@@ -11,10 +11,12 @@ SLURM rank each, this process being rank 0). A launcher only runs workers and re
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,9 +26,10 @@ from saestore.errors import SaestoreError, StoreWriteError, WorkerFailedError
 from saestore.extract import interrupt
 from saestore.extract.config import ExtractConfig
 from saestore.extract.worker import AuthorWork, WorkerStats
-from saestore.lock import RunLock
+from saestore.location import is_url
+from saestore.lock import RunLock, writer_state
 from saestore.registry import Registry
-from saestore.writer import RunLayout, create_run, finalize_run, read_progress
+from saestore.writer import RunLayout, create_run, existing_run, finalize_run, read_progress
 
 log = logging.getLogger("saestore.extract")
 
@@ -43,6 +46,45 @@ class Launcher(Protocol):
     def abort(self, reason: str) -> None: ...
 
     def finished(self, code: int) -> None: ...
+
+
+#: what rank 0 tells the other ranks when the run is already complete (nothing to do, exit 0)
+ALREADY_COMPLETE = "already complete"
+
+
+@contextlib.contextmanager
+def _run_lock(path: Path) -> Iterator[RunLock]:
+    """The run's lock, held within the block; a lock that cannot be written is one line."""
+    lock = RunLock(path)
+    try:
+        lock.acquire()
+    except OSError as e:
+        raise StoreWriteError(f"cannot lock {path}: {type(e).__name__}: {e}; choose a writable --output_dir") from e
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+def _missing_dirs(folder: Path) -> list[Path]:
+    """The folders a start would create for ``folder``, deepest first."""
+    out = []
+    while not folder.exists() and folder != folder.parent:
+        out.append(folder)
+        folder = folder.parent
+    return out
+
+
+def _check_writable(what: str, path: Path, flag: str) -> None:
+    """``path`` can be created: its nearest existing folder is writable (a read-only mount is not)."""
+    if is_url(str(path)):
+        return
+    base = path if path.exists() else path.parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not os.access(base, os.W_OK):
+        raise StoreWriteError(f"cannot write {what} at {path}: {base} is not writable (read-only file system or "
+                              f"permissions); choose another {flag}")
 
 
 def _du(path: Path) -> int:
@@ -66,13 +108,25 @@ class Coordinator:
         """Extract ``work`` through ``launcher``; returns 0 (complete) or raises (failed authors, errors)."""
         code = 2
         started = False
+        made: list[Path] = []
+        new_registry = False
         try:
-            with RunLock(self.path):
+            if self._already_complete():
+                code = 0
+                launcher.abort(ALREADY_COMPLETE)
+                return 0
+            made = _missing_dirs(self.path.parent)
+            new_registry = not self.cfg.registry_path().exists()
+            with _run_lock(self.path):
                 faults.point("lock")
-                registry = Registry(self.cfg.registry_path())
-                mode = "overwrite" if self.cfg.overwrite else "resume" if self.cfg.resume else "auto"
-                attrs = create_run(self.path, self.layout, self.attrs, mode=mode)
-                self._start_registry(registry, attrs)
+                try:
+                    registry = Registry(self.cfg.registry_path())
+                    mode = "overwrite" if self.cfg.overwrite else "resume" if self.cfg.resume else "auto"
+                    attrs = create_run(self.path, self.layout, self.attrs, mode=mode)
+                    self._start_registry(registry, attrs)
+                except (OSError, sqlite3.Error) as e:
+                    raise StoreWriteError(f"cannot write the registry {self.cfg.registry_path()}: "
+                                          f"{type(e).__name__}: {e}; choose a writable --registry") from e
                 faults.point("created")
                 started = True
                 log.info("extracting %d authors, %d documents into %s on %s", len(self.layout.authors),
@@ -94,6 +148,7 @@ class Coordinator:
             if stop is not None:
                 code = stop.exit_code
             if not started:
+                self._undo_start(made, new_registry)
                 launcher.abort(f"{type(e).__name__}: {e}")
             raise
         finally:
@@ -133,6 +188,41 @@ class Coordinator:
         if error is not None:
             raise error
         return stats, final, wall
+
+    def _already_complete(self) -> bool:
+        """Refuse ``--resume`` without a run, check the output is writable, and say so (True) when the
+        run is already complete and no live writer holds it: all before the lock, the registry or any
+        model exists (reads only)."""
+        old = existing_run(self.path, self.layout, self.attrs) if not self.cfg.overwrite else None
+        if old is None and self.cfg.resume:
+            raise SaestoreError(f"--resume: no run at {self.path}; drop --resume to start it")
+        state, holder = writer_state(self.path)
+        if old is not None and old.status == "complete" and state != "live" and not (state == "unknown" and holder):
+            print(f"run: {self.path} is already complete ({sum(self.layout.n_docs)} documents of "
+                  f"{len(self.layout.authors)} authors); nothing to do", flush=True)
+            return True
+        for what, path, flag in (("the run", self.path, "--output_dir"),
+                                 ("the registry", self.cfg.registry_path(), "--registry")):
+            _check_writable(what, path, flag)
+        return False
+
+    def _undo_start(self, made: list[Path], new_registry: bool) -> None:
+        """A start that failed before the run existed leaves nothing: the registry file it created
+        (no row in it) and the folders it made."""
+        if self.path.exists():
+            return
+        registry = self.cfg.registry_path()
+        if new_registry and registry.exists():
+            try:
+                if not Registry(registry).list():
+                    registry.unlink()
+            except (OSError, sqlite3.Error) as e:
+                log.debug("could not remove %s: %s", registry, e)
+        for d in made:  # deepest first
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
     def _doc_chunk_counts(self) -> tuple[int, int]:
         done = read_progress(self.path)[..., 0] == 1

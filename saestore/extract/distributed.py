@@ -18,6 +18,7 @@ from typing import Any
 from saestore.errors import SaestoreError, WorkerFailedError
 from saestore.extract import interrupt
 from saestore.extract.config import ExtractConfig
+from saestore.extract.coordinator import ALREADY_COMPLETE
 from saestore.extract.worker import AuthorWork, WorkerStats, run_worker
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,9 @@ def follow(launcher: TorchrunLauncher, work: Sequence[AuthorWork]) -> int:
     import torch.distributed as dist
 
     status = launcher._broadcast(None)
+    if status == ALREADY_COMPLETE:
+        dist.destroy_process_group()
+        return 0
     if status != _STARTED:
         dist.destroy_process_group()
         raise SaestoreError(f"rank 0 could not start the run: {status}")
