@@ -338,6 +338,9 @@ class RunAttrs:
     """layer type → str(layer) → SAE."""
     library_versions: dict[str, str] = field(default_factory=dict)
     failed_authors: list[str] = field(default_factory=list)
+    numerics: dict[str, Any] | None = None
+    """what decides the computed values besides ``config`` (device kind, torch threads per CPU
+    worker), as the run was started; not hashed (PROTOCOL.md §4; since 1.2, optional)."""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

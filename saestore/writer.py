@@ -319,6 +319,16 @@ def existing_run(path: str | Path, layout: RunLayout, attrs: RunAttrs) -> RunAtt
     return _check_existing(path, layout, attrs)
 
 
+def is_finalized(path: str | Path) -> bool:
+    """Whether the run's metadata is consolidated (finalizing ends with it; a writer killed between
+    writing the final attributes and consolidating left a run to finalize again)."""
+    try:
+        zarr.open_group(str(path), mode="r", use_consolidated=True)
+    except (ValueError, FileNotFoundError, KeyError):
+        return False
+    return True
+
+
 def _check_existing(path: str, layout: RunLayout, attrs: RunAttrs) -> RunAttrs:
     try:
         group = zarr.open_group(path, mode="r", use_consolidated=False)

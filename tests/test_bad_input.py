@@ -292,8 +292,8 @@ def case_more_workers_than_authors(request):
 
 
 def case_sae_d_in_mismatch(request):
-    """An SAE whose d_in is not the hook's width: ExtractionConfigError naming both widths (exit 2);
-    no chunk is computed and the run is recorded as failed."""
+    """An SAE whose d_in is not the hook's width: ExtractionConfigError naming both widths (exit 2),
+    read from its cfg.json before the model is loaded; nothing is written (no store, no registry)."""
     import torch
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
     from sae_lens.saes.sae import SAEMetadata
@@ -307,8 +307,51 @@ def case_sae_d_in_mismatch(request):
     sae.save_model(folder)
     code, err, _ = extract(out, None, "--sae_path", str(out / "saes"), "--n_docs_per_author", "2", "--run_name", "x")
     _refused(code, err, "d_in 32", "width 64", "blocks.1.hook_resid_post")
-    path = out / "demo" / "tiny" / "x.zarr"
-    assert not (zarr.open_array(str(path), path=protocol.PROGRESS_PATH)[...] != 0).any()
+    assert sorted(p.name for p in out.iterdir()) == ["saes"]
+
+
+def case_att_sae_with_reshape_none(request):
+    """An att SAE saved with ``reshape_activations='none'`` (hook_z needs 'hook_z'): refused in one
+    line naming the setting, from its cfg.json, before the model is loaded; nothing is written."""
+    from sae_lens import SAE
+
+    out = request.getfixturevalue("tmp_path")
+    request.getfixturevalue("tiny_cache")
+    sae = SAE.from_dict({"architecture": "jumprelu", "d_in": 64, "d_sae": 1024, "apply_b_dec_to_input": False,
+                         "reshape_activations": "none", "metadata": {"hook_name": "blocks.1.attn.hook_z"}})
+    sae.save_model(out / "saes" / "att" / "layer_1" / "width_1k")
+    code, err, _ = extract(out, None, "--sae_path", str(out / "saes"), "--layer_types", "att", "--run_name", "x")
+    _refused(code, err, "reshape_activations='none'", "needs hook_z")
+    assert sorted(p.name for p in out.iterdir()) == ["saes"]
+
+
+def case_model_not_in_the_offline_cache(request):
+    """``--model google/gemma-2-2b`` with ``HF_HUB_OFFLINE=1`` and an empty cache: one line saying
+    the model is not in the local Hugging Face cache and how to get it (huggingface_hub's own cache
+    look-up, no network); nothing is written."""
+    import subprocess
+    import sys
+
+    out = request.getfixturevalue("tmp_path")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(out / "hf")}
+    argv = ["--model", "google/gemma-2-2b", "--layers", "12", "--layer_types", "res", "--dataset_name", "demo",
+            "--devices", "cpu", "--output_dir", str(out / "runs")]
+    proc = subprocess.run([sys.executable, "-m", "saestore.extract", *argv], capture_output=True, text=True, env=env,
+                          timeout=300)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("saestore.extract:")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "'google/gemma-2-2b' is not in the local Hugging Face cache" in lines[0], lines
+    assert not (out / "runs").exists()
+
+
+def case_several_models_one_refused(request):
+    """``--model tiny google/gemma-2-2b`` with a width only tiny has: every model's request is checked
+    before the first is extracted; one line names the refused model; nothing is written."""
+    out = request.getfixturevalue("tmp_path")
+    request.getfixturevalue("tiny_cache")
+    code, err, _ = extract(out, None, "--model", "tiny", "google/gemma-2-2b", "--run_name", "x")
+    _refused(code, err, "1 of 2 models refused, nothing extracted", "google/gemma-2-2b", "1k")
+    assert list(out.iterdir()) == []
 
 
 def _poisoned(request, value: float) -> None:
@@ -348,17 +391,31 @@ def case_model_output_inf(request):
 
 
 def case_prompt_longer_than_model_context(request):
-    """A name so long that the prompted setting cannot fit the model context: that author fails
-    with a message saying so; the others are extracted."""
+    """A name so long that its prompt fills the model context: refused before anything is written,
+    in one line naming the author and the fixes (a shorter template, --exclude_authors)."""
     out = request.getfixturevalue("tmp_path")
     request.getfixturevalue("tiny_cache")
     data = _jsonl(out / "d.jsonl", [{"style": "ok", "text": "Anchor the harbor at dawn today"},
                                     {"style": "word " * 300, "text": "Anchor the harbor at dawn today"}])
     code, err, _ = extract(out, data, "--setting", "prompted", "--run_name", "x")
-    assert code == 1 and "prompt alone" in err and "fills the model context 256" in err, err
-    ds = xr.open_zarr(out / "AuthorMix" / "tiny" / "x.zarr")
-    assert ds.attrs["saestore"]["failed_authors"] == ["word " * 300]
-    assert int(ds.doc_length.sel(author="ok").values[0]) > 0
+    _refused(code, err, "the prompt of author 'word word", "fills the model context 256", "--exclude_authors")
+    assert sorted(p.name for p in out.iterdir()) == ["d.jsonl"]
+    ok = _jsonl(out / "ok.jsonl", [{"style": "ok", "text": "Anchor the harbor at dawn today"}])
+    code, err, _ = extract(out, ok, "--setting", "prompted", "--run_name", "x", "--max_seq_len", "250")
+    _refused(code, err, "the prompt of author 'ok'", "+ max_seq_len - 1 (249) exceeds the model context 256",
+             "pass --max_seq_len")
+    assert sorted(p.name for p in out.iterdir()) == ["d.jsonl", "ok.jsonl"]
+
+
+def case_prompt_template_alone_fills_the_model_context(request):
+    """A 300-word --prompt_template: refused before anything is written, in one line saying the
+    template alone fills the context (not per author after the store exists)."""
+    out = request.getfixturevalue("tmp_path")
+    request.getfixturevalue("tiny_cache")
+    code, err, _ = extract(out, None, "--setting", "prompted", "--prompt_template", "word " * 300 + "{style}: ",
+                           "--run_name", "x")
+    _refused(code, err, "the prompt template alone", "fills the model context 256", "shorten --prompt_template")
+    assert list(out.iterdir()) == []
 
 
 def _stored_copy(request, name: str) -> tuple[dict, Path]:
@@ -631,6 +688,24 @@ def case_rerun_of_a_complete_run_on_a_read_only_mount(request):
     shutil.copytree(run["out"] / "AuthorMix", mount / "AuthorMix")
     with _read_only(mount):
         _rerun_complete(request, mount, run["dataset"], "data")
+
+
+def case_resume_with_other_numerics(request):
+    """A run started with another torch thread count (``--devices cpu:2`` shares the cores) and
+    resumed now: one warning line naming both (root attribute ``numerics``, not part of the
+    configuration hash); the resume goes on and the started numerics stay recorded."""
+    run, path = _stored_copy(request, "numerics")
+    started = {"device": "cpu", "torch_threads": 2}
+    _edit_attrs(path, lambda a: a.update(status="failed", numerics=started))
+    zarr.open_array(str(path), path=protocol.PROGRESS_PATH, mode="r+")[0] = 0  # the first author to redo
+    code, err, logs = extract(run["out"], run["dataset"], "--run_name", "numerics")
+    assert code == 0, err
+    lines = [ln for ln in logs.splitlines() if "was started with" in ln]
+    assert len(lines) == 1 and "torch_threads 2" in lines[0] and "torch_threads 1" in lines[0], logs
+    attrs = json.loads((path / "zarr.json").read_text())["attributes"]["saestore"]
+    assert attrs["status"] == "complete" and attrs["numerics"] == started
+    fresh = json.loads((run["path"] / "zarr.json").read_text())["attributes"]["saestore"]
+    assert fresh["numerics"] == {"device": "cpu", "torch_threads": 1}
 
 
 def _chunk_files(path: Path) -> dict[str, bytes]:

@@ -253,14 +253,19 @@ def test_kill_and_resume_equals_uninterrupted_run(tiny_cache, tmp_path):
         again.stdout
 
 
-def test_several_models_each_get_a_run_and_a_failure_does_not_stop_the_others(tmp_path, tiny_cache, capsys):
+def test_several_models_are_all_checked_first_then_each_gets_a_run(tmp_path, tiny_cache, capsys):
     models = tmp_path / "models.txt"
     models.write_text("# one model per line\nno-such-model\ntiny\n")
     argv = [a for a in BASE if a not in ("--model", "tiny")]
-    code = main([*argv, "--model", str(models), "--layer_types", "res", "--devices", "cpu", "--output_dir",
-                 str(tmp_path), "--run_name", "multi", "--n_docs_per_author", "2"])
+    argv = [*argv, "--model", str(models), "--layer_types", "res", "--devices", "cpu", "--output_dir", str(tmp_path),
+            "--run_name", "multi", "--n_docs_per_author", "2"]
+    code = main(argv)
     captured = capsys.readouterr()
-    assert code == 1 and "no-such-model" in captured.err and "models done: tiny" in captured.out
+    assert code == 2 and "no-such-model" in captured.err and "nothing extracted" in captured.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models.txt"]
+    models.write_text("# one model per line\ntiny\n")
+    code = main(argv)
+    assert code == 0 and "status: complete" in capsys.readouterr().out
     assert xr.open_zarr(tmp_path / "demo" / "tiny" / "multi.zarr").attrs["saestore"]["status"] == "complete"
     db = sqlite3.connect(tmp_path / "saestore_runs.sqlite")
     assert db.execute("SELECT model, status FROM runs").fetchall() == [("tiny", "complete")]

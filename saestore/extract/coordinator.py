@@ -17,7 +17,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,7 +29,7 @@ from saestore.extract.worker import AuthorWork, WorkerStats
 from saestore.location import is_url
 from saestore.lock import RunLock, writer_state
 from saestore.registry import Registry
-from saestore.writer import RunLayout, create_run, existing_run, finalize_run, read_progress
+from saestore.writer import RunLayout, create_run, existing_run, finalize_run, is_finalized, read_progress
 
 log = logging.getLogger("saestore.extract")
 
@@ -40,6 +40,8 @@ class Launcher(Protocol):
 
     where: str
     """the devices or ranks, for the log"""
+    numerics: dict[str, Any] | None
+    """what decides the computed values besides the configuration (root attribute ``numerics``)"""
 
     def run(self, path: str, work: Sequence[AuthorWork]) -> WorkerStats: ...
 
@@ -115,6 +117,7 @@ class Coordinator:
                 code = 0
                 launcher.abort(ALREADY_COMPLETE)
                 return 0
+            self._check_numerics(launcher.numerics)
             made = _missing_dirs(self.path.parent)
             new_registry = not self.cfg.registry_path().exists()
             with _run_lock(self.path):
@@ -122,7 +125,8 @@ class Coordinator:
                 try:
                     registry = Registry(self.cfg.registry_path())
                     mode = "overwrite" if self.cfg.overwrite else "resume" if self.cfg.resume else "auto"
-                    attrs = create_run(self.path, self.layout, self.attrs, mode=mode)
+                    attrs = create_run(self.path, self.layout, replace(self.attrs, numerics=launcher.numerics),
+                                       mode=mode)
                     self._start_registry(registry, attrs)
                 except (OSError, sqlite3.Error) as e:
                     raise StoreWriteError(f"cannot write the registry {self.cfg.registry_path()}: "
@@ -193,11 +197,13 @@ class Coordinator:
         """Refuse ``--resume`` without a run, check the output is writable, and say so (True) when the
         run is already complete and no live writer holds it: all before the lock, the registry or any
         model exists (reads only)."""
-        old = existing_run(self.path, self.layout, self.attrs) if not self.cfg.overwrite else None
+        self._existing = old = existing_run(self.path, self.layout, self.attrs) if not self.cfg.overwrite else None
         if old is None and self.cfg.resume:
             raise SaestoreError(f"--resume: no run at {self.path}; drop --resume to start it")
         state, holder = writer_state(self.path)
-        if old is not None and old.status == "complete" and state != "live" and not (state == "unknown" and holder):
+        if (old is not None and old.status == "complete" and is_finalized(self.path) and state != "live"
+                and not (state == "unknown" and holder)):
+            self._record_complete()
             print(f"run: {self.path} is already complete ({sum(self.layout.n_docs)} documents of "
                   f"{len(self.layout.authors)} authors); nothing to do", flush=True)
             return True
@@ -205,6 +211,32 @@ class Coordinator:
                                  ("the registry", self.cfg.registry_path(), "--registry")):
             _check_writable(what, path, flag)
         return False
+
+    def _check_numerics(self, numerics: dict[str, Any] | None) -> None:
+        """Resuming on another device kind or torch thread count mixes numerics (values differ in the
+        last bits between doc-chunks computed before and now): say so in one line."""
+        old = getattr(self, "_existing", None)
+        if old is None or not old.numerics or not numerics or old.numerics == numerics:
+            return
+        was = ", ".join(f"{k} {v}" for k, v in old.numerics.items())
+        now = ", ".join(f"{k} {v}" for k, v in numerics.items())
+        log.warning("%s was started with %s and is resumed with %s: the doc-chunks computed now may differ in the "
+                    "last bits from the finished ones; resume with the same --devices and OMP_NUM_THREADS to "
+                    "match", self.path, was, now)
+
+    def _record_complete(self) -> None:
+        """A complete run whose registry row says otherwise (its writer was killed after finalizing):
+        record it as complete. No registry, no row, or a read-only one: nothing to do."""
+        path = self.cfg.registry_path()
+        if not path.exists() or not os.access(path, os.W_OK):
+            return
+        try:
+            registry = Registry(path)
+            if registry.get(str(self.path)).status == "complete":
+                return
+        except (OSError, sqlite3.Error, SaestoreError):
+            return
+        self._finish_registry(registry, "complete", [], None)
 
     def _undo_start(self, made: list[Path], new_registry: bool) -> None:
         """A start that failed before the run existed leaves nothing: the registry file it created

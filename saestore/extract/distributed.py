@@ -48,6 +48,8 @@ class TorchrunLauncher:
             dist.init_process_group("gloo", rank=self.rank, world_size=self.world)
         self.device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
         self.where = f"{self.world} ranks"
+        self.numerics = {"device": f"cuda {torch.cuda.get_device_name(self.device)}" if self.device != "cpu" else "cpu",
+                         "torch_threads": torch.get_num_threads() if self.device == "cpu" else None}
         self._aborted = False
 
     def _broadcast(self, value: Any) -> Any:

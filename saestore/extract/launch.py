@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from saestore import protocol
-from saestore.errors import SaestoreError, WorkerFailedError
+from saestore.errors import ExtractionConfigError, SaestoreError, WorkerFailedError
 from saestore.extract import interrupt
 from saestore.extract.config import ExtractConfig, parse_all, resolve_defaults
 from saestore.extract.coordinator import Coordinator
@@ -74,6 +74,7 @@ def plan(cfg: ExtractConfig) -> tuple[list[Any], dict[str, list[Any]], RunLayout
     """Validate everything and build the run's layout and attributes; nothing is loaded or written."""
     from saestore.extract.data import load_documents, select_documents
     from saestore.extract.models import resolve_saes, validate_model_name
+    from saestore.extract.preflight import check_request
 
     validate_model_name(cfg.model)
     specs = (resolve_saes(cfg.model, cfg.layer_types, cfg.layers, cfg.sae_features_width, cfg.target_l0,
@@ -87,6 +88,7 @@ def plan(cfg: ExtractConfig) -> tuple[list[Any], dict[str, list[Any]], RunLayout
                                  min_length_doc=cfg.min_length_doc, exclude_authors=cfg.exclude_authors,
                                  min_docs_per_author=cfg.min_docs_per_author)
     authors = tuple(sorted(by_author))
+    check_request(cfg.model, specs, cfg.prompt_template if cfg.setting == "prompted" else None, authors, cfg.n_tok)
     used_types = tuple(t for t in protocol.LAYER_TYPES if any(s.layer_type == t for s in specs))
     storage = protocol.StorageInfo(format=cfg.storage_format, value_dtype=cfg.value_dtype, chunk_docs=cfg.chunk_docs,
                                    shard_docs=cfg.shard_docs or "auto")
@@ -146,12 +148,29 @@ def _worker_entry(path: str, cfg: ExtractConfig, specs: list[Any], work: list[Au
     queue.put((rank, stats))
 
 
+def numerics(devices: Sequence[str], threads: int | None) -> dict[str, Any]:
+    """What decides the computed values besides the configuration (PROTOCOL.md §4 ``numerics``): the
+    device kind (the GPU's name) and the torch threads of each CPU worker."""
+    import torch
+
+    kinds = []
+    for d in dict.fromkeys(d.split(":")[0] for d in devices):
+        gpu = next((x for x in devices if x.startswith("cuda")), None) if d == "cuda" else None
+        kinds.append(f"cuda {torch.cuda.get_device_name(torch.device(gpu))}" if gpu else d)
+    return {"device": ", ".join(kinds), "torch_threads": threads if "cpu" in devices else None}
+
+
 class LocalLauncher:
     """One worker per device: in this process for a single device, else spawned processes."""
 
     def __init__(self, cfg: ExtractConfig, specs: list[Any], devices: list[str]) -> None:
         self.cfg, self.specs, self.devices = cfg, specs, devices
         self.where = ", ".join(devices)
+        n_cpu = sum(d == "cpu" for d in devices)
+        # torch threads per CPU worker: $OMP_NUM_THREADS when set (on a busy machine 1 can be fastest), else
+        # the cores shared out between the CPU workers
+        self.threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // max(1, n_cpu))
+        self.numerics = numerics(devices, self.threads)
 
     def abort(self, reason: str) -> None:
         pass  # no worker was started
@@ -160,11 +179,8 @@ class LocalLauncher:
         pass
 
     def run(self, path: str, work: Sequence[AuthorWork]) -> WorkerStats:
-        devices = self.devices
+        devices, threads = self.devices, self.threads
         n_cpu = sum(d == "cpu" for d in devices)
-        # torch threads per CPU worker: $OMP_NUM_THREADS when set (on a busy machine 1 can be fastest), else
-        # the cores shared out between the CPU workers
-        threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // max(1, n_cpu))
         shares = [list(work[i :: len(devices)]) for i in range(len(devices))]
         if len(devices) == 1:
             return run_worker(path, self.cfg, self.specs, shares[0], devices[0], 0, threads if n_cpu else None)
@@ -208,11 +224,15 @@ class LocalLauncher:
         return WorkerStats.merge(results.values())
 
 
-def extract(cfg: ExtractConfig) -> int:
-    """Run an extraction; returns the process exit code (0 complete; failed authors raise WorkerFailedError)."""
+Plan = tuple[list[Any], dict[str, list[Any]], RunLayout, protocol.RunAttrs]
+
+
+def extract(cfg: ExtractConfig, planned: Plan | None = None) -> int:
+    """Run an extraction (``planned``: its :func:`plan` already made); returns the process exit code (0
+    complete; failed authors raise WorkerFailedError)."""
     t0 = time.perf_counter()
     cfg = resolve_defaults(cfg)
-    specs, by_author, layout, attrs = plan(cfg)
+    specs, by_author, layout, attrs = planned or plan(cfg)
     coordinator = Coordinator(cfg, layout, attrs, cfg.run_path(), t0)
     work = coordinator.work(by_author)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -226,12 +246,23 @@ def extract(cfg: ExtractConfig) -> int:
 
 
 def extract_many(configs: list[ExtractConfig]) -> int:
-    """One run per model, on the same document selection; a failing model does not stop the others."""
+    """One run per model, on the same document selection. Every model's request is checked first
+    (nothing is extracted if one is refused); a model failing during extraction does not stop the others."""
+    plans: dict[str, Plan] = {}
+    refused: dict[str, str] = {}
+    for cfg in configs:
+        try:
+            plans[cfg.model] = plan(resolve_defaults(cfg))
+        except SaestoreError as e:
+            refused[cfg.model] = f"{type(e).__name__}: {e}"
+    if refused:
+        raise ExtractionConfigError(f"{len(refused)} of {len(configs)} models refused, nothing extracted: "
+                                    + "; ".join(f"{m}: {msg}" for m, msg in refused.items()))
     failures: dict[str, str] = {}
     for cfg in configs:
         log.info("model %s (%d of %d)", cfg.model, configs.index(cfg) + 1, len(configs))
         try:
-            extract(cfg)
+            extract(cfg, plans[cfg.model])
         except SaestoreError as e:
             failures[cfg.model] = f"{type(e).__name__}: {e}"
             log.error("model %s failed: %s", cfg.model, e)
