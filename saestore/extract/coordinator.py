@@ -165,6 +165,7 @@ class Coordinator:
             stats = launcher.run(str(self.path), work)
         except BaseException as e:  # recorded as every author's failure (a signal: interrupted), re-raised below
             stats, error = WorkerStats.failing(self.layout.authors, f"{type(e).__name__}: {e}"), e
+        interrupt.hold()  # the run is saved (finalized, recorded) whatever signal comes now
         stop = interrupt.of(error) if error is not None else None
         faults.point("workers_done")
         try:

@@ -78,7 +78,13 @@ class TorchrunLauncher:
 
     def run(self, path: str, work: Sequence[AuthorWork]) -> WorkerStats:
         self._broadcast(_STARTED)
-        return WorkerStats.merge(self.gather(self.run_share(path, work)) or [])
+        stats = self.run_share(path, work)
+        try:
+            return WorkerStats.merge(self.gather(stats) or [])
+        except RuntimeError as e:  # gloo: a rank died (torchrun then stops this one too)
+            self._aborted = True
+            raise WorkerFailedError(f"a rank stopped before reporting ({str(e).splitlines()[0][:120]}); "
+                                    "rerun the same command to finish the run") from None
 
     def abort(self, reason: str) -> None:
         self._aborted = True
@@ -90,7 +96,10 @@ class TorchrunLauncher:
         if not self._aborted and code not in interrupt.SIGNALS.values():  # interrupted: the ranks are stopping too
             self._broadcast(code)
             dist.barrier()
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except RuntimeError as e:  # a rank already gone
+            log.debug("destroy_process_group: %s", e)
 
 
 def follow(launcher: TorchrunLauncher, work: Sequence[AuthorWork]) -> int:
