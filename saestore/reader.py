@@ -215,6 +215,17 @@ def _warn_incomplete(path: str, attrs: protocol.RunAttrs, group: zarr.Group, onl
                   IncompleteRunWarning, stacklevel=3)
 
 
+def run_group(path: str | Path, **kwargs: Any) -> zarr.Group:
+    """The Zarr group of the run at ``path`` (read-only); :class:`RunNotFoundError` when nothing is
+    there or it is not a Zarr store. The one check of "is there a store" that readers and
+    ``validate`` share."""
+    try:
+        return zarr.open_group(str(path), mode="r", **kwargs)
+    except FileNotFoundError as e:  # zarr's GroupNotFoundError too
+        raise RunNotFoundError(f"no saestore run at {path} ({e}); give the folder of a run, e.g. "
+                               "runs/demo/tiny/demo.zarr (`python -m saestore runs list` shows them)") from e
+
+
 def open_run(path: str | Path, *, sparse_variables: bool = True, check: bool = True, only_done: bool = True,
              **open_kwargs: Any) -> xr.Dataset:
     """Open a run as an xarray Dataset.
@@ -231,11 +242,8 @@ def open_run(path: str | Path, *, sparse_variables: bool = True, check: bool = T
     """
     path = str(path)
     open_kwargs.setdefault("chunks", {})
-    try:
-        ds = xr.open_zarr(path, **open_kwargs)
-    except FileNotFoundError as e:  # zarr's GroupNotFoundError too
-        raise RunNotFoundError(f"no saestore run at {path} ({e}); give the folder of a run, e.g. "
-                               "runs/demo/tiny/demo.zarr (`python -m saestore runs list` shows them)") from e
+    run_group(path)  # nothing there, or not a Zarr store: one line
+    ds = xr.open_zarr(path, **open_kwargs)
     group = zarr.open_group(path, mode="r")
     if check:
         attrs = protocol.read_attrs(ds.attrs, where=path)

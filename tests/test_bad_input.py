@@ -519,6 +519,8 @@ def case_info_on_a_missing_path(request):
     _one_line(*_cli("info", str(missing))[::2], "info", "no saestore run at", "runs list")
     with pytest.raises(RunNotFoundError, match="no saestore run at"):
         open_run(missing)
+    code, out, _ = _cli("validate", str(missing))  # the same check (reader.run_group), as a problem
+    assert code == 1 and "no saestore run at" in out and "FAILED" in out, out
     assert not missing.exists()
 
 
@@ -533,6 +535,8 @@ def case_info_on_a_folder_that_is_not_a_store(request):
     _one_line(*_cli("info", str(folder))[::2], "info", "no saestore run at", str(folder))
     with pytest.raises(RunNotFoundError):
         open_run(folder)
+    code, out, _ = _cli("validate", str(folder))
+    assert code == 1 and "no saestore run at" in out, out
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
 
 
