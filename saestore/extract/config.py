@@ -105,7 +105,7 @@ class ExtractConfig:
     resume: Annotated[bool, RUN_OPTION] = False
     """require an existing run with the same configuration and finish it."""
     overwrite: Annotated[bool, RUN_OPTION] = False
-    """delete an existing run at the path first."""
+    """replace an existing run at the path (it is deleted only once the new run is created)."""
     registry: Annotated[str | None, RUN_OPTION] = None
     """SQLite run registry (default: {output_dir}/saestore_runs.sqlite)."""
     quiet: Annotated[bool, RUN_OPTION] = False
