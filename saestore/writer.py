@@ -244,9 +244,11 @@ def create_run(
 
     try:
         return _create(path, final_path, layout, attrs, local=local, replacing=replacing)
-    except OSError as e:  # disk full, read-only, permissions: nothing is left, an overwritten run is untouched
+    except BaseException as e:  # disk full, read-only, Ctrl-C: nothing is left, an overwritten run is untouched
         if local and Path(path).exists():
             shutil.rmtree(path, ignore_errors=True)
+        if not isinstance(e, OSError):
+            raise
         raise StoreWriteError(
             f"creating {final_path} failed: {type(e).__name__}: {e}. Nothing was written"
             + (" and the existing run is untouched" if replacing else "")

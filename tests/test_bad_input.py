@@ -728,14 +728,40 @@ def _status(path: Path, registry: Path) -> tuple[str, str]:
     return attrs["status"], row[0]
 
 
-def _interrupted_then_resumed(request, signum: int, code: int) -> None:
-    """Start the CLI in a process, signal it once a doc-chunk is done (it waits at a forward pass),
-    check the one line, the exit code and the status, then run the printed command to the end."""
-    import shlex
+def _signalled(out: Path, argv: list[str], env: dict, signum: int, code: int, *, group: bool = False) -> str:
+    """Run the CLI in a process, send ``signum`` once a doc-chunk is done (to its process group with
+    ``group``, as a terminal's Ctrl-C does), check the one line, exit code and status; the line."""
     import signal
     import subprocess
     import sys
     import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "saestore.extract", *argv], stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=group)
+    path, registry = out / "demo" / "tiny" / "x.zarr", out / "saestore_runs.sqlite"
+    progress = path / protocol.PROGRESS_PATH
+    deadline = time.monotonic() + 240
+    while not (progress.exists() and (zarr.open_array(str(path), path=protocol.PROGRESS_PATH)[..., 0] == 1).any()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.2)
+    if group:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    lines = [ln for ln in err.splitlines() if ln.startswith("saestore.extract:")]
+    assert proc.returncode == code and len(lines) == 1 and "Traceback" not in err, err
+    assert f"interrupted by {signal.Signals(signum).name}" in lines[0] and "saved as interrupted" in lines[0], lines
+    assert _status(path, registry) == ("interrupted", "interrupted")
+    return lines[0]
+
+
+def _interrupted_then_resumed(request, signum: int, code: int) -> None:
+    """Start the CLI in a process, signal it once a doc-chunk is done (it waits at a forward pass),
+    check the one line, the exit code and the status, then run the printed command to the end."""
+    import shlex
+    import subprocess
+    import sys
 
     out = request.getfixturevalue("tmp_path")
     request.getfixturevalue("tiny_cache")
@@ -744,21 +770,9 @@ def _interrupted_then_resumed(request, signum: int, code: int) -> None:
     assert ref_code == 0, err
     argv = [*ARGS, "--dataset_name", "demo", "--output_dir", str(out / "run"), "--run_name", "x", *few]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SAESTORE_FAULT": "forward:3:sleep120"}
-    proc = subprocess.Popen([sys.executable, "-m", "saestore.extract", *argv], stderr=subprocess.PIPE, text=True,
-                            env=env)
+    line = _signalled(out / "run", argv, env, signum, code)
     path, registry = out / "run" / "demo" / "tiny" / "x.zarr", out / "run" / "saestore_runs.sqlite"
-    progress = path / protocol.PROGRESS_PATH
-    deadline = time.monotonic() + 240
-    while not (progress.exists() and (zarr.open_array(str(path), path=protocol.PROGRESS_PATH)[..., 0] == 1).any()):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-        time.sleep(0.2)
-    proc.send_signal(signum)
-    _, err = proc.communicate(timeout=120)
-    lines = [ln for ln in err.splitlines() if ln.startswith("saestore.extract:")]
-    assert proc.returncode == code and len(lines) == 1 and "Traceback" not in err, err
-    assert f"interrupted by {signal.Signals(signum).name}" in lines[0] and "saved as interrupted" in lines[0], lines
-    assert _status(path, registry) == ("interrupted", "interrupted")
-    command = shlex.split(lines[0].partition("Resume with: ")[2])
+    command = shlex.split(line.partition("Resume with: ")[2])
     assert command[1:3] == ["-m", "saestore.extract"] and command[3:] == [*argv, "--resume"], command
     env.pop("SAESTORE_FAULT")
     done = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, env=env, timeout=300)
@@ -774,6 +788,24 @@ def case_sigint_during_extraction(request):
     import signal
 
     _interrupted_then_resumed(request, signal.SIGINT, 130)
+
+
+def case_sigint_with_two_workers(request):
+    """Ctrl-C with ``--devices cpu:2`` (SIGINT to the whole process group): the workers leave it to
+    the coordinator, which stops them; one line, exit 130, no traceback from any process, the run
+    ``interrupted`` and valid."""
+    import signal
+
+    from saestore.validate import validate_run
+
+    out = request.getfixturevalue("tmp_path")
+    request.getfixturevalue("tiny_cache")
+    argv = [*ARGS, "--dataset_name", "demo", "--output_dir", str(out), "--run_name", "x", "--n_docs_per_author", "6",
+            "--shard_docs", "2", "--devices", "cpu:2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SAESTORE_FAULT": "forward:3:sleep120"}
+    _signalled(out, argv, env, signal.SIGINT, 130, group=True)
+    report = validate_run(out / "demo" / "tiny" / "x.zarr")
+    assert report.ok and report.incomplete and report.status == "interrupted", report.format()
 
 
 def case_sigterm_during_extraction(request):

@@ -275,10 +275,15 @@ def extract_many(configs: list[ExtractConfig]) -> int:
 
 def _interrupted(stop: interrupt.Interrupted, argv: list[str], configs: list[ExtractConfig]) -> str:
     """The one line an interrupted extraction ends with."""
-    run = stop.run or next((str(p) for c in configs for p in [c.run_path()] if p.exists()), None)
-    if run is None:
-        return (f"interrupted by {stop.name} before a run was created; nothing was written. Rerun: "
+    rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    if rank:
+        return f"rank {rank} stopped by {stop.name}; rank 0 saves the run and prints how to resume it"
+    if stop.run is None:  # stopped before the coordinator started (or resumed) a run: nothing changed
+        existing = next((str(p) for c in configs for p in [c.run_path()] if p.exists()), None)
+        return (f"interrupted by {stop.name} before the run was started; "
+                + (f"{existing} is as it was" if existing else "nothing was written") + ". Rerun: "
                 + interrupt.resume_command(argv, resume=False))
+    run = stop.run
     # several models: the same command (complete runs are skipped, the interrupted one resumes)
     return (f"interrupted by {stop.name}: {run} is saved as {stop.status or 'interrupted'}"
             + (f" with {stop.progress}" if stop.progress else "") + "; finished doc-chunks are kept. Resume with: "
