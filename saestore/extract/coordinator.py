@@ -113,7 +113,7 @@ class Coordinator:
         made: list[Path] = []
         new_registry = False
         try:
-            if self._already_complete():
+            if self._check_before_start():
                 code = 0
                 launcher.abort(ALREADY_COMPLETE)
                 return 0
@@ -194,7 +194,7 @@ class Coordinator:
             raise error
         return stats, final, wall
 
-    def _already_complete(self) -> bool:
+    def _check_before_start(self) -> bool:
         """Refuse ``--resume`` without a run, check the output is writable, and say so (True) when the
         run is already complete and no live writer holds it: all before the lock, the registry or any
         model exists (reads only)."""
