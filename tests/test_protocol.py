@@ -74,7 +74,7 @@ def test_schema_parity_with_metadata_model(cls, pointer):
     fields = {f.name for f in dataclasses.fields(cls)}
     assert set(schema["properties"]) == fields
     since_12 = {"shard_docs"} if cls is protocol.StorageInfo else set()  # absent from 1.0/1.1 stores
-    optional = {"run_id"} if cls is protocol.RunAttrs else set()  # an optional 1.2 addition, never required
+    optional = {"run_id", "numerics"} if cls is protocol.RunAttrs else set()  # optional 1.2 additions
     assert set(schema["required"]) == fields - since_12 - optional
     if since_12:  # … and required from 1.2 on
         rule = protocol.load_schema("run_attributes")["allOf"][0]
