@@ -342,7 +342,7 @@ def existing_run(path: str | Path, layout: RunLayout, attrs: RunAttrs) -> RunAtt
     """The attributes of the run at ``path`` if there is one with this configuration and layout (None
     if nothing is there); refuses another configuration or layout as a resume would. Reads only."""
     path = str(path)
-    if not run_exists(path):
+    if not run_exists(path) or (is_url(path) and _half_made(path, layout)):  # create_run redoes a half-made one
         return None
     return _check_existing(path, layout, attrs)
 
