@@ -74,6 +74,10 @@ class RunLayout:
     storage: StorageInfo
     loss_recovered: bool = False
     """whether the per-document loss-recovered variables exist (PROTOCOL.md §2.6)."""
+    char_offsets: bool = False
+    """whether each token's character span in ``text`` is stored (``char_start``/``char_end``, §2.7)."""
+    doc_columns: tuple[str, ...] = ()
+    """the source columns stored per document (``doc_meta`` along the ``doc_column`` coordinate, §2.7)."""
 
     def __post_init__(self) -> None:
         if not self.authors:
@@ -93,6 +97,8 @@ class RunLayout:
             raise SaestoreError(f"layer types must be a non-empty subset of {protocol.LAYER_TYPES}, got {self.layer_types}")
         if not self.layers or len(set(self.layers)) != len(self.layers):
             raise SaestoreError(f"layers must be non-empty and unique, got {self.layers}")
+        if len(set(self.doc_columns)) != len(self.doc_columns) or not all(c for c in self.doc_columns):
+            raise SaestoreError(f"doc columns must be unique, non-empty names, got {list(self.doc_columns)}")
 
     @property
     def max_docs(self) -> int:
@@ -109,7 +115,9 @@ class RunLayout:
     @property
     def options(self) -> tuple[str, ...]:
         """The extraction options that add variables (the table's ``when``)."""
-        return ("loss_recovered",) if self.loss_recovered else ()
+        on = {"loss_recovered": self.loss_recovered, "char_offsets": self.char_offsets,
+              "doc_columns": bool(self.doc_columns)}
+        return tuple(o for o in protocol.OPTIONS if on[o])
 
     def variables(self) -> tuple[protocol.VariableSpec, ...]:
         """Every variable of the run, from the variable table (schema/variables.json)."""
@@ -204,7 +212,7 @@ def _half_made(path: str, layout: RunLayout) -> bool:
         group = zarr.open_group(path, mode="r", use_consolidated=False)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         return False  # objects but no group: not a store saestore started, leave it (reopen names it)
-    ours = {"author", "layer", "doc", "tok", "feature", "metric", protocol.PROGRESS_PATH.split("/")[0],
+    ours = {*protocol.COORDS, protocol.PROGRESS_PATH.split("/")[0],
             *(spec.name for spec in layout.variables())}
     return protocol.ATTRS_KEY not in group.attrs and set(group.keys()) <= ours
 
@@ -276,8 +284,11 @@ def create_run(
     coord("tok", np.arange(T, dtype=np.int64), "int64")
     coord("feature", np.arange(F, dtype=np.int64), "int64")
     coord("metric", np.array(list(protocol.QUALITY_METRICS), dtype=object), str)
+    if layout.doc_columns:  # an optional coordinate (PROTOCOL.md §2.7): column names are values, never paths
+        coord("doc_column", np.array(layout.doc_columns, dtype=object), str)
 
-    sizes = {"author": A, "layer": L, "doc": D, "tok": T, "feature": F, "metric": len(protocol.QUALITY_METRICS)}
+    sizes = {"author": A, "layer": L, "doc": D, "tok": T, "feature": F, "metric": len(protocol.QUALITY_METRICS),
+             "doc_column": len(layout.doc_columns)}
     for spec in layout.variables():
         shape = tuple(sizes[d] for d in spec.dims)
         dtype = spec.data_type(layout.storage)
@@ -323,7 +334,8 @@ def _reopen(path: str, layout: RunLayout, attrs: RunAttrs) -> RunAttrs:
     except (ValueError, TypeError, KeyError) as e:  # array metadata that zarr or a codec refuses
         raise ProtocolError(f"{path} has array metadata saestore cannot read ({e}); pass --overwrite to recreate "
                             "the run") from e
-    if stored != layout:
+    # a 1.2 run created before token offsets were stored is resumed as it is (without them)
+    if stored != replace(layout, char_offsets=stored.char_offsets):
         raise ConfigMismatchError(
             f"{path} has the same configuration but another layout (the dataset changed?); pass --overwrite"
         )
@@ -349,8 +361,15 @@ def read_layout(group: zarr.Group) -> RunLayout:
         layers=tuple(int(x) for x in group["layer"][...]),
         n_features=int(group["feature"].shape[0]),
         storage=attrs.storage,
-        loss_recovered="ce_clean" in group,
+        **_stored_options(group),
     )
+
+
+def _stored_options(group: zarr.Group) -> dict[str, Any]:
+    """The RunLayout fields of the extraction options a group holds (PROTOCOL.md §2.7)."""
+    options = protocol.stored_options(group.keys())
+    return {"loss_recovered": "loss_recovered" in options, "char_offsets": "char_offsets" in options,
+            "doc_columns": tuple(str(c) for c in group["doc_column"][...]) if "doc_columns" in options else ()}
 
 
 def read_progress(path: str | Path) -> np.ndarray:
@@ -551,9 +570,8 @@ class RunWriter:
             return [(layer, values) for (name, layer), values in data.per_sae.items() if name == spec.name]
         if spec.name in given:
             return [(None, given[spec.name])]
-        if spec.when is None:
-            raise SaestoreError(f"chunk data lacks {spec.name}, which every run stores")
-        return []
+        raise SaestoreError(f"chunk data lacks {spec.name}, which this run stores" +
+                            ("" if spec.when is None else f" (its option {spec.when!r} is on)"))
 
     def _guarded(self, what: str, author_idx: int, chunks: str, write: Callable[[], None]) -> None:
         try:

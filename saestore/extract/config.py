@@ -62,6 +62,9 @@ class ExtractConfig:
     """column holding the author."""
     text_column: str = "text"
     """column holding the text."""
+    doc_columns: tuple[str, ...] = ()
+    """other columns of the source stored per document as text (``doc_meta``, selectable by ``doc_column``;
+    e.g. ``--doc_columns category source``); news without --category_name stores ``category`` too."""
     n_docs: int | None = None
     """cap on the total number of documents."""
     n_docs_per_author: int | None = None
@@ -141,6 +144,8 @@ class ExtractConfig:
             lo = max(self.chunk_docs, self.shard_docs // self.chunk_docs * self.chunk_docs)
             raise ExtractionConfigError(f"--shard_docs {self.shard_docs} is not a multiple of --chunk_docs "
                                         f"{self.chunk_docs}: use {lo} or {lo + self.chunk_docs}")
+        if len(set(self.doc_columns)) != len(self.doc_columns) or not all(c.strip() for c in self.doc_columns):
+            raise ExtractionConfigError(f"--doc_columns must name distinct, non-empty columns, got {list(self.doc_columns)}")
         if self.storage_format == "dense" and self.value_dtype == "bfloat16":
             raise ExtractionConfigError("--value_dtype bfloat16 needs --storage_format sparse")
 
@@ -341,9 +346,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer_types", nargs="+", choices=list(protocol.LAYER_TYPES),
                    help=_help(helps["layer_types"], None))
     p.add_argument("--exclude_authors", nargs="*", default=[], help=_help(helps["exclude_authors"], None))
+    p.add_argument("--doc_columns", nargs="*", default=[], help=_help(helps["doc_columns"], None))
     hints = _hints(ExtractConfig)
     for f in dataclasses.fields(ExtractConfig):
-        if f.name in ("layers", "layer_types", "exclude_authors", "model"):
+        if f.name in ("layers", "layer_types", "exclude_authors", "doc_columns", "model"):
             continue
         default = defaults[f.name]
         if isinstance(default, bool):
@@ -390,6 +396,7 @@ def parse_all(argv: list[str] | None = None) -> list[ExtractConfig]:
     kw["layers"] = _int_list(kw["layers"])
     kw["layer_types"] = tuple(kw["layer_types"]) if kw["layer_types"] else None
     kw["exclude_authors"] = tuple(kw["exclude_authors"] or ())
+    kw["doc_columns"] = tuple(kw["doc_columns"] or ())
     models = _models(kw.pop("model"))
     return [ExtractConfig(model=m, **kw) for m in models]
 
