@@ -206,12 +206,12 @@ def run_variables(layer_types: tuple[str, ...], *, options: tuple[str, ...] = ()
 OPTIONS: Final = tuple(dict.fromkeys(v.when for v in VARIABLE_TABLE if v.when is not None))
 
 
-def stored_options(names: typing.Iterable[str]) -> tuple[str, ...]:
-    """The extraction options a run group holds, from the names of its child nodes: an option is
+def stored_options(names: typing.Container[str]) -> tuple[str, ...]:
+    """The extraction options a run group holds, from its child nodes (the group itself, or their names;
+    only ``in`` is used, so no member's metadata is parsed): an option is
     stored when the first variable without a layer type it adds is there (``loss_recovered``: ``ce_clean``;
     ``char_offsets``: ``char_start``; ``doc_columns``: ``doc_meta``; PROTOCOL.md §2.7)."""
-    present = set(names)
-    return tuple(o for o in OPTIONS if next(v.name for v in VARIABLE_TABLE if v.when == o and not v.per_layer_type) in present)
+    return tuple(o for o in OPTIONS if next(v.name for v in VARIABLE_TABLE if v.when == o and not v.per_layer_type) in names)
 
 
 def sae_variable(layer_type: str) -> VariableSpec:

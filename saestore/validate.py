@@ -88,7 +88,7 @@ class Report:
 def run_specs(group: zarr.Group, attrs: protocol.RunAttrs) -> tuple[protocol.VariableSpec, ...]:
     """The variables this run must hold, from the variable table (its layer types and options)."""
     layer_types = tuple(lt for lt in protocol.LAYER_TYPES if lt in attrs.saes)
-    return protocol.run_variables(layer_types, options=protocol.stored_options(group.keys()))
+    return protocol.run_variables(layer_types, options=protocol.stored_options(group))
 
 
 def _required(spec: protocol.VariableSpec, version: str) -> bool:
@@ -144,7 +144,7 @@ def _check_array(arr: zarr.Array, spec: protocol.VariableSpec, storage: protocol
 
 def _check_layout(group: zarr.Group, attrs: protocol.RunAttrs, where: str) -> list[Problem]:
     problems = []
-    options = protocol.stored_options(group.keys())
+    options = protocol.stored_options(group)
     for name in protocol.COORDS:
         if name in protocol.OPTIONAL_COORDS and protocol.OPTIONAL_COORDS[name] not in options:
             continue  # an optional coordinate comes with its option's variables (PROTOCOL.md §2.7)

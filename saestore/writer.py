@@ -367,7 +367,7 @@ def read_layout(group: zarr.Group) -> RunLayout:
 
 def _stored_options(group: zarr.Group) -> dict[str, Any]:
     """The RunLayout fields of the extraction options a group holds (PROTOCOL.md §2.7)."""
-    options = protocol.stored_options(group.keys())
+    options = protocol.stored_options(group)
     return {"loss_recovered": "loss_recovered" in options, "char_offsets": "char_offsets" in options,
             "doc_columns": tuple(str(c) for c in group["doc_column"][...]) if "doc_columns" in options else ()}
 
