@@ -206,7 +206,8 @@ class ExtractConfig:
 def normalize_config(config: dict[str, Any]) -> dict[str, Any]:
     """``config`` (plain JSON, as stored) in the one form that is hashed: sets in one order (``layers``
     sorted, as the store sorts them; ``layer_types`` in protocol order; ``exclude_authors`` sorted) and
-    options the chosen setting does not use left out (``prompt_template`` outside ``prompted``).
+    options the chosen setting does not use left out (``prompt_template`` outside ``prompted``; no
+    ``doc_columns`` when empty).
     Idempotent; applies to a stored config as well (runs made before normalization, see
     :func:`stored_identity`).
 
@@ -222,6 +223,8 @@ def normalize_config(config: dict[str, Any]) -> dict[str, Any]:
         out["exclude_authors"] = sorted(set(out["exclude_authors"]))
     if out.get("setting", "baseline") != "prompted":
         out.pop("prompt_template", None)
+    if not out.get("doc_columns", ["?"]):  # none: as runs made before the option existed (they stay resumable)
+        out.pop("doc_columns")
     return out
 
 
