@@ -158,3 +158,50 @@ def test_news_of_several_categories_stores_the_category(tiny_cache, tmp_path):
                  "--category_name", "weather"]) == 0
     (one,) = (tmp_path / "one").rglob("*.zarr")
     assert "doc_meta" not in xr.open_zarr(one) and "doc_column" not in xr.open_zarr(one).coords
+
+
+def test_decoded_spans_fallback_tiles_like_the_offsets(tiny_cache):
+    """The fallback for tokenizers without offsets (decoded prefixes) tiles every text exactly too; it
+    differs from the offsets only in which of the tokens sharing a character gets it."""
+    from saestore.extract.models import decoded_spans, encode_with_spans, load_model
+
+    tok = load_model("tiny", "cpu").tokenizer
+    texts = [t for ts in TEXTS.values() for t in ts]
+    ids, _, spans = encode_with_spans(tok, texts, 10_000)
+    for text, row, fast in zip(texts, ids, spans, strict=True):
+        slow = decoded_spans(tok, text, row)
+        for s in (fast, slow):
+            assert s[0, 0] == 0 and (s[1:, 0] == s[:-1, 1]).all() and s[-1, 1] == len(text)
+            assert "".join(text[i:j] for i, j in s) == text
+        assert set(fast[:, 1]) - {0} == set(slow[:, 1]) - {0}  # the same character boundaries
+
+
+def test_a_run_without_spans_resumes_without_them_and_joins_tokens(run, tmp_path):
+    """A 1.2 run made before the spans existed (here: the spans removed, a doc-chunk's marker cleared)
+    resumes with the same command and stays without them; its contexts join ``token`` as before."""
+    import shutil
+
+    import zarr
+
+    from saestore import protocol
+
+    path = tmp_path / "multi" / "tiny" / "multi.zarr"
+    shutil.copytree(run["path"], path)
+    for name in ("char_start", "char_end"):
+        shutil.rmtree(path / name)
+    progress = zarr.open_array(str(path), path=protocol.PROGRESS_PATH, mode="r+")
+    progress[0, :] = 0  # the first author's doc-chunks are to be redone
+    zarr.consolidate_metadata(str(path))
+    code = main([*ARGS, "--dataset_name", "multi", "--dataset_path", str(run["out"] / "multi.csv"),
+                 "--output_dir", str(tmp_path), "--setting", "prompted", "--doc_columns", "category", "source",
+                 "--run_name", "multi"])
+    assert code == 0
+    assert validate_run(path).ok
+    ds = open_run(path)
+    assert ds.attrs["saestore"]["status"] == "complete" and "char_start" not in ds and "doc_meta" in ds
+    ex = top_examples(ds, "res", layer=1, k=3, window=2).compute()
+    table = example_table(ex)
+    tokens = ex["tokens"].values
+    joined = {"".join(tokens[idx]) for idx in zip(*np.nonzero(np.isfinite(ex["value"].values)), strict=True)}
+    assert set(table["context"]) == joined
+    assert any("\ufffd" in c for c in joined)  # the stored tokens, joined: multi-byte characters read as U+FFFD
