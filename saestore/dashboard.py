@@ -177,6 +177,19 @@ def _histogram_svg(h: dict[str, list[Any]], width: int = 460, height: int = 150)
             f'<text x="{pad_l - 4}" y="{8 + hh}" text-anchor="end">0</text>{"".join(bars)}{"".join(ticks)}</svg>')
 
 
+def _logits_html(logits: dict[str, Any] | None) -> str:
+    """The promoted and suppressed output tokens (runs made with ``--logit_k``), else nothing."""
+    if not logits:
+        return ""
+    cols = []
+    for side, title in (("positive", "promoted"), ("negative", "suppressed")):
+        rows = "".join(f'<tr><td class="l ctx">{_e(_shown_token(r["token"]) or "∅")}</td><td>{_fmt(r["value"], 3)}</td></tr>'
+                       for r in logits[side])
+        cols.append(f'<div><table id="logits-{side}"><thead><tr><th class="l">{title} token</th><th>logit</th></tr>'
+                    f"</thead><tbody>{rows}</tbody></table></div>")
+    return f'<h2>Logit effects (W_dec · W_U)</h2><div class="row">{"".join(cols)}</div>'
+
+
 def render_feature_page(data: dict[str, Any], f: dict[str, Any], run_name: str, prev_next: tuple[Any, Any]) -> str:
     """The HTML of one feature page (``f`` one entry of ``data["features"]``)."""
     lt, layer = data["layer_type"], data["layer"]
@@ -206,7 +219,7 @@ def render_feature_page(data: dict[str, Any], f: dict[str, Any], run_name: str, 
 <div><h2>Activation histogram</h2>{_histogram_svg(f["histogram"])}</div></div>
 <h2>Authors</h2><table id="authors"><thead><tr><th>author</th><th>active tokens</th><th>frequency</th><th>log-odds</th><th>z</th></tr></thead>
 <tbody>{authors}</tbody></table>
-<h2>Top activations</h2><section id="top">{top}</section>
+{_logits_html(f.get("logits"))}<h2>Top activations</h2><section id="top">{top}</section>
 <h2>Examples by activation quantile</h2><section id="bins">{"".join(bins)}</section>
 {_json_script(f, "data")}"""
     return _page(f"{lt} L{layer} feature {f['feature']} · {run_name}", body)

@@ -78,6 +78,8 @@ class RunLayout:
     """whether each token's character span in ``text`` is stored (``char_start``/``char_end``, §2.7)."""
     doc_columns: tuple[str, ...] = ()
     """the source columns stored per document (``doc_meta`` along the ``doc_column`` coordinate, §2.7)."""
+    logit_k: int = 0
+    """output tokens stored per feature and direction (``T_logit_*`` along ``logit_rank``, §2.7); 0: none."""
 
     def __post_init__(self) -> None:
         if not self.authors:
@@ -116,7 +118,7 @@ class RunLayout:
     def options(self) -> tuple[str, ...]:
         """The extraction options that add variables (the table's ``when``)."""
         on = {"loss_recovered": self.loss_recovered, "char_offsets": self.char_offsets,
-              "doc_columns": bool(self.doc_columns)}
+              "doc_columns": bool(self.doc_columns), "logit_effects": self.logit_k > 0}
         return tuple(o for o in protocol.OPTIONS if on[o])
 
     def variables(self) -> tuple[protocol.VariableSpec, ...]:
@@ -286,9 +288,11 @@ def create_run(
     coord("metric", np.array(list(protocol.QUALITY_METRICS), dtype=object), str)
     if layout.doc_columns:  # an optional coordinate (PROTOCOL.md §2.7): column names are values, never paths
         coord("doc_column", np.array(layout.doc_columns, dtype=object), str)
+    if layout.logit_k:
+        coord("logit_rank", logit_ranks(layout.logit_k), "int64")
 
     sizes = {"author": A, "layer": L, "doc": D, "tok": T, "feature": F, "metric": len(protocol.QUALITY_METRICS),
-             "doc_column": len(layout.doc_columns)}
+             "doc_column": len(layout.doc_columns), "logit_rank": 2 * layout.logit_k}
     for spec in layout.variables():
         shape = tuple(sizes[d] for d in spec.dims)
         dtype = spec.data_type(layout.storage)
@@ -369,7 +373,14 @@ def _stored_options(group: zarr.Group) -> dict[str, Any]:
     """The RunLayout fields of the extraction options a group holds (PROTOCOL.md §2.7)."""
     options = protocol.stored_options(group)
     return {"loss_recovered": "loss_recovered" in options, "char_offsets": "char_offsets" in options,
-            "doc_columns": tuple(str(c) for c in group["doc_column"][...]) if "doc_columns" in options else ()}
+            "doc_columns": tuple(str(c) for c in group["doc_column"][...]) if "doc_columns" in options else (),
+            "logit_k": int(group["logit_rank"].shape[0]) // 2 if "logit_effects" in options else 0}
+
+
+def logit_ranks(k: int) -> np.ndarray:
+    """The ``logit_rank`` coordinate (PROTOCOL.md §2.7): ``1 … k`` (largest first), then ``-1 … -k``
+    (smallest first)."""
+    return np.concatenate([np.arange(1, k + 1), -np.arange(1, k + 1)]).astype(np.int64)
 
 
 def read_progress(path: str | Path) -> np.ndarray:
@@ -490,6 +501,22 @@ class RunWriter:
         if chunk_idx == layout.shard_chunks(author_idx, shard_idx)[-1]:
             self._open = None
             self._store_shard(shard)
+
+    def needs_logit_effects(self, layer_type: str, layer: int) -> bool:
+        """Whether this run stores logit effects and those of this SAE are not written yet."""
+        name = f"{layer_type}_logit_token_id"
+        if not self.layout.logit_k or name not in self.arrays:
+            return False
+        return bool((self.arrays[name][self.layout.layers.index(layer)] == -1).all())
+
+    def write_logit_effects(self, layer_type: str, layer: int, token_id_FK: np.ndarray, token_FK: np.ndarray,
+                            value_FK: np.ndarray) -> None:
+        """Store one SAE's logit effects ``(feature, logit_rank)`` (§2.7), values before ids: a run whose ids
+        are written is complete there. Every worker computes the same ones, so a second write changes nothing."""
+        li = self.layout.layers.index(layer)
+        for suffix, values in (("token", token_FK), ("value", value_FK), ("token_id", token_id_FK)):
+            self._guarded(f"{layer_type}_logit_{suffix} layer {layer}", 0, "(no doc-chunk)",
+                          partial(self.arrays[f"{layer_type}_logit_{suffix}"].__setitem__, li, values))
 
     def _sae_bytes(self, acts: SparseActs | np.ndarray) -> tuple[bytes | None, int]:
         """The serializer bytes of one SAE chunk (None: no value, the chunk is absent) and its nonzeros."""

@@ -128,7 +128,8 @@ def test_quality_table_matches_code():
 
 def _optional_variables() -> list[protocol.VariableSpec]:
     """The §2.7 variables: those of the options other than §2.6's ``loss_recovered``."""
-    return [v for v in protocol.run_variables(("res",), options=protocol.OPTIONS)
+    return [dataclasses.replace(v, name=v.name.replace("res_", "T_"))
+            for v in protocol.run_variables(("res",), options=protocol.OPTIONS)
             if v.when is not None and v.when != "loss_recovered"]
 
 
@@ -144,8 +145,9 @@ def test_optional_table_matches_code():
         assert (dims, dtype, when) == (v.dims, v.dtype, v.when), name
         assert fill == json.dumps(v.fill_value), name
     assert set(protocol.OPTIONAL_COORDS.values()) <= set(protocol.OPTIONS)
-    assert all(c in v.dims for c in protocol.OPTIONAL_COORDS for v in code.values() if v.when == "doc_columns")
-    assert protocol.stored_options(["char_start", "doc_meta", "ce_clean"]) == protocol.OPTIONS
+    for coord, option in protocol.OPTIONAL_COORDS.items():
+        assert all(coord in v.dims for v in code.values() if v.when == option), coord
+    assert protocol.stored_options(["char_start", "doc_column", "logit_rank", "ce_clean"]) == protocol.OPTIONS
 
 
 def test_variables_json_is_valid_and_matches_code():

@@ -93,7 +93,7 @@ def plan(cfg: ExtractConfig) -> tuple[list[Any], dict[str, list[Any]], RunLayout
     layout = RunLayout(authors=authors, n_docs=tuple(len(by_author[a]) for a in authors), n_tok=cfg.n_tok,
                        layer_types=used_types, layers=tuple(sorted(cfg.layers)), n_features=widths.pop(),
                        storage=storage, loss_recovered=cfg.loss_recovered, char_offsets=True,
-                       doc_columns=doc_columns)
+                       doc_columns=doc_columns, logit_k=cfg.logit_k)
     config = cfg.semantic()
     config, config_hash = (config, protocol.config_hash(config)) if cfg.overwrite else stored_identity(cfg.run_path(), config)
     attrs = protocol.RunAttrs(

@@ -349,6 +349,17 @@ def extract_author(ex: Extractor, writer: RunWriter, work: AuthorWork, stats: Wo
         raise
 
 
+def write_logit_effects(ex: Extractor, writer: RunWriter) -> None:
+    """Store each SAE's logit effects (``--logit_k``, PROTOCOL.md §2.7) unless already stored; before
+    any doc-chunk, so a run with a finished doc-chunk has them."""
+    from saestore.extract.quality import logit_effects
+
+    for spec, sae in zip(ex.specs, ex.saes, strict=True):
+        if writer.needs_logit_effects(spec.layer_type, spec.layer):
+            ids, values = logit_effects(ex.model, sae, spec.layer_type, spec.layer, writer.layout.logit_k)
+            writer.write_logit_effects(spec.layer_type, spec.layer, ids, ex.token_text(ids), values)
+
+
 def run_worker(path: str, cfg: ExtractConfig, specs: Sequence[SAESpec], work: Sequence[AuthorWork], device: str,
                rank: int = 0, n_threads: int | None = None, write_ahead: int | None = None) -> WorkerStats:
     """Extract ``work`` (this worker's authors) into the run at ``path``, doc-chunks written by a
@@ -366,6 +377,7 @@ def run_worker(path: str, cfg: ExtractConfig, specs: Sequence[SAESpec], work: Se
         stats.seconds = time.perf_counter() - t0
         return stats
     ex = Extractor(cfg, specs, device)
+    write_logit_effects(ex, writer)
     pbar = None
     if not cfg.quiet:
         from tqdm.auto import tqdm
