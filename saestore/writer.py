@@ -502,21 +502,21 @@ class RunWriter:
             self._open = None
             self._store_shard(shard)
 
-    def needs_logit_effects(self, layer_type: str, layer: int) -> bool:
-        """Whether this run stores logit effects and those of this SAE are not written yet."""
+    def needs_logit_effects(self, layer_type: str) -> bool:
+        """Whether this run stores logit effects and those of ``layer_type``'s SAEs are not all written."""
         name = f"{layer_type}_logit_token_id"
         if not self.layout.logit_k or name not in self.arrays:
             return False
-        return bool((self.arrays[name][self.layout.layers.index(layer)] == -1).all())
+        return bool((self.arrays[name][...] == -1).any())
 
-    def write_logit_effects(self, layer_type: str, layer: int, token_id_FK: np.ndarray, token_FK: np.ndarray,
-                            value_FK: np.ndarray) -> None:
-        """Store one SAE's logit effects ``(feature, logit_rank)`` (§2.7), values before ids: a run whose ids
-        are written is complete there. Every worker computes the same ones, so a second write changes nothing."""
-        li = self.layout.layers.index(layer)
-        for suffix, values in (("token", token_FK), ("value", value_FK), ("token_id", token_id_FK)):
-            self._guarded(f"{layer_type}_logit_{suffix} layer {layer}", 0, "(no doc-chunk)",
-                          partial(self.arrays[f"{layer_type}_logit_{suffix}"].__setitem__, li, values))
+    def write_logit_effects(self, layer_type: str, token_id_LFK: np.ndarray, token_LFK: np.ndarray,
+                            value_LFK: np.ndarray) -> None:
+        """Store the logit effects ``(layer, feature, logit_rank)`` of every SAE of ``layer_type`` (§2.7), each
+        variable whole (one chunk, one write: no read-modify-write), values before ids: ids that are
+        written mean the rest is. Every worker computes the same ones, so a second write changes nothing."""
+        for suffix, values in (("token", token_LFK), ("value", value_LFK), ("token_id", token_id_LFK)):
+            self._guarded(f"{layer_type}_logit_{suffix}", 0, "(no doc-chunk)",
+                          partial(self.arrays[f"{layer_type}_logit_{suffix}"].__setitem__, Ellipsis, values))
 
     def _sae_bytes(self, acts: SparseActs | np.ndarray) -> tuple[bytes | None, int]:
         """The serializer bytes of one SAE chunk (None: no value, the chunk is absent) and its nonzeros."""

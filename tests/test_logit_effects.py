@@ -30,7 +30,7 @@ ARGS = ["--model", "tiny", "--dataset_name", "demo", "--layers", "1", "--layer_t
 @pytest.fixture(scope="module")
 def run(tiny_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("logits")
-    assert main([*ARGS, "--output_dir", str(out), "--run_name", "logits"]) == 0
+    assert main([*ARGS, "--output_dir", str(out), "--run_name", "logits", "--devices", "cpu:2"]) == 0  # two writers
     return out / "demo" / "tiny" / "logits.zarr"
 
 
@@ -92,3 +92,26 @@ def test_runs_without_logit_k_have_none_and_say_so(tiny_cache, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--logit_k must be between 0 and 100" in err[0]
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_rerun_writes_missing_logit_effects_again(run, tmp_path):
+    """Logit effects whose ids are unwritten (-1: a worker killed while writing them) are written by the
+    next worker that loads the model, equal to the first ones."""
+    import shutil
+
+    import zarr
+
+    from saestore import protocol
+
+    path = tmp_path / "demo" / "tiny" / "logits.zarr"
+    shutil.copytree(run, path)
+    before = xr.open_zarr(run).res_logit_value.values
+    group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    group["res_logit_token_id"][...] = -1
+    zarr.open_array(str(path), path=protocol.PROGRESS_PATH, mode="r+")[0, :] = 0  # one author to redo
+    zarr.consolidate_metadata(str(path))
+    assert main([*ARGS, "--output_dir", str(tmp_path), "--run_name", "logits"]) == 0
+    after = xr.open_zarr(path)
+    assert (after.res_logit_token_id.values >= 0).all()
+    np.testing.assert_array_equal(after.res_logit_value.values, before)
+    assert validate_run(path).ok

@@ -354,10 +354,14 @@ def write_logit_effects(ex: Extractor, writer: RunWriter) -> None:
     any doc-chunk, so a run with a finished doc-chunk has them."""
     from saestore.extract.quality import logit_effects
 
-    for spec, sae in zip(ex.specs, ex.saes, strict=True):
-        if writer.needs_logit_effects(spec.layer_type, spec.layer):
-            ids, values = logit_effects(ex.model, sae, spec.layer_type, spec.layer, writer.layout.logit_k)
-            writer.write_logit_effects(spec.layer_type, spec.layer, ids, ex.token_text(ids), values)
+    layout = writer.layout
+    for lt in layout.layer_types:
+        if not writer.needs_logit_effects(lt):
+            continue
+        by_layer = {spec.layer: sae for spec, sae in zip(ex.specs, ex.saes, strict=True) if spec.layer_type == lt}
+        parts = [logit_effects(ex.model, by_layer[layer], lt, layer, layout.logit_k) for layer in layout.layers]
+        ids, values = np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts])
+        writer.write_logit_effects(lt, ids, ex.token_text(ids), values)
 
 
 def run_worker(path: str, cfg: ExtractConfig, specs: Sequence[SAESpec], work: Sequence[AuthorWork], device: str,
