@@ -246,6 +246,11 @@ def _token_problems(group: zarr.Group, specs: Sequence[protocol.VariableSpec], a
     token = blocks.get("token", _block(group["token"], (a, c, 0), 2))
     if valid.any() and (token[valid] == "").all():
         out.append("token is empty at every valid token (its chunk file may be missing or replaced)")
+    if "char_start" in blocks and "char_end" in blocks:  # §2.7: the token spans tile each document's text
+        start, end = blocks["char_start"], blocks["char_end"]
+        follows = np.ones_like(valid)
+        follows[:, 1:] = ~valid[:, 1:] | (start[:, 1:] == end[:, :-1])
+        check(follows & (~valid | (start <= end)), "char_start/char_end", "each span starts where the one before ended")
     doc_length = _block(group["doc_length"], (a, c), 1)
     check(doc_length == valid.sum(axis=-1), "doc_length", "the number of valid tokens")
     empty_text = np.asarray(_block(group["text"], (a, c), 1) == "", dtype=bool)

@@ -205,3 +205,18 @@ def test_a_run_without_spans_resumes_without_them_and_joins_tokens(run, tmp_path
     joined = {"".join(tokens[idx]) for idx in zip(*np.nonzero(np.isfinite(ex["value"].values)), strict=True)}
     assert set(table["context"]) == joined
     assert any("\ufffd" in c for c in joined)  # the stored tokens, joined: multi-byte characters read as U+FFFD
+
+
+def test_validate_names_spans_that_do_not_tile(run, tmp_path):
+    import shutil
+
+    import zarr
+
+    path = tmp_path / "broken.zarr"
+    shutil.copytree(run["path"], path)
+    arr = zarr.open_group(str(path), mode="r+", use_consolidated=False)["char_end"]
+    arr[0, 0, 2] = int(arr[0, 0, 2]) + 1  # the third token's piece now overlaps the fourth's
+    report = validate_run(path)
+    assert not report.ok
+    assert any("char_start/char_end" in str(p) and "starts where the one before ended" in str(p)
+               for p in report.problems), report.format()

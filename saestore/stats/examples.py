@@ -205,7 +205,8 @@ def example_table(examples: xr.Dataset, *, text: bool = False) -> pd.DataFrame:
     """A computed :func:`top_examples` result as one row per example (empty ranks dropped):
     its coordinates (``layer_type``, ``author`` when ``by="author"``, ``layer``, ``feature``,
     ``rank``), ``value``, ``example_author``, ``doc_id``, ``doc`` (position), ``tok``, ``token``,
-    ``left_context`` / ``right_context`` (the window's tokens before and after it, joined),
+    ``left_context`` / ``right_context`` (the window's token texts before and after it, joined: with the
+    token spans, exactly the document's text there; :func:`window_pieces`),
     ``context`` (all three joined) and, with ``text=True``, the document's full ``text``."""
     lead = [d for d in examples["value"].dims]
     flat = examples.stack(example=lead) if lead else examples.expand_dims("example")
