@@ -42,7 +42,7 @@ table.sortable th{cursor:pointer;user-select:none} table.sortable th:hover{backg
 .ex .v{min-width:58px;text-align:right;font-weight:600;font-variant-numeric:tabular-nums}
 .ex .m{min-width:150px;max-width:150px;color:#777;font-size:12px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
 .ctx{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;white-space:pre-wrap;word-break:break-word}
-.ctx span{border-radius:2px} .ctx .hit{outline:2px solid #c33;outline-offset:0}
+.ctx span{border-radius:2px} .ctx .hit{outline:2px solid #c33;outline-offset:0} .ctx .cont{display:inline-block;min-width:3px;min-height:1em;vertical-align:text-bottom}
 .bin h3{font-size:14px;margin:14px 0 4px;color:#444} .empty{color:#999;font-style:italic}
 svg text{font-size:10px;fill:#555} .bar{fill:#e8743b}
 select,input{font:inherit;padding:2px 4px}
@@ -120,8 +120,9 @@ def _page(title: str, body: str, script: str = "") -> str:
 
 
 def _shown_token(tok: str) -> str:
-    """A token as shown: newlines and tabs made visible, an empty token as a thin space."""
-    return tok.replace("\n", "↵").replace("\t", "⇥") or "\u2009"
+    """A token's text as shown: newlines and tabs made visible, everything else as it is in the document
+    (an empty piece, a token continuing a character begun by the one before, adds no text)."""
+    return tok.replace("\n", "↵").replace("\t", "⇥")
 
 
 def _example_html(ex: dict[str, Any], vmax: float) -> str:
@@ -129,7 +130,8 @@ def _example_html(ex: dict[str, Any], vmax: float) -> str:
     spans = []
     for i, (tok, act) in enumerate(zip(ex["tokens"], ex["acts"], strict=True)):
         a = 0.0 if act is None or vmax <= 0 else max(0.0, min(1.0, act / vmax))
-        attrs = ' class="hit"' if i == ex["center"] else ""
+        classes = " ".join(c for c, on in (("hit", i == ex["center"]), ("cont", not tok)) if on)
+        attrs = f' class="{classes}"' if classes else ""
         if act:  # active (nonzero): the value on hover, shaded by value / the feature's max
             attrs += f' title="{act:.4g}"' + (f' style="background:#e8743b{round(a * 230):02x}"' if a > 0 else "")
         spans.append(f"<span{attrs}>{_e(_shown_token(tok))}</span>")
@@ -175,6 +177,19 @@ def _histogram_svg(h: dict[str, list[Any]], width: int = 460, height: int = 150)
             f'<text x="{pad_l - 4}" y="{8 + hh}" text-anchor="end">0</text>{"".join(bars)}{"".join(ticks)}</svg>')
 
 
+def _logits_html(logits: dict[str, Any] | None) -> str:
+    """The promoted and suppressed output tokens (runs made with ``--logit_k``), else nothing."""
+    if not logits:
+        return ""
+    cols = []
+    for side, title in (("positive", "promoted"), ("negative", "suppressed")):
+        rows = "".join(f'<tr><td class="l ctx">{_e(_shown_token(r["token"]) or "∅")}</td><td>{_fmt(r["value"], 3)}</td></tr>'
+                       for r in logits[side])
+        cols.append(f'<div><table id="logits-{side}"><thead><tr><th class="l">{title} token</th><th>logit</th></tr>'
+                    f"</thead><tbody>{rows}</tbody></table></div>")
+    return f'<h2>Logit effects (W_dec · W_U)</h2><div class="row">{"".join(cols)}</div>'
+
+
 def render_feature_page(data: dict[str, Any], f: dict[str, Any], run_name: str, prev_next: tuple[Any, Any]) -> str:
     """The HTML of one feature page (``f`` one entry of ``data["features"]``)."""
     lt, layer = data["layer_type"], data["layer"]
@@ -204,7 +219,7 @@ def render_feature_page(data: dict[str, Any], f: dict[str, Any], run_name: str, 
 <div><h2>Activation histogram</h2>{_histogram_svg(f["histogram"])}</div></div>
 <h2>Authors</h2><table id="authors"><thead><tr><th>author</th><th>active tokens</th><th>frequency</th><th>log-odds</th><th>z</th></tr></thead>
 <tbody>{authors}</tbody></table>
-<h2>Top activations</h2><section id="top">{top}</section>
+{_logits_html(f.get("logits"))}<h2>Top activations</h2><section id="top">{top}</section>
 <h2>Examples by activation quantile</h2><section id="bins">{"".join(bins)}</section>
 {_json_script(f, "data")}"""
     return _page(f"{lt} L{layer} feature {f['feature']} · {run_name}", body)

@@ -112,6 +112,14 @@ def _example_list(ex: xr.Dataset) -> list[dict[str, Any]]:
     return out
 
 
+def _logit_list(lg: xr.Dataset) -> dict[str, list[dict[str, Any]]]:
+    """One feature's logit effects as ``{"positive": [{"token", "token_id", "value"}], "negative": [...]}``."""
+    rank = np.asarray(lg["logit_rank"].values)
+    rows = [{"rank": int(r), "token": str(t), "token_id": int(i), "value": _num(v, 4)}
+            for r, t, i, v in zip(rank, lg["token"].values, lg["token_id"].values, lg["value"].values, strict=True)]
+    return {"positive": [r for r in rows if r["rank"] > 0], "negative": [r for r in rows if r["rank"] < 0]}
+
+
 def feature_data(ds: xr.Dataset, layer_type: str, layer: int, features: Sequence[int], *, k: int = 20,
                  window: int = 12, n_bins: int = 5, per_bin: int = 5, alpha: float = 0.5,
                  author: str | Sequence[str] | None = None, show_progress: bool | None = None) -> dict[str, Any]:
@@ -121,7 +129,8 @@ def feature_data(ds: xr.Dataset, layer_type: str, layer: int, features: Sequence
     {"lower", "upper", "count"}, "top": [example], "bins": [{"lower", "upper", "q_lower", "q_upper",
     "examples": [example]}]}]}``; an example is ``{"value", "author", "doc", "doc_id", "tok", "tokens",
     "acts", "center"}`` (``acts[i]`` the activation on ``tokens[i]``, ``tokens[center]`` the example's
-    token). Quantile bins split each feature's active values at its approximate ``i / n_bins``
+    token). Runs extracted with ``--logit_k`` add ``"logits": {"positive", "negative"}``, each a list of
+    ``{"rank", "token", "token_id", "value"}`` (:func:`saestore.stats.logit_effects`). Quantile bins split each feature's active values at its approximate ``i / n_bins``
     quantiles (from the histogram). ``author`` restricts everything to those authors' documents
     (with one author, ``log_odds`` and ``z`` are None)."""
     feats = [int(f) for f in features]
@@ -151,6 +160,11 @@ def feature_data(ds: xr.Dataset, layer_type: str, layer: int, features: Sequence
                                  window=window, author=author)
     with progress("quantile-bin examples", disable=disable):
         bins = bins.compute(scheduler="threads")
+    logits = None
+    if f"{layer_type}_logit_token_id" in ds:  # --logit_k runs (PROTOCOL.md §2.7)
+        from saestore.stats.quality import logit_effects
+
+        logits = logit_effects(ds, layer_type, layer=[layer], feature=feats).isel(layer=0).compute()
     authors = [str(a) for a in spec["author"].values]
     n_valid_author = [int(n) for n in np.asarray(spec["n_valid"].values).reshape(-1)]
     lower, upper = hist["bin_lower"].values, hist["bin_upper"].values
@@ -177,6 +191,7 @@ def feature_data(ds: xr.Dataset, layer_type: str, layer: int, features: Sequence
                       "q_lower": b / n_bins, "q_upper": (b + 1) / n_bins,
                       "examples": sorted(_example_list(bins.sel(feature=f, bin=b)), key=lambda e: -e["value"])}
                      for b in range(n_bins)],
+            **({"logits": _logit_list(logits.sel(feature=f))} if logits is not None else {}),
         })
     return {"version": FEATURE_DATA_VERSION, "layer_type": layer_type, "layer": int(layer), "authors": authors,
             "n_valid": int(pooled["n_valid"]), "n_valid_author": n_valid_author, "window": window,

@@ -35,9 +35,12 @@ TOKEN_DIMS: Final = ("author", "doc", "tok")
 DOC_DIMS: Final = ("author", "doc")
 SAE_DOC_DIMS: Final = ("author", "layer", "doc")
 METRIC_DIMS: Final = ("author", "layer", "doc", "tok", "metric")
-COORDS: Final = ("author", "layer", "doc", "tok", "feature", "metric")
+COORDS: Final = ("author", "layer", "doc", "tok", "feature", "metric", "doc_column", "logit_rank")
 #: the protocol version that added each coordinate (absent: 1.0)
-COORDS_SINCE: Final = {"metric": "1.2"}
+COORDS_SINCE: Final = {"metric": "1.2", "doc_column": "1.2", "logit_rank": "1.2"}
+#: optional coordinates: coordinate → the extraction option (the table's ``when``) that adds it with
+#: its variables; a run without the option has neither (PROTOCOL.md §2.7)
+OPTIONAL_COORDS: Final = {"doc_column": "doc_columns", "logit_rank": "logit_effects"}
 #: the default documents per shard (a multiple of chunk_docs near it is used; PROTOCOL.md §2.3)
 DEFAULT_SHARD_DOCS: Final = 128
 Status = Literal["running", "complete", "failed", "interrupted"]
@@ -197,6 +200,21 @@ def run_variables(layer_types: tuple[str, ...], *, options: tuple[str, ...] = ()
         out.extend(row.for_layer_type(lt) for lt in layer_types) if row.per_layer_type else out.append(row)
     flush()
     return tuple(out)
+
+
+#: every extraction option that adds variables (the ``when`` values of the table), in table order
+OPTIONS: Final = tuple(dict.fromkeys(v.when for v in VARIABLE_TABLE if v.when is not None))
+
+
+def stored_options(names: typing.Container[str]) -> tuple[str, ...]:
+    """The extraction options a run group holds, from its child nodes (the group itself, or their names;
+    only ``in`` is used, so no member's metadata is parsed): an option is
+    stored when the first variable without a layer type it adds is there (``loss_recovered``: ``ce_clean``;
+    ``char_offsets``: ``char_start``), or, for an option with an optional coordinate, that coordinate
+    (``doc_columns``: ``doc_column``; ``logit_effects``: ``logit_rank``; PROTOCOL.md §2.7)."""
+    marks = {o: c for c, o in OPTIONAL_COORDS.items()}  # an option with a coordinate: the coordinate
+    return tuple(o for o in OPTIONS if (marks.get(o) or next(v.name for v in VARIABLE_TABLE
+                                                              if v.when == o and not v.per_layer_type)) in names)
 
 
 def sae_variable(layer_type: str) -> VariableSpec:

@@ -88,8 +88,7 @@ class Report:
 def run_specs(group: zarr.Group, attrs: protocol.RunAttrs) -> tuple[protocol.VariableSpec, ...]:
     """The variables this run must hold, from the variable table (its layer types and options)."""
     layer_types = tuple(lt for lt in protocol.LAYER_TYPES if lt in attrs.saes)
-    options = ("loss_recovered",) if "ce_clean" in group else ()
-    return protocol.run_variables(layer_types, options=options)
+    return protocol.run_variables(layer_types, options=protocol.stored_options(group))
 
 
 def _required(spec: protocol.VariableSpec, version: str) -> bool:
@@ -145,7 +144,10 @@ def _check_array(arr: zarr.Array, spec: protocol.VariableSpec, storage: protocol
 
 def _check_layout(group: zarr.Group, attrs: protocol.RunAttrs, where: str) -> list[Problem]:
     problems = []
+    options = protocol.stored_options(group)
     for name in protocol.COORDS:
+        if name in protocol.OPTIONAL_COORDS and protocol.OPTIONAL_COORDS[name] not in options:
+            continue  # an optional coordinate comes with its option's variables (PROTOCOL.md §2.7)
         if name not in group and _required_since(protocol.COORDS_SINCE.get(name, "1.0"), attrs.protocol_version):
             problems.append(Problem(kind="layout", where=name, message="coordinate array is missing"))
     for spec in run_specs(group, attrs):
@@ -244,6 +246,11 @@ def _token_problems(group: zarr.Group, specs: Sequence[protocol.VariableSpec], a
     token = blocks.get("token", _block(group["token"], (a, c, 0), 2))
     if valid.any() and (token[valid] == "").all():
         out.append("token is empty at every valid token (its chunk file may be missing or replaced)")
+    if "char_start" in blocks and "char_end" in blocks:  # §2.7: the token spans tile each document's text
+        start, end = blocks["char_start"], blocks["char_end"]
+        follows = np.ones_like(valid)
+        follows[:, 1:] = ~valid[:, 1:] | (start[:, 1:] == end[:, :-1])
+        check(follows & (~valid | (start <= end)), "char_start/char_end", "each span starts where the one before ended")
     doc_length = _block(group["doc_length"], (a, c), 1)
     check(doc_length == valid.sum(axis=-1), "doc_length", "the number of valid tokens")
     empty_text = np.asarray(_block(group["text"], (a, c), 1) == "", dtype=bool)

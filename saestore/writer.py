@@ -77,6 +77,12 @@ class RunLayout:
     storage: StorageInfo
     loss_recovered: bool = False
     """whether the per-document loss-recovered variables exist (PROTOCOL.md §2.6)."""
+    char_offsets: bool = False
+    """whether each token's character span in ``text`` is stored (``char_start``/``char_end``, §2.7)."""
+    doc_columns: tuple[str, ...] = ()
+    """the source columns stored per document (``doc_meta`` along the ``doc_column`` coordinate, §2.7)."""
+    logit_k: int = 0
+    """output tokens stored per feature and direction (``T_logit_*`` along ``logit_rank``, §2.7); 0: none."""
 
     def __post_init__(self) -> None:
         if not self.authors:
@@ -96,6 +102,8 @@ class RunLayout:
             raise SaestoreError(f"layer types must be a non-empty subset of {protocol.LAYER_TYPES}, got {self.layer_types}")
         if not self.layers or len(set(self.layers)) != len(self.layers):
             raise SaestoreError(f"layers must be non-empty and unique, got {self.layers}")
+        if len(set(self.doc_columns)) != len(self.doc_columns) or not all(c for c in self.doc_columns):
+            raise SaestoreError(f"doc columns must be unique, non-empty names, got {list(self.doc_columns)}")
 
     @property
     def max_docs(self) -> int:
@@ -112,7 +120,9 @@ class RunLayout:
     @property
     def options(self) -> tuple[str, ...]:
         """The extraction options that add variables (the table's ``when``)."""
-        return ("loss_recovered",) if self.loss_recovered else ()
+        on = {"loss_recovered": self.loss_recovered, "char_offsets": self.char_offsets,
+              "doc_columns": bool(self.doc_columns), "logit_effects": self.logit_k > 0}
+        return tuple(o for o in protocol.OPTIONS if on[o])
 
     def variables(self) -> tuple[protocol.VariableSpec, ...]:
         """Every variable of the run, from the variable table (schema/variables.json)."""
@@ -207,7 +217,7 @@ def _half_made(path: str, layout: RunLayout) -> bool:
         group = zarr.open_group(path, mode="r", use_consolidated=False)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         return False  # objects but no group: not a store saestore started, leave it (reopen names it)
-    ours = {"author", "layer", "doc", "tok", "feature", "metric", protocol.PROGRESS_PATH.split("/")[0],
+    ours = {*protocol.COORDS, protocol.PROGRESS_PATH.split("/")[0],
             *(spec.name for spec in layout.variables())}
     return protocol.ATTRS_KEY not in group.attrs and set(group.keys()) <= ours
 
@@ -301,8 +311,13 @@ def _create(path: str, final_path: str, layout: RunLayout, attrs: RunAttrs, *, l
     coord("tok", np.arange(T, dtype=np.int64), "int64")
     coord("feature", np.arange(F, dtype=np.int64), "int64")
     coord("metric", np.array(list(protocol.QUALITY_METRICS), dtype=object), str)
+    if layout.doc_columns:  # an optional coordinate (PROTOCOL.md §2.7): column names are values, never paths
+        coord("doc_column", np.array(layout.doc_columns, dtype=object), str)
+    if layout.logit_k:
+        coord("logit_rank", logit_ranks(layout.logit_k), "int64")
 
-    sizes = {"author": A, "layer": L, "doc": D, "tok": T, "feature": F, "metric": len(protocol.QUALITY_METRICS)}
+    sizes = {"author": A, "layer": L, "doc": D, "tok": T, "feature": F, "metric": len(protocol.QUALITY_METRICS),
+             "doc_column": len(layout.doc_columns), "logit_rank": 2 * layout.logit_k}
     for spec in layout.variables():
         shape = tuple(sizes[d] for d in spec.dims)
         dtype = spec.data_type(layout.storage)
@@ -376,7 +391,8 @@ def _check_existing(path: str, layout: RunLayout, attrs: RunAttrs) -> RunAttrs:
     except (ValueError, TypeError, KeyError) as e:  # array metadata that zarr or a codec refuses
         raise ProtocolError(f"{path} has array metadata saestore cannot read ({e}); pass --overwrite to recreate "
                             "the run") from e
-    if stored != layout:
+    # a 1.2 run created before token offsets were stored is resumed as it is (without them)
+    if stored != replace(layout, char_offsets=stored.char_offsets):
         raise ConfigMismatchError(
             f"{path} has the same configuration but another layout (the dataset changed?); pass --overwrite"
         )
@@ -407,8 +423,22 @@ def read_layout(group: zarr.Group) -> RunLayout:
         layers=tuple(int(x) for x in group["layer"][...]),
         n_features=int(group["feature"].shape[0]),
         storage=attrs.storage,
-        loss_recovered="ce_clean" in group,
+        **_stored_options(group),
     )
+
+
+def _stored_options(group: zarr.Group) -> dict[str, Any]:
+    """The RunLayout fields of the extraction options a group holds (PROTOCOL.md §2.7)."""
+    options = protocol.stored_options(group)
+    return {"loss_recovered": "loss_recovered" in options, "char_offsets": "char_offsets" in options,
+            "doc_columns": tuple(str(c) for c in group["doc_column"][...]) if "doc_columns" in options else (),
+            "logit_k": int(group["logit_rank"].shape[0]) // 2 if "logit_effects" in options else 0}
+
+
+def logit_ranks(k: int) -> np.ndarray:
+    """The ``logit_rank`` coordinate (PROTOCOL.md §2.7): ``1 … k`` (largest first), then ``-1 … -k``
+    (smallest first)."""
+    return np.concatenate([np.arange(1, k + 1), -np.arange(1, k + 1)]).astype(np.int64)
 
 
 def read_progress(path: str | Path) -> np.ndarray:
@@ -532,6 +562,22 @@ class RunWriter:
             self._open = None
             self._store_shard(shard)
 
+    def needs_logit_effects(self, layer_type: str) -> bool:
+        """Whether this run stores logit effects and those of ``layer_type``'s SAEs are not all written."""
+        name = f"{layer_type}_logit_token_id"
+        if not self.layout.logit_k or name not in self.arrays:
+            return False
+        return bool((self.arrays[name][...] == -1).any())
+
+    def write_logit_effects(self, layer_type: str, token_id_LFK: np.ndarray, token_LFK: np.ndarray,
+                            value_LFK: np.ndarray) -> None:
+        """Store the logit effects ``(layer, feature, logit_rank)`` of every SAE of ``layer_type`` (§2.7), each
+        variable whole (one chunk, one write: no read-modify-write), values before ids: ids that are
+        written mean the rest is. Every worker computes the same ones, so a second write changes nothing."""
+        for suffix, values in (("token", token_LFK), ("value", value_LFK), ("token_id", token_id_LFK)):
+            self._guarded(f"{layer_type}_logit_{suffix}", 0, "(no doc-chunk)",
+                          partial(self.arrays[f"{layer_type}_logit_{suffix}"].__setitem__, Ellipsis, values))
+
     def _sae_bytes(self, acts: SparseActs | np.ndarray) -> tuple[bytes | None, int]:
         """The serializer bytes of one SAE chunk (None: no value, the chunk is absent) and its nonzeros."""
         cd, n_t, n_f = self.layout.storage.chunk_docs, self.layout.n_tok, self.layout.n_features
@@ -611,9 +657,8 @@ class RunWriter:
             return [(layer, values) for (name, layer), values in data.per_sae.items() if name == spec.name]
         if spec.name in given:
             return [(None, given[spec.name])]
-        if spec.when is None:
-            raise SaestoreError(f"chunk data lacks {spec.name}, which every run stores")
-        return []
+        raise SaestoreError(f"chunk data lacks {spec.name}, which this run stores" +
+                            ("" if spec.when is None else f" (its option {spec.when!r} is on)"))
 
     def _guarded(self, what: str, author_idx: int, chunks: str, write: Callable[[], None]) -> None:
         try:

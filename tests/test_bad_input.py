@@ -195,6 +195,39 @@ def case_author_name_unicode(request):
     assert "naïve café — 東京 🚀 ok ẞ" in _docs(request.getfixturevalue("data_run"), "émoji ✨")
 
 
+def case_multibyte_text_spans_are_exact(request):
+    """Multi-byte UTF-8 text (split over byte tokens that decode alone to U+FFFD): the stored token spans
+    (char_start/char_end, PROTOCOL.md §2.7) tile the document exactly up to where it was truncated, and
+    ``token`` stays the tokenizer's text of each token."""
+    run = request.getfixturevalue("data_run")
+    ds, a = run["ds"], run["authors"].index("émoji ✨")
+    d = _docs(run, "émoji ✨").index("naïve café — 東京 🚀 ok ẞ")
+    n = int(ds.doc_length.values[a, d])
+    start, end = ds.char_start.values[a, d, :n], ds.char_end.values[a, d, :n]
+    text = "naïve café — 東京 🚀 ok ẞ"
+    assert start[0] == 0 and (start[1:] == end[:-1]).all()
+    assert "".join(text[i:j] for i, j in zip(start, end, strict=True)) == text[: end[-1]]
+    assert int(ds.n_truncated.values[a, d]) > 0 and 0 < end[-1] < len(text)  # truncated: the spans stop with it
+    assert "\ufffd" in "".join(ds.token.values[a, d, :n])
+
+
+def case_doc_column_missing_from_source(request):
+    """``--doc_columns`` naming a column the source lacks: one-line DatasetError naming it, the columns
+    found and the flag; nothing written."""
+    corpus, out = request.getfixturevalue("corpus"), request.getfixturevalue("tmp_path")
+    code, err, _ = extract(out, corpus["dataset"], "--doc_columns", "style", "nosuch")
+    _refused(code, err, "'nosuch'", "columns found: style, text", "--doc_columns")
+    assert not any(out.rglob("*.zarr")) and not (out / "saestore_runs.sqlite").exists()
+
+
+def case_doc_columns_repeated(request):
+    """``--doc_columns a a`` (or an empty name): one-line refusal before anything is read or written."""
+    out = request.getfixturevalue("tmp_path")
+    code, err, _ = extract(out, None, "--doc_columns", "category", "category")
+    _refused(code, err, "--doc_columns", "distinct")
+    assert not any(out.rglob("*"))
+
+
 def case_author_name_duplicate_rows(request):
     """Rows with the same author name are one author; its documents keep source order (doc_id)."""
     run = request.getfixturevalue("data_run")

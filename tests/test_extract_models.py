@@ -438,10 +438,10 @@ def test_config_hash_covers_content_fields_and_skips_run_options():
     assert options == {"output_dir", "run_name", "devices", "resume", "overwrite", "registry", "batch_size", "quiet"}
     changed = {"layers": (2,), "model": "tiny", "layer_types": ("res",), "sae_features_width": "1k", "target_l0": 5.0,
                "sae_path": "x", "dataset_name": "demo", "dataset_path": "y", "category_name": "z",
-               "author_column": "a", "text_column": "t", "n_docs": 3, "n_docs_per_author": 2, "min_length_doc": 1,
+               "author_column": "a", "text_column": "t", "doc_columns": ("category",), "n_docs": 3, "n_docs_per_author": 2, "min_length_doc": 1,
                "min_docs_per_author": 2, "exclude_authors": ("b",), "setting": "prompted",
                "prompt_template": "{style}!", "storage_format": "dense", "value_dtype": "float16", "dtype": "float16",
-               "max_seq_len": 17, "chunk_docs": 2, "shard_docs": 8, "use_error_term": True, "loss_recovered": True,
+               "max_seq_len": 17, "chunk_docs": 2, "shard_docs": 8, "use_error_term": True, "loss_recovered": True, "logit_k": 3,
                "devices": "cpu:2", "output_dir": "o", "run_name": "r", "resume": True, "registry": "q.sqlite",
                "batch_size": 3, "quiet": True}
     assert set(changed) | {"overwrite"} == {f.name for f in dataclasses.fields(ExtractConfig)}
@@ -457,6 +457,8 @@ def test_config_hash_covers_content_fields_and_skips_run_options():
     same = [dataclasses.replace(base, layers=(3, 1), layer_types=("res", "att"), exclude_authors=("b", "a")),
             dataclasses.replace(base, layers=(1, 3), layer_types=("att", "res"), exclude_authors=("a", "b"))]
     assert len({protocol.config_hash(c.semantic()) for c in same}) == 1
+    # no doc columns hashes as a run made before --doc_columns existed (it stays resumable)
+    assert "doc_columns" not in base.semantic() and "logit_k" not in base.semantic()
 
 
 def test_every_layer_type_has_one_hook_site():

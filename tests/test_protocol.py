@@ -126,6 +126,30 @@ def test_quality_table_matches_code():
     assert protocol.quality_name("T") in documented
 
 
+def _optional_variables() -> list[protocol.VariableSpec]:
+    """The §2.7 variables: those of the options other than §2.6's ``loss_recovered``."""
+    return [dataclasses.replace(v, name=v.name.replace("res_", "T_"))
+            for v in protocol.run_variables(("res",), options=protocol.OPTIONS)
+            if v.when is not None and v.when != "loss_recovered"]
+
+
+def test_optional_table_matches_code():
+    """§2.7's table, the variable table's rows and the optional coordinate agree."""
+    rows = _table("<!-- optional:begin -->", "<!-- optional:end -->")
+    documented = {r[0].strip("`"): (tuple(d.strip() for d in r[1].split(",")), r[2], r[3], r[4].strip("`"))
+                  for r in rows}
+    code = {v.name: v for v in _optional_variables()}
+    assert set(documented) == set(code)
+    for name, v in code.items():
+        dims, dtype, fill, when = documented[name]
+        assert (dims, dtype, when) == (v.dims, v.dtype, v.when), name
+        assert fill == json.dumps(v.fill_value), name
+    assert set(protocol.OPTIONAL_COORDS.values()) <= set(protocol.OPTIONS)
+    for coord, option in protocol.OPTIONAL_COORDS.items():
+        assert all(coord in v.dims for v in code.values() if v.when == option), coord
+    assert protocol.stored_options(["char_start", "doc_column", "logit_rank", "ce_clean"]) == protocol.OPTIONS
+
+
 def test_variables_json_is_valid_and_matches_code():
     data = json.loads((SCHEMA / "variables.json").read_text(encoding="utf-8"))
     protocol.validate_json(data, "variables")
@@ -134,12 +158,12 @@ def test_variables_json_is_valid_and_matches_code():
     code = [protocol.sae_variable("T"), *protocol.VARIABLES,
             *(protocol.VariableSpec(name=v.name.replace("res_", "T_"), dims=v.dims, dtype=v.dtype,
                                     fill_value=v.fill_value, meaning=v.meaning)
-              for v in protocol.quality_variables(("res",), loss_recovered=True))]
+              for v in protocol.quality_variables(("res",), loss_recovered=True)), *_optional_variables()]
     assert set(listed) == {v.name for v in code}
     for v in code:
         assert (tuple(listed[v.name]["dims"]), listed[v.name]["dtype"], listed[v.name]["fill_value"]) == \
             (v.dims, v.dtype, v.fill_value), v.name
-    quality = {v["name"] for v in data["variables"] if v["since"] != "1.0"}
+    quality = {v["name"] for v in data["variables"] if v["since"] != "1.0"} - {v.name for v in _optional_variables()}
     documented = {r[0].strip("`") for r in _table("<!-- quality:begin -->", "<!-- quality:end -->")}
     assert quality == documented
     metrics = [(r[0].strip("`"), r[1]) for r in _table("<!-- metrics:begin -->", "<!-- metrics:end -->")]

@@ -227,7 +227,7 @@ def run_gpu_bench(bench: GpuBench, work: Path, *, device: str | None = None) -> 
 
         def write(job: tuple[int, int, Any, Any]) -> None:
             a, c, dd, part = job
-            writer.write_chunk(a, c, ex.chunk_data(dd, part))
+            writer.write_chunk(a, c, ex.chunk_data(dd, part, writer.layout))
 
         with ChunkSink(write) as sink:
             extract_author(ex, writer, AuthorWork(author_idx=0, author="random", docs=docs), WorkerStats(), None,

@@ -85,7 +85,7 @@ def _loop(wl: SyntheticWorkload, results: dict[str, BatchResult], path: Path, *,
 
     def write(job: tuple[int, int, Any, BatchResult]) -> None:
         author_idx, chunk_idx, docs, part = job
-        writer.write_chunk(author_idx, chunk_idx, ex.chunk_data(docs, part))
+        writer.write_chunk(author_idx, chunk_idx, ex.chunk_data(docs, part, writer.layout))
 
     t0 = time.perf_counter()
     with ChunkSink(write, write_ahead) as sink:

@@ -71,6 +71,10 @@ def feature_row(f: dict[str, Any], *, model_id: str, source_id: str, hook_name: 
                            "frac_nonzero": f["frequency"] or 0.0, "freq_hist_data_bar_values": centres,
                            "freq_hist_data_bar_heights": h["count"], "sourceSetName": source_set}
     row.update({name: [] for name in WEIGHT_FIELDS})
+    if f.get("logits"):  # a run extracted with --logit_k: the promoted and suppressed tokens
+        for side, prefix in (("positive", "pos"), ("negative", "neg")):
+            row[f"{prefix}_str"] = [r["token"] for r in f["logits"][side]]
+            row[f"{prefix}_values"] = [r["value"] for r in f["logits"][side]]
     return row
 
 

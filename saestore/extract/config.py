@@ -34,6 +34,10 @@ ONLINE_DEFAULTS_DATASET: Final = "AuthorMix"
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
+#: the most output tokens per feature and direction ``--logit_k`` stores (below every vocabulary saestore runs)
+MAX_LOGIT_K: Final = 100
+
+
 @dataclass(frozen=True, kw_only=True)
 class ExtractConfig:
     """Everything ``python -m saestore.extract`` needs. Field docstrings are the ``--help`` texts."""
@@ -62,6 +66,9 @@ class ExtractConfig:
     """column holding the author."""
     text_column: str = "text"
     """column holding the text."""
+    doc_columns: tuple[str, ...] = ()
+    """other columns of the source stored per document as text (``doc_meta``, selectable by ``doc_column``;
+    e.g. ``--doc_columns category source``); news without --category_name stores ``category`` too."""
     n_docs: int | None = None
     """cap on the total number of documents."""
     n_docs_per_author: int | None = None
@@ -100,6 +107,10 @@ class ExtractConfig:
     loss_recovered: bool = False
     """also compute, per document, CE of the clean model, with each SAE spliced alone and with its site
     zero-ablated (1 + 2 x SAEs extra forward passes), for the loss-recovered fraction."""
+    logit_k: int = 0
+    """store each feature's top and bottom K output tokens of its decoder direction through the
+    unembedding (W_dec @ W_U, computed once per SAE on the device; shown by the dashboard and
+    ``ds.sae.logit_effects``); 0: none."""
     devices: Annotated[str | None, RUN_OPTION] = None
     """cuda:0,cuda:1 | cpu | cpu:2 (two CPU workers); default: every visible GPU, else one CPU worker."""
     output_dir: Annotated[str, RUN_OPTION] = "runs"
@@ -149,6 +160,10 @@ class ExtractConfig:
             lo = max(self.chunk_docs, self.shard_docs // self.chunk_docs * self.chunk_docs)
             raise ExtractionConfigError(f"--shard_docs {self.shard_docs} is not a multiple of --chunk_docs "
                                         f"{self.chunk_docs}: use {lo} or {lo + self.chunk_docs}")
+        if not 0 <= self.logit_k <= MAX_LOGIT_K:
+            raise ExtractionConfigError(f"--logit_k must be between 0 and {MAX_LOGIT_K}, got {self.logit_k}")
+        if len(set(self.doc_columns)) != len(self.doc_columns) or not all(c.strip() for c in self.doc_columns):
+            raise ExtractionConfigError(f"--doc_columns must name distinct, non-empty columns, got {list(self.doc_columns)}")
         if self.storage_format == "dense" and self.value_dtype == "bfloat16":
             raise ExtractionConfigError("--value_dtype bfloat16 needs --storage_format sparse")
 
@@ -209,7 +224,8 @@ class ExtractConfig:
 def normalize_config(config: dict[str, Any]) -> dict[str, Any]:
     """``config`` (plain JSON, as stored) in the one form that is hashed: sets in one order (``layers``
     sorted, as the store sorts them; ``layer_types`` in protocol order; ``exclude_authors`` sorted) and
-    options the chosen setting does not use left out (``prompt_template`` outside ``prompted``).
+    options the chosen setting does not use left out (``prompt_template`` outside ``prompted``; no
+    ``doc_columns`` when empty, no ``logit_k`` when 0).
     Idempotent; applies to a stored config as well (runs made before normalization, see
     :func:`stored_identity`).
 
@@ -225,6 +241,9 @@ def normalize_config(config: dict[str, Any]) -> dict[str, Any]:
         out["exclude_authors"] = sorted(set(out["exclude_authors"]))
     if out.get("setting", "baseline") != "prompted":
         out.pop("prompt_template", None)
+    for name in ("doc_columns", "logit_k"):  # unset: as runs made before the option existed (they stay resumable)
+        if name in out and not out[name]:
+            del out[name]
     return out
 
 
@@ -349,9 +368,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer_types", nargs="+", choices=list(protocol.LAYER_TYPES),
                    help=_help(helps["layer_types"], None))
     p.add_argument("--exclude_authors", nargs="*", default=[], help=_help(helps["exclude_authors"], None))
+    p.add_argument("--doc_columns", nargs="*", default=[], help=_help(helps["doc_columns"], None))
     hints = _hints(ExtractConfig)
     for f in dataclasses.fields(ExtractConfig):
-        if f.name in ("layers", "layer_types", "exclude_authors", "model"):
+        if f.name in ("layers", "layer_types", "exclude_authors", "doc_columns", "model"):
             continue
         default = defaults[f.name]
         if isinstance(default, bool):
@@ -398,6 +418,7 @@ def parse_all(argv: list[str] | None = None) -> list[ExtractConfig]:
     kw["layers"] = _int_list(kw["layers"])
     kw["layer_types"] = tuple(kw["layer_types"]) if kw["layer_types"] else None
     kw["exclude_authors"] = tuple(kw["exclude_authors"] or ())
+    kw["doc_columns"] = tuple(kw["doc_columns"] or ())
     models = _models(kw.pop("model"))
     return [ExtractConfig(model=m, **kw) for m in models]
 

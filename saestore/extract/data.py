@@ -36,7 +36,7 @@ from typing import Any
 
 from saestore.errors import DatasetError
 
-__all__ = ["DATASETS", "Document", "load_documents", "resolve_dataset_name", "select_documents"]
+__all__ = ["DATASETS", "Document", "doc_columns_of", "load_documents", "resolve_dataset_name", "select_documents"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,9 @@ class Document:
     """Author (the dataset's author column, ``style`` by default)."""
     text: str
     """Document text."""
+    meta: tuple[str, ...] = ()
+    """The document's values of the run's doc columns (:func:`doc_columns_of`), as text ("" where the row
+    has none)."""
 
 
 def resolve_dataset_name(dataset_name: str, dataset_path: str | None = None) -> str:
@@ -76,6 +79,20 @@ def resolve_dataset_name(dataset_name: str, dataset_path: str | None = None) -> 
     return dataset_name
 
 
+def doc_columns_of(dataset_name: str, category_name: str | None, doc_columns: Sequence[str] = (),
+                   dataset_path: str | None = None) -> tuple[str, ...]:
+    """The source columns a run stores per document: ``doc_columns``, and ``category`` for the news
+    dataset read without ``category_name`` (its documents may be of several categories).
+
+    >>> doc_columns_of("news", None, ["source"], "news.json"), doc_columns_of("news", "weather", (), "x")
+    (('source', 'category'), ())
+    """
+    out = tuple(doc_columns)
+    if resolve_dataset_name(dataset_name, dataset_path) == "news" and category_name is None and "category" not in out:
+        out += ("category",)
+    return out
+
+
 def load_documents(
     dataset_name: str,
     *,
@@ -84,8 +101,10 @@ def load_documents(
     author_column: str = "style",
     text_column: str = "text",
     split: str = "train",
+    doc_columns: Sequence[str] = (),
 ) -> list[Document]:
-    """Load every document of a dataset (see the module docstring), in source order.
+    """Load every document of a dataset (see the module docstring), in source order, with its values
+    of ``doc_columns`` in ``Document.meta`` (:func:`doc_columns_of` says which a run stores).
 
     Rows without an author are skipped (and logged); a missing text becomes ``""`` (dropped
     later by :func:`select_documents`). Raises :class:`DatasetError` for an unknown dataset, a
@@ -105,7 +124,7 @@ def load_documents(
         rows, source = _read_local(Path(dataset_path).expanduser()), str(dataset_path)
     else:
         rows, source = _read_hub(AUTHORMIX_HUB_ID, split), AUTHORMIX_HUB_ID
-    docs = _to_documents(rows, source, author_column, text_column)
+    docs = _to_documents(rows, source, author_column, text_column, tuple(doc_columns))
     logger.info("loaded %d documents from %s", len(docs), source)
     return docs
 
@@ -213,20 +232,22 @@ def _read_news(
 
 
 def _to_documents(
-    rows: Iterable[Mapping[str, Any]], source: str, author_column: str, text_column: str
+    rows: Iterable[Mapping[str, Any]], source: str, author_column: str, text_column: str,
+    doc_columns: tuple[str, ...] = (),
 ) -> list[Document]:
     docs: list[Document] = []
     n_no_author = 0
     first = True
     for i, row in enumerate(rows):
         if first:
-            missing = [c for c in (author_column, text_column) if c not in row]
-            if missing:
-                raise DatasetError(
-                    f"{source} has no column {', '.join(repr(c) for c in missing)}; columns "
-                    f"found: {', '.join(k for k in row if k != '__doc_id')} (choose with "
-                    "--author_column / --text_column)"
-                )
+            for wanted, flags in (((author_column, text_column), "--author_column / --text_column"),
+                                  (doc_columns, "--doc_columns")):
+                missing = [c for c in wanted if c not in row]
+                if missing:
+                    raise DatasetError(
+                        f"{source} has no column {', '.join(repr(c) for c in missing)}; columns "
+                        f"found: {', '.join(k for k in row if k != '__doc_id')} (choose with {flags})"
+                    )
             first = False
         author = row.get(author_column)
         if author is None or str(author).strip() == "":
@@ -234,7 +255,8 @@ def _to_documents(
             continue
         text = row.get(text_column)
         doc_id = int(row.get("__doc_id", i))
-        docs.append(Document(doc_id=doc_id, author=str(author), text="" if text is None else str(text)))
+        meta = tuple("" if row.get(c) is None else str(row.get(c)) for c in doc_columns)
+        docs.append(Document(doc_id=doc_id, author=str(author), text="" if text is None else str(text), meta=meta))
     if first:
         raise DatasetError(f"{source} has no rows")
     if n_no_author:

@@ -72,7 +72,7 @@ def _sae_infos(specs: Sequence[Any]) -> dict[str, dict[str, protocol.SAEInfo]]:
 
 def plan(cfg: ExtractConfig) -> tuple[list[Any], dict[str, list[Any]], RunLayout, protocol.RunAttrs]:
     """Validate everything and build the run's layout and attributes; nothing is loaded or written."""
-    from saestore.extract.data import load_documents, select_documents
+    from saestore.extract.data import doc_columns_of, load_documents, select_documents
     from saestore.extract.models import resolve_saes, validate_model_name
     from saestore.extract.preflight import check_request
 
@@ -82,8 +82,9 @@ def plan(cfg: ExtractConfig) -> tuple[list[Any], dict[str, list[Any]], RunLayout
     widths = {s.d_sae for s in specs}
     if len(widths) != 1:
         raise SaestoreError(f"every SAE of a run must have the same width, got {sorted(widths)}")
+    doc_columns = doc_columns_of(cfg.dataset_name, cfg.category_name, cfg.doc_columns, cfg.dataset_path)
     docs = load_documents(cfg.dataset_name, dataset_path=cfg.dataset_path, category_name=cfg.category_name,
-                          author_column=cfg.author_column, text_column=cfg.text_column)
+                          author_column=cfg.author_column, text_column=cfg.text_column, doc_columns=doc_columns)
     by_author = select_documents(docs, n_docs=cfg.n_docs, n_docs_per_author=cfg.n_docs_per_author,
                                  min_length_doc=cfg.min_length_doc, exclude_authors=cfg.exclude_authors,
                                  min_docs_per_author=cfg.min_docs_per_author)
@@ -94,7 +95,8 @@ def plan(cfg: ExtractConfig) -> tuple[list[Any], dict[str, list[Any]], RunLayout
                                    shard_docs=cfg.shard_docs or "auto")
     layout = RunLayout(authors=authors, n_docs=tuple(len(by_author[a]) for a in authors), n_tok=cfg.n_tok,
                        layer_types=used_types, layers=tuple(sorted(cfg.layers)), n_features=widths.pop(),
-                       storage=storage, loss_recovered=cfg.loss_recovered)
+                       storage=storage, loss_recovered=cfg.loss_recovered, char_offsets=True,
+                       doc_columns=doc_columns, logit_k=cfg.logit_k)
     config = cfg.semantic()
     config, config_hash = (config, protocol.config_hash(config)) if cfg.overwrite else stored_identity(cfg.run_path(), config)
     attrs = protocol.RunAttrs(

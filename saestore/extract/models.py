@@ -73,6 +73,7 @@ __all__ = [
     "WIDTHS",
     "check_sae_matches_model",
     "encode_documents",
+    "encode_with_spans",
     "hook_name",
     "load_model",
     "load_sae",
@@ -298,6 +299,64 @@ def encode_documents(tokenizer, texts: Sequence[str], n_tok: int) -> tuple[list[
         return [], []
     enc = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     return [ids[:n_tok] for ids in enc], [max(0, len(ids) - n_tok) for ids in enc]
+
+
+def encode_with_spans(tokenizer, texts: Sequence[str], n_tok: int
+                      ) -> tuple[list[list[int]], list[int], list[np.ndarray]]:
+    """:func:`encode_documents` plus each stored token's character span ``(n, 2)`` in its text
+    (``char_start``/``char_end``, PROTOCOL.md §2.2): ``text[start:end]`` is the token's piece of the
+    document and the pieces tile it (each starts where the one before ended).
+
+    A fast tokenizer's ``offset_mapping`` gives the spans in one call (:func:`tile_spans`); other
+    tokenizers fall back to :func:`decoded_spans`. Documents are tokenized alone, without the prompt
+    or BOS, so the spans are offsets into ``text`` whatever the setting."""
+    if not texts:
+        return [], [], []
+    if not getattr(tokenizer, "is_fast", False):
+        ids, truncated = encode_documents(tokenizer, texts, n_tok)
+        return ids, truncated, [decoded_spans(tokenizer, t, i) for t, i in zip(texts, ids, strict=True)]
+    enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    ids = [row[:n_tok] for row in enc["input_ids"]]
+    spans = [tile_spans(offsets[:n_tok]) for offsets in enc["offset_mapping"]]
+    return ids, [max(0, len(row) - n_tok) for row in enc["input_ids"]], spans
+
+
+def tile_spans(offsets: Sequence[Sequence[int]]) -> np.ndarray:
+    """A fast tokenizer's ``(start, end)`` character offsets made into spans that tile the text:
+    each span starts where the one before ended (text the tokenizer left between tokens, such as
+    trimmed spaces, goes to the token after it) and ends no earlier. Tokens that share a character
+    (byte-level BPE splits a multi-byte character over several tokens, each with the character's
+    offsets) give it to the first of them; the others get the empty span there.
+
+    >>> tile_spans([(0, 1), (0, 1), (1, 2), (3, 4)]).tolist()
+    [[0, 1], [1, 1], [1, 2], [2, 4]]
+    """
+    out = np.zeros((len(offsets), 2), np.int32)
+    end = 0
+    for t, (s, e) in enumerate(offsets):
+        start = int(s) if t == 0 else end
+        end = max(int(e), start)
+        out[t] = start, end
+    return out
+
+
+def decoded_spans(tokenizer, text: str, ids: Sequence[int]) -> np.ndarray:
+    """The fallback of :func:`encode_with_spans` for tokenizers without offsets: token ``t`` ends
+    where the decoding of tokens ``0 … t`` stops agreeing with ``text`` (so a character split over
+    several tokens goes to the token that completes it). Where a tokenizer's decoding does not
+    reproduce the text (a normalizing tokenizer), the spans stop at the first difference."""
+    out = np.zeros((len(ids), 2), np.int32)
+    end = 0
+    for t in range(len(ids)):
+        decoded = tokenizer.decode(list(ids[: t + 1]))
+        n = 0
+        for a, b in zip(decoded, text, strict=False):
+            if a != b:
+                break
+            n += 1
+        out[t] = end, max(end, n)
+        end = out[t, 1]
+    return out
 
 
 def tokenize(model, texts: Sequence[str], max_seq_len: int):

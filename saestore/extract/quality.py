@@ -9,6 +9,8 @@ left unexplained), ``normalized MSE = Σ sq_error / Σ sq_norm``.
 With ``--loss_recovered``, per document, the mean CE over its stored tokens of the clean model, of
 the model with one SAE spliced alone (no error term), and with that site zero-ablated;
 ``loss_recovered = (ce_zero − ce_spliced) / (ce_zero − ce_clean)`` (:func:`saestore.stats.loss_recovered`).
+
+With ``--logit_k K``, per SAE, once: each feature's logit effects (:func:`logit_effects`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from saestore.extract.metrics import token_metrics
@@ -61,3 +64,32 @@ def loss_recovered_ce(model: Any, saes: Sequence[Any], hook_names: Sequence[str]
         per_sae.append((_doc_mean_ce(spliced, input_ids_BP, p_len, width, valid_BT),
                         _doc_mean_ce(ablated, input_ids_BP, p_len, width, valid_BT)))
     return clean, per_sae
+
+
+@torch.inference_mode()
+def logit_effects(model: Any, sae: Any, layer_type: str, layer: int, k: int,
+                  chunk_features: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Each feature's top and bottom ``k`` output tokens of its decoder direction through the
+    unembedding (PROTOCOL.md §2.7): ``W_dec @ W_U`` (an attention SAE's direction, in ``hook_z``
+    space, goes through the layer's ``W_O`` first), computed on the model's device in chunks of
+    ``chunk_features`` features. Returns ``(token_id, value)``, each ``(n_features, 2k)`` in the
+    ``logit_rank`` order: the ``k`` largest (descending), then the ``k`` smallest (ascending)."""
+    from saestore.extract import hooks
+
+    W_U = model.W_U
+    W_O = None
+    if hooks.site(layer_type).reshape == "hook_z":
+        W_O = model.blocks[layer].attn.W_O
+        W_O = W_O.reshape(-1, W_O.shape[-1])
+    ids, values = [], []
+    W_dec = sae.W_dec
+    for f0 in range(0, int(W_dec.shape[0]), chunk_features):
+        d = W_dec[f0 : f0 + chunk_features].to(W_U.device, W_U.dtype)
+        if W_O is not None:
+            d = d @ W_O
+        logits = (d @ W_U).float()
+        top = logits.topk(k, dim=1)
+        bottom = logits.topk(k, dim=1, largest=False)
+        ids.append(torch.cat([top.indices, bottom.indices], dim=1).to(torch.int32).cpu())
+        values.append(torch.cat([top.values, bottom.values], dim=1).cpu())
+    return torch.cat(ids).numpy(), torch.cat(values).numpy()

@@ -24,10 +24,10 @@ from saestore.extract.batches import WRITE_AHEAD, BatchResult, ChunkSink
 from saestore.extract.config import ExtractConfig
 from saestore.extract.data import Document
 from saestore.extract.metrics import token_metrics
-from saestore.extract.models import SAESpec, encode_documents
+from saestore.extract.models import SAESpec, encode_with_spans
 from saestore.extract.quality import loss_recovered_ce, recon_metrics
 from saestore.nonzeros import SparseActs
-from saestore.writer import ChunkData, RunWriter
+from saestore.writer import ChunkData, RunLayout, RunWriter
 
 log = logging.getLogger(__name__)
 
@@ -163,11 +163,13 @@ class Extractor:
             raise SaestoreError(
                 f"prompt ({p_len} tokens) + max_seq_len - 1 ({n_tok}) exceeds the model context {self.n_ctx}; "
                 f"lower --max_seq_len to {self.n_ctx - p_len + 1}")
-        doc_ids, truncated = encode_documents(self.tokenizer, [d.text for d in docs], n_tok)
+        doc_ids, truncated, spans = encode_with_spans(self.tokenizer, [d.text for d in docs], n_tok)
         B = len(docs)
         token_ids = np.full((B, n_tok), -1, np.int32)
+        char_span = np.full((2, B, n_tok), -1, np.int32)  # char_start, char_end (PROTOCOL.md §2.7)
         for b, ids in enumerate(doc_ids):
             token_ids[b, : len(ids)] = ids
+            char_span[:, b, : len(ids)] = spans[b].T
         valid_np = token_ids >= 0
         width = max(1, int(valid_np.sum(axis=1).max()))
         input_ids = torch.full((B, p_len + width), self.pad_id, dtype=torch.long)
@@ -184,7 +186,7 @@ class Extractor:
         faults.point("forward")
         ce, ent = token_metrics(logits, input_ids, p_len, width)
         del logits
-        per_doc: dict[str, np.ndarray] = {}
+        per_doc: dict[str, np.ndarray] = {"char_start": char_span[0], "char_end": char_span[1]}
         per_sae_doc: dict[tuple[str, int], torch.Tensor] = {}
         if self.cfg.loss_recovered:
             clean, per_spec = loss_recovered_ce(self.model, self.saes, [s.hook_name for s in self.specs], input_ids,
@@ -220,16 +222,24 @@ class Extractor:
         return BatchResult(token_ids=token_ids, token=token, valid=valid_np, ce=per_token[0], entropy=per_token[1],
                            n_truncated=np.asarray(truncated, np.int32), acts=acts, per_sae=per_sae, per_doc=per_doc)
 
-    def chunk_data(self, docs: Sequence[Document], result: BatchResult) -> ChunkData:
-        """One doc-chunk's ChunkData from its documents and their slice of the batch results."""
+    def chunk_data(self, docs: Sequence[Document], result: BatchResult, layout: RunLayout | None = None) -> ChunkData:
+        """One doc-chunk's ChunkData from its documents and their slice of the batch results, holding
+        the optional variables (PROTOCOL.md §2.7) that the run's ``layout`` has (default: all)."""
         dense = self.cfg.storage_format == "dense"
+        per_doc = dict(result.per_doc)
+        if layout is not None and not layout.char_offsets:  # a run created before offsets were stored
+            per_doc = {k: v for k, v in per_doc.items() if k not in ("char_start", "char_end")}
+        if docs and docs[0].meta:
+            meta = np.empty((len(docs), len(docs[0].meta)), dtype=object)
+            meta[:] = [list(d.meta) for d in docs]
+            per_doc["doc_meta"] = meta
         return ChunkData(
             token_id_DT=result.token_ids, token_DT=result.token, valid_DT=result.valid, ce_loss_DT=result.ce,
             entropy_DT=result.entropy, text_D=[d.text for d in docs],
             doc_id_D=np.array([d.doc_id for d in docs], np.int64),
             doc_length_D=result.valid.sum(axis=1).astype(np.int32), n_truncated_D=result.n_truncated,
             acts={k: a.to_dense() if dense else a for k, a in result.acts.items()},
-            per_sae=result.per_sae, per_doc=result.per_doc)
+            per_sae=result.per_sae, per_doc=per_doc)
 
 
 class _SAEHooks:
@@ -339,6 +349,21 @@ def extract_author(ex: Extractor, writer: RunWriter, work: AuthorWork, stats: Wo
         raise
 
 
+def write_logit_effects(ex: Extractor, writer: RunWriter) -> None:
+    """Store each SAE's logit effects (``--logit_k``, PROTOCOL.md §2.7) unless already stored; before
+    any doc-chunk, so a run with a finished doc-chunk has them."""
+    from saestore.extract.quality import logit_effects
+
+    layout = writer.layout
+    for lt in layout.layer_types:
+        if not writer.needs_logit_effects(lt):
+            continue
+        by_layer = {spec.layer: sae for spec, sae in zip(ex.specs, ex.saes, strict=True) if spec.layer_type == lt}
+        parts = [logit_effects(ex.model, by_layer[layer], lt, layer, layout.logit_k) for layer in layout.layers]
+        ids, values = np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts])
+        writer.write_logit_effects(lt, ids, ex.token_text(ids), values)
+
+
 def run_worker(path: str, cfg: ExtractConfig, specs: Sequence[SAESpec], work: Sequence[AuthorWork], device: str,
                rank: int = 0, n_threads: int | None = None, write_ahead: int | None = None) -> WorkerStats:
     """Extract ``work`` (this worker's authors) into the run at ``path``, doc-chunks written by a
@@ -356,6 +381,7 @@ def run_worker(path: str, cfg: ExtractConfig, specs: Sequence[SAESpec], work: Se
         stats.seconds = time.perf_counter() - t0
         return stats
     ex = Extractor(cfg, specs, device)
+    write_logit_effects(ex, writer)
     pbar = None
     if not cfg.quiet:
         from tqdm.auto import tqdm
@@ -365,7 +391,7 @@ def run_worker(path: str, cfg: ExtractConfig, specs: Sequence[SAESpec], work: Se
 
     def write(job: tuple[int, int, Sequence[Document], BatchResult]) -> None:
         author_idx, chunk_idx, docs, part = job
-        writer.write_chunk(author_idx, chunk_idx, ex.chunk_data(docs, part))
+        writer.write_chunk(author_idx, chunk_idx, ex.chunk_data(docs, part, writer.layout))
 
     t_loop = time.perf_counter()
     try:

@@ -45,7 +45,7 @@ from saestore.stats.core import (
 )
 from saestore.stats.examples import top_examples, top_tokens  # noqa: F401
 from saestore.stats.loss import bits_per_byte, doc_loss  # noqa: F401
-from saestore.stats.quality import loss_recovered, quality_metric, reconstruction_quality  # noqa: F401
+from saestore.stats.quality import logit_effects, loss_recovered, quality_metric, reconstruction_quality  # noqa: F401
 from saestore.stats.relations import (
     author_specificity,  # noqa: F401
     cooccurrence,  # noqa: F401

@@ -60,6 +60,7 @@ STATISTICS: tuple[Stat, ...] = (
     Stat("bits_per_byte", "loss", by=True, sae=False, cli=(("bits_per_byte", None),)),
     Stat("reconstruction_quality", "quality", by=True),
     Stat("loss_recovered", "quality", by=True),
+    Stat("logit_effects", "quality"),
 )
 
 NAMES: tuple[str, ...] = tuple(s.name for s in STATISTICS)

@@ -50,7 +50,7 @@ def _lookup(idx: np.ndarray, table: np.ndarray, fill: Any) -> np.ndarray:
 
 
 def _gather(pos: np.ndarray, block: np.ndarray, a0: int, d0: int, n_docs_sel: int, n_tok: int,
-            window: int | None) -> tuple[np.ndarray, np.ndarray]:
+            window: int | None, fill: Any = "") -> tuple[np.ndarray, np.ndarray]:
     """Values of a per-doc (``window=None``) or per-token block ``(1, dn[, T])`` at the flat
     positions ``pos`` that fall inside it: ``(indices into pos.ravel(), values)``."""
     p = np.asarray(pos).ravel()
@@ -64,7 +64,7 @@ def _gather(pos: np.ndarray, block: np.ndarray, a0: int, d0: int, n_docs_sel: in
     tt = t[hit][:, None] + np.arange(-window, window + 1)[None, :]
     inside = (tt >= 0) & (tt < n_tok)
     vals = block[0, dl[:, None], np.clip(tt, 0, n_tok - 1)]
-    return hit, np.where(inside, vals, "")
+    return hit, np.where(inside, vals, np.asarray(fill, dtype=vals.dtype))
 
 
 def _assemble(pos: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray]], width: int | None, fill: Any,
@@ -84,7 +84,7 @@ def _gathered(pos: da.Array, blocks: da.Array, n_docs_sel: int, n_tok: int, wind
     parts = []
     for idx, blk in np.ndenumerate(blocks.to_delayed()):
         a, c = idx[0], idx[1]
-        parts.append(dask.delayed(_gather)(pos_one, blk, a, int(starts[c]), n_docs_sel, n_tok, window))
+        parts.append(dask.delayed(_gather)(pos_one, blk, a, int(starts[c]), n_docs_sel, n_tok, window, fill))
     width = None if window is None else 2 * window + 1
     result = dask.delayed(_assemble)(pos_one, parts, width, fill, dtype)
     shape = pos.shape if width is None else (*pos.shape, width)
@@ -106,16 +106,44 @@ def example_vars(ds: xr.Dataset, sel: Selection, acts: da.Array, best: da.Array,
     d_pos = da.where(pos >= 0, (pos // n_tok) % n_docs_sel, -1)
     t_pos = da.where(pos >= 0, pos % n_tok, -1)
     authors = sel.authors.astype(object)
+    text = _gathered(pos, doc_array(ds, sel, "text", acts), n_docs_sel, n_tok, None, "", object)
     return {
         "value": da.where(pos >= 0, value if ranked_by_value else best[..., 2 + window], np.nan),
         "example_author": a_pos.map_blocks(_lookup, table=authors, fill="", dtype=object),
         "example_doc": d_pos.map_blocks(_lookup, table=sel.docs, fill=-1, dtype=np.int64),
         "example_tok": t_pos,
         "example_doc_id": _gathered(pos, doc_array(ds, sel, "doc_id", acts), n_docs_sel, n_tok, None, -1, np.int64),
-        "tokens": _gathered(pos, token_array(ds, sel, "token", acts), n_docs_sel, n_tok, window, "", object),
+        "tokens": window_pieces(ds, sel, acts, pos, text, window),
         "window_acts": best[..., 2:],
-        "text": _gathered(pos, doc_array(ds, sel, "text", acts), n_docs_sel, n_tok, None, "", object),
+        "text": text,
     }
+
+
+def _pieces(start: np.ndarray, end: np.ndarray, text: np.ndarray) -> np.ndarray:
+    """``text[start:end]`` of every window token (``start``/``end`` ``(..., W)``, ``text`` ``(...)``);
+    "" where ``start`` is -1 (padding, outside the document, an empty rank)."""
+    out = np.full(start.shape, "", dtype=object)
+    for idx in zip(*np.nonzero(start >= 0), strict=True):
+        out[idx] = str(text[idx[:-1]])[start[idx]:end[idx]]
+    return out
+
+
+def window_pieces(ds: xr.Dataset, sel: Selection, acts: da.Array, pos: da.Array, text: da.Array,
+                  window: int) -> da.Array:
+    """The text of every token of the windows around the flat positions ``pos``, lazily: the one rule
+    every context string is built from (``top_examples`` ``tokens``, so ``example_table``, the dashboard,
+    the exports and ``plots.feature_card``). With the token spans of PROTOCOL.md §2.7 (``char_start``/
+    ``char_end``) each token's piece is ``text[char_start:char_end]``: the pieces tile the document, so a
+    joined window is exactly a substring of it in any script. Runs without them (written before protocol
+    1.2 added them) use the stored ``token`` strings, as before (multi-byte characters split over
+    tokens then read as U+FFFD)."""
+    n_docs_sel, n_tok = acts.shape[2], acts.shape[3]
+    if "char_start" not in ds or "char_end" not in ds:
+        return _gathered(pos, token_array(ds, sel, "token", acts), n_docs_sel, n_tok, window, "", object)
+    start, end = (_gathered(pos, token_array(ds, sel, name, acts), n_docs_sel, n_tok, window, -1, np.int64)
+                  for name in ("char_start", "char_end"))
+    one = [x.rechunk(x.shape).to_delayed().ravel()[0] for x in (start, end, text)]
+    return da.from_delayed(dask.delayed(_pieces)(*one), shape=start.shape, dtype=object)
 
 
 def top_examples(ds: xr.Dataset, layer_type: LayerTypes = None, *, k: int = 10, window: int = 5,
@@ -125,7 +153,9 @@ def top_examples(ds: xr.Dataset, layer_type: LayerTypes = None, *, k: int = 10, 
 
     * ``value``: the activation (NaN for an empty rank, when the feature fired fewer than k times);
     * ``example_author``, ``example_doc`` (doc coordinate), ``example_tok``, ``example_doc_id``;
-    * ``tokens`` (``offset = -window … window``): the tokens around it in its document ("" outside);
+    * ``tokens`` (``offset = -window … window``): the text of the tokens around it in its document
+      ("" outside): with the run's token spans (PROTOCOL.md §2.7) each token's exact piece of ``text``,
+      so the joined window is a substring of the document; else the stored ``token`` strings;
     * ``window_acts``: the feature's activation on those tokens (NaN outside the document);
     * ``text``: the document text.
 
@@ -162,7 +192,7 @@ def top_examples(ds: xr.Dataset, layer_type: LayerTypes = None, *, k: int = 10, 
 
 def context_strings(tokens_NW: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(left, token, right)`` strings of windows of tokens ``(N, 2·window + 1)`` (the example's
-    token in the middle): the tokens joined as the tokenizer decoded them one by one."""
+    token in the middle): the window's token texts (:func:`window_pieces`) joined."""
     tok = np.asarray(tokens_NW, dtype=object)
     w = tok.shape[-1] // 2
     join = np.vectorize(lambda *parts: "".join(str(p) for p in parts), otypes=[object])
@@ -175,7 +205,8 @@ def example_table(examples: xr.Dataset, *, text: bool = False) -> pd.DataFrame:
     """A computed :func:`top_examples` result as one row per example (empty ranks dropped):
     its coordinates (``layer_type``, ``author`` when ``by="author"``, ``layer``, ``feature``,
     ``rank``), ``value``, ``example_author``, ``doc_id``, ``doc`` (position), ``tok``, ``token``,
-    ``left_context`` / ``right_context`` (the window's tokens before and after it, joined),
+    ``left_context`` / ``right_context`` (the window's token texts before and after it, joined: with the
+    token spans, exactly the document's text there; :func:`window_pieces`),
     ``context`` (all three joined) and, with ``text=True``, the document's full ``text``."""
     lead = [d for d in examples["value"].dims]
     flat = examples.stack(example=lead) if lead else examples.expand_dims("example")

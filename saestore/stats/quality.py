@@ -1,5 +1,6 @@
 """SAE quality from the §2.6 variables: reconstruction metrics next to L0 and fraction alive, and
-loss recovered (see :mod:`saestore.extract.quality` for the definitions)."""
+loss recovered (see :mod:`saestore.extract.quality` for the definitions); the logit effects of
+features (§2.7, ``--logit_k``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from saestore.errors import StatsError
 from saestore.stats._select import select_labels as _select
 from saestore.stats.core import feature_stats
 
-__all__ = ["reconstruction_quality", "loss_recovered", "quality_metric"]
+__all__ = ["reconstruction_quality", "loss_recovered", "quality_metric", "logit_effects"]
 
 
 def quality_metric(ds: xr.Dataset, layer_type: str, metric: str) -> xr.DataArray:
@@ -68,3 +69,21 @@ def loss_recovered(ds: xr.Dataset, layer_type: str = "res", *, by: str | None = 
     zero = sub[f"{layer_type}_ce_zero"].where(has).mean(dims)
     return xr.Dataset({"ce_clean": clean, "ce_spliced": spliced, "ce_zero": zero,
                        "loss_recovered": (zero - spliced) / (zero - clean)})
+
+
+def logit_effects(ds: xr.Dataset, layer_type: str = "res", *, layer: Any = None, feature: Any = None) -> xr.Dataset:
+    """Per ``layer, feature, logit_rank``: the output tokens each feature's decoder direction promotes
+    (``logit_rank`` 1 … k, largest first) and suppresses (-1 … -k, most negative first) through the
+    unembedding, stored at extraction with ``--logit_k`` (PROTOCOL.md §2.7): ``token_id``, ``token``
+    (the token decoded alone) and ``value`` (the entry of ``W_dec @ W_U``)."""
+    name = f"{layer_type}_logit_token_id"
+    if name not in ds:
+        raise StatsError(f"this run has no {layer_type} logit effects ({name}): extract with --logit_k K")
+    sub = _select(ds, None, layer)
+    if feature is not None:
+        from saestore import selection
+
+        idx, _ = selection.positions("feature", feature, sub["feature"].values, int, error=StatsError)
+        sub = sub.isel(feature=idx)
+    return xr.Dataset({"token_id": sub[name], "token": sub[f"{layer_type}_logit_token"],
+                       "value": sub[f"{layer_type}_logit_value"]}).assign_attrs(layer_type=layer_type)
