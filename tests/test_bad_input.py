@@ -1054,3 +1054,12 @@ def test_attribute_and_codec_json_are_validated_against_schema_before_use():
         SparseCOOCodec.from_dict({"name": "saestore.sparse_coo", "configuration": {"value_dtype": "float32", "x": 1}})
     with pytest.raises(ValueError, match="value_dtype"):
         SparseCOOCodec.from_dict({"name": "saestore.sparse_coo", "configuration": {"value_dtype": "object"}})
+
+
+def test_readme_counts_every_case():
+    """The README's Guarantees table says how many bad inputs the table handles: keep it true."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    (count,) = re.findall(r"\*\*(\d+) bad inputs handled\*\*", text)
+    assert int(count) == len(CASES), f"README says {count}, the table has {len(CASES)}: update README.md"
