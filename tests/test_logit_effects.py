@@ -109,6 +109,8 @@ def test_a_rerun_writes_missing_logit_effects_again(run, tmp_path):
     group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
     group["res_logit_token_id"][...] = -1
     zarr.open_array(str(path), path=protocol.PROGRESS_PATH, mode="r+")[0, :] = 0  # one author to redo
+    attrs = dict(group.attrs[protocol.ATTRS_KEY])
+    group.attrs[protocol.ATTRS_KEY] = {**attrs, "status": "running", "finalized_at": None}  # as a kill leaves it
     zarr.consolidate_metadata(str(path))
     assert main([*ARGS, "--output_dir", str(tmp_path), "--run_name", "logits"]) == 0
     after = xr.open_zarr(path)
