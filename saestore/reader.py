@@ -260,9 +260,13 @@ def open_run(path: str | Path, *, sparse_variables: bool = True, check: bool = T
     if done is not None and only_done and n_done < total:
         pending = frozenset((int(a), int(c)) for a, c in zip(*np.nonzero(~chunks), strict=True))
         keep = xr.DataArray(done, dims=("author", "doc"))
+        keep_chunks = xr.DataArray(chunks, dims=("author", "doc_chunk"))  # §2.7 summaries
         for name in list(ds.data_vars):
             var = ds[name]
-            if "doc" in var.dims and not (sparse_variables and is_sparse_variable(group[name])):
+            if "doc_chunk" in var.dims:
+                ds[name] = var.where(keep_chunks, np.asarray(group[name].fill_value, dtype=var.dtype)).transpose(*var.dims)
+                ds[name].attrs, ds[name].encoding = var.attrs, var.encoding
+            elif "doc" in var.dims and not (sparse_variables and is_sparse_variable(group[name])):
                 fill = group[name].fill_value
                 ds[name] = var.where(keep, np.asarray(fill, dtype=var.dtype)).transpose(*var.dims)
                 ds[name].attrs, ds[name].encoding = var.attrs, var.encoding

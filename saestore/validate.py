@@ -25,6 +25,7 @@ import zarr
 
 from saestore import chunkio, protocol
 from saestore.errors import SaestoreError
+from saestore.nonzeros import SparseActs, summarize
 from saestore.reader import is_sparse_variable, read_chunk_acts
 from saestore.writer import RunLayout, finalize_run, read_layout
 
@@ -88,8 +89,13 @@ class Report:
 def run_specs(group: zarr.Group, attrs: protocol.RunAttrs) -> tuple[protocol.VariableSpec, ...]:
     """The variables this run must hold, from the variable table (its layer types and options)."""
     layer_types = tuple(lt for lt in protocol.LAYER_TYPES if lt in attrs.saes)
-    options = ("loss_recovered",) if "ce_clean" in group else ()
-    return protocol.run_variables(layer_types, options=options)
+    return protocol.run_variables(layer_types, options=run_options(group, layer_types))
+
+
+def run_options(group: zarr.Group, layer_types: Sequence[str]) -> tuple[str, ...]:
+    """The extraction options (the table's ``when``) whose variables this run holds."""
+    return ((("loss_recovered",) if "ce_clean" in group else ())
+            + (("summaries",) if any(protocol.summary_name(lt) in group for lt in layer_types) else ()))
 
 
 def _required(spec: protocol.VariableSpec, version: str) -> bool:
@@ -145,7 +151,9 @@ def _check_array(arr: zarr.Array, spec: protocol.VariableSpec, storage: protocol
 
 def _check_layout(group: zarr.Group, attrs: protocol.RunAttrs, where: str) -> list[Problem]:
     problems = []
-    for name in protocol.COORDS:
+    options = run_options(group, tuple(lt for lt in protocol.LAYER_TYPES if lt in attrs.saes))
+    coords = (*protocol.COORDS, *(c for c, option in protocol.OPTION_COORDS.items() if option in options))
+    for name in coords:
         if name not in group and _required_since(protocol.COORDS_SINCE.get(name, "1.0"), attrs.protocol_version):
             problems.append(Problem(kind="layout", where=name, message="coordinate array is missing"))
     for spec in run_specs(group, attrs):
@@ -162,7 +170,7 @@ def _check_layout(group: zarr.Group, attrs: protocol.RunAttrs, where: str) -> li
     if protocol.PROGRESS_PATH not in group:
         problems.append(Problem(kind="layout", where=protocol.PROGRESS_PATH, message="progress array is missing"))
     elif _required_since("1.2", attrs.protocol_version):  # chains and progress layout exact since 1.2
-        for name in (*protocol.COORDS, protocol.PROGRESS_PATH):
+        for name in (*coords, protocol.PROGRESS_PATH):
             if name in group:
                 problems += [Problem(kind="layout", where=name, message=m) for m in _check_plain(group, name, attrs)]
     return problems
@@ -339,7 +347,14 @@ def _decode_chunks(group: zarr.Group, specs: Sequence[protocol.VariableSpec], la
                 where += f" (author {layout.authors[a]!r}" + (f", layer {layout.layers[coords[1]]}" if layered else "") \
                          + (f", doc-chunk {c})" if c is not None else ")")
             try:
-                if sparse_var:
+                if spec.dims == protocol.SUMMARY_DIMS:
+                    if mismatch := _summary_problem(group, spec, coords):
+                        report.problems.append(Problem(kind="chunk", where=where, message=mismatch,
+                                                       author_idx=a, doc_chunk=c))
+                        stored.bad.add((a, c))
+                        continue
+                    count = 0
+                elif sparse_var:
                     count = read_chunk_acts(arr, coords).nnz
                 else:
                     block = _block(arr, coords)
@@ -359,6 +374,28 @@ def _decode_chunks(group: zarr.Group, specs: Sequence[protocol.VariableSpec], la
                     stored.empty[(a, c)].append(
                         f"{spec.name} layer {layout.layers[coords[1]]} (chunk {'/'.join(map(str, coords))})")
     return stored
+
+
+def _summary_problem(group: zarr.Group, spec: protocol.VariableSpec, coords: tuple[int, ...]) -> str | None:
+    """§2.7: a doc-chunk's stored summary against the one its decoded SAE chunk and valid mask give."""
+    lt = spec.name[: -len(protocol.summary_name(""))]
+    a, li, c = coords[:3]
+    stored = _block(group[spec.name], coords, 2)
+    sae = group[lt]
+    if is_sparse_variable(sae):
+        acts = read_chunk_acts(sae, (a, li, c, 0, 0))
+    else:
+        acts = SparseActs.from_dense(_block(sae, (a, li, c, 0, 0), 3))
+    valid = _block(group["valid_mask"], (a, c, 0), 2).astype(bool)
+    rows = valid.shape[0]
+    if acts.n_docs != rows:  # the array edge: the chunk is stored at its nominal shape
+        acts = acts.docs(0, rows)
+    want = summarize(acts.at_valid(valid))
+    if np.array_equal(stored, want):
+        return None
+    bad = int((~(stored == want).all(axis=1)).sum())
+    return (f"summary differs from the decoded {lt} chunk for {bad} feature(s) (PROTOCOL.md §2.7: a chunk file was "
+            "replaced or the summary is stale); --repair recomputes the shard")
 
 
 def _check_markers(group: zarr.Group, specs: Sequence[protocol.VariableSpec], layout: RunLayout,

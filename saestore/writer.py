@@ -37,7 +37,7 @@ from zarr.registry import get_codec_class
 from saestore import chunkio, faults, protocol, sparse_coo
 from saestore.errors import ConfigMismatchError, CorruptChunkError, ProtocolError, SaestoreError, StoreWriteError
 from saestore.location import is_url
-from saestore.nonzeros import SparseActs
+from saestore.nonzeros import SparseActs, summarize
 from saestore.protocol import RunAttrs, StorageInfo
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,9 @@ class RunLayout:
     storage: StorageInfo
     loss_recovered: bool = False
     """whether the per-document loss-recovered variables exist (PROTOCOL.md §2.6)."""
+    summaries: bool = True
+    """whether the per-feature doc-chunk summaries ``T_summary`` exist (PROTOCOL.md §2.7; runs
+    written before them have none)."""
 
     def __post_init__(self) -> None:
         if not self.authors:
@@ -109,7 +112,7 @@ class RunLayout:
     @property
     def options(self) -> tuple[str, ...]:
         """The extraction options that add variables (the table's ``when``)."""
-        return ("loss_recovered",) if self.loss_recovered else ()
+        return (("loss_recovered",) if self.loss_recovered else ()) + (("summaries",) if self.summaries else ())
 
     def variables(self) -> tuple[protocol.VariableSpec, ...]:
         """Every variable of the run, from the variable table (schema/variables.json)."""
@@ -204,7 +207,8 @@ def _half_made(path: str, layout: RunLayout) -> bool:
         group = zarr.open_group(path, mode="r", use_consolidated=False)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         return False  # objects but no group: not a store saestore started, leave it (reopen names it)
-    ours = {"author", "layer", "doc", "tok", "feature", "metric", protocol.PROGRESS_PATH.split("/")[0],
+    ours = {"author", "layer", "doc", "tok", "feature", "metric", *protocol.OPTION_COORDS,
+            protocol.PROGRESS_PATH.split("/")[0],
             *(spec.name for spec in layout.variables())}
     return protocol.ATTRS_KEY not in group.attrs and set(group.keys()) <= ours
 
@@ -276,8 +280,11 @@ def create_run(
     coord("tok", np.arange(T, dtype=np.int64), "int64")
     coord("feature", np.arange(F, dtype=np.int64), "int64")
     coord("metric", np.array(list(protocol.QUALITY_METRICS), dtype=object), str)
+    if layout.summaries:
+        coord("summary", np.array(list(protocol.SUMMARY_FIELDS), dtype=object), str)
 
-    sizes = {"author": A, "layer": L, "doc": D, "tok": T, "feature": F, "metric": len(protocol.QUALITY_METRICS)}
+    sizes = {"author": A, "layer": L, "doc": D, "tok": T, "feature": F, "metric": len(protocol.QUALITY_METRICS),
+             "doc_chunk": layout.n_chunks_max, "summary": len(protocol.SUMMARY_FIELDS)}
     for spec in layout.variables():
         shape = tuple(sizes[d] for d in spec.dims)
         dtype = spec.data_type(layout.storage)
@@ -323,7 +330,7 @@ def _reopen(path: str, layout: RunLayout, attrs: RunAttrs) -> RunAttrs:
     except (ValueError, TypeError, KeyError) as e:  # array metadata that zarr or a codec refuses
         raise ProtocolError(f"{path} has array metadata saestore cannot read ({e}); pass --overwrite to recreate "
                             "the run") from e
-    if stored != layout:
+    if replace(stored, summaries=layout.summaries) != layout:  # a run without summaries resumes without them
         raise ConfigMismatchError(
             f"{path} has the same configuration but another layout (the dataset changed?); pass --overwrite"
         )
@@ -350,6 +357,7 @@ def read_layout(group: zarr.Group) -> RunLayout:
         n_features=int(group["feature"].shape[0]),
         storage=attrs.storage,
         loss_recovered="ce_clean" in group,
+        summaries=any(protocol.summary_name(lt) in group for lt in layer_types),
     )
 
 
@@ -463,6 +471,9 @@ class RunWriter:
             chunks = shard.sae.setdefault((lt, layer), {})
             if raw is not None:
                 chunks[pos] = raw
+            if layout.summaries:  # §2.7: from the values as stored, at valid tokens, before the marker
+                shard.values.setdefault((protocol.summary_name(lt), layer), {})[chunk_idx] = \
+                    self._summary(acts, data.valid_DT)[None]
         for spec in layout.variables():
             if not spec.is_sae:
                 for layer, values in self._values_of(spec, given, data):
@@ -493,6 +504,16 @@ class RunWriter:
         count = int(np.count_nonzero(full))
         return (full.tobytes() if count else None), count
 
+    def _summary(self, acts: SparseActs | np.ndarray, valid_DT: np.ndarray) -> np.ndarray:
+        """The §2.7 summary ``(F, len(SUMMARY_FIELDS))`` of one SAE chunk: of its values as stored
+        (rounded to ``value_dtype``) at valid tokens."""
+        if not isinstance(acts, SparseActs):
+            acts = SparseActs.from_dense(np.asarray(acts))
+        acts = acts.at_valid(valid_DT)
+        _, readback = sparse_coo.quantize(acts.values, self.layout.storage.value_dtype)
+        acts = replace(acts, values=readback).where(readback != 0)
+        return summarize(acts)
+
     def _store_shard(self, shard: _OpenShard) -> None:
         """Every payload of one (author, shard), then the markers of its doc-chunks (PROTOCOL.md §3)."""
         layout = self.layout
@@ -516,10 +537,13 @@ class RunWriter:
                     continue
                 arr = self.arrays[name]
                 index = (a,) if layer is None else (a, layout.layers.index(layer))
-                full = np.full((len(span), *arr.shape[len(index) + 1:]), spec.zarr_fill_value,
+                # along doc: the shard's documents; along doc_chunk (§2.7 summaries): its doc-chunks
+                by_doc = "doc" in spec.dims
+                region = span if by_doc else range(s * k, min((s + 1) * k, layout.n_chunks_max))
+                full = np.full((len(region), *arr.shape[len(index) + 1:]), spec.zarr_fill_value,
                                dtype=object if spec.dtype == "string" else spec.dtype)
                 for c, values in by_chunk.items():
-                    start = c * layout.storage.chunk_docs - span.start
+                    start = (c * layout.storage.chunk_docs if by_doc else c) - region.start
                     full[start : start + len(values)] = values
                 label = name if layer is None else f"{name} layer {layer}"
                 if layout.storage.shard_docs is not None:
@@ -527,7 +551,7 @@ class RunWriter:
                     # damaged or not); remove it first, so that the shard is written whole
                     key = (*index, s, *(0,) * (arr.ndim - len(index) - 1))
                     self._guarded(label, a, what, partial(chunkio.delete_chunk, arr, key))
-                self._guarded(label, a, what, partial(arr.__setitem__, (*index, slice(span.start, span.stop)), full))
+                self._guarded(label, a, what, partial(arr.__setitem__, (*index, slice(region.start, region.stop)), full))
                 faults.point("payload")
         faults.point("before_marker")
         first = s * k
