@@ -175,3 +175,40 @@ def test_an_unfinished_run_reads_its_unfinished_summaries_as_absent(tmp_path):
         ds = saestore.open_run(ref.path)
     assert float(ds["res_summary"].isel(author=1).sum()) == 0.0
     _assert_same(st.feature_stats(ds, by="author").compute(), st.feature_stats(_full_scan(ds), by="author").compute())
+
+
+@pytest.mark.parametrize("by", [None, "author"])
+@pytest.mark.parametrize("k,feature", [(3, None), (4, 6), (50, [3, 4, 5, 0])], ids=["all", "one", "more-than-fired"])
+def test_pruned_top_examples_equal_the_full_scan(sp, by, k, feature):
+    """k=50 exceeds some features' activations (feature 0 is dead): empty ranks match too."""
+    pruned = st.top_examples(sp, k=k, window=2, by=by, feature=feature).compute()
+    full = st.top_examples(_full_scan(sp), k=k, window=2, by=by, feature=feature).compute()
+    assert set(pruned.data_vars) == set(full.data_vars)
+    for name in pruned.data_vars:
+        a, b = pruned[name].values, full[name].values
+        if a.dtype.kind == "f":
+            np.testing.assert_array_equal(a, b, err_msg=name)
+        else:
+            assert (a == b).all(), name
+
+
+def test_pruned_top_examples_decode_only_chunks_that_can_enter(sp, monkeypatch):
+    """One feature, k=1: only the doc-chunk holding the feature's largest value is decoded (one per
+    author with by='author'), of the run's 7 doc-chunks per layer; the window tokens and the text
+    are read from that chunk's blocks alone."""
+    calls = []
+    real = reader.read_sparse_chunk
+
+    def counting(arr, coords):
+        calls.append(tuple(coords))
+        return real(arr, coords)
+
+    monkeypatch.setattr(reader, "read_sparse_chunk", counting)
+    out = st.top_examples(sp, "res", layer=2, feature=4, k=1, window=1).compute()
+    assert len(calls) == 1
+    full = st.top_examples(_full_scan(sp), "res", layer=2, feature=4, k=1, window=1).compute()
+    assert float(out["value"].values[0]) == float(full["value"].values[0])
+    calls.clear()
+    st.top_examples(sp, "res", layer=2, feature=4, k=1, window=1, by="author").compute()
+    fired = int((sp["res_summary"].sel(layer=2, feature=4, summary="count").sum("doc_chunk") > 0).sum())
+    assert 1 <= len(calls) == fired <= len(AUTHORS)  # one chunk per author where the feature fired

@@ -38,6 +38,8 @@ from saestore.stats._select import (
     per_block,
     renamed_n,
     sae_array,
+    summary_array,
+    summary_chunks,
     token_array,
 )
 
@@ -76,17 +78,41 @@ def _assemble(pos: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray]], width
     return out.reshape(pos.shape if width is None else (*pos.shape, width))
 
 
+class _Unscheduled:
+    """A dask array handed to a task without making its blocks the task's inputs: the task computes
+    only the blocks it needs (:func:`_gather_hit_blocks`, :func:`_pruned_top_k`)."""
+
+    def __init__(self, x: da.Array) -> None:
+        self.x = x
+
+    def block(self, *index: int) -> Any:
+        return self.x.blocks[index].compute(scheduler="sync")
+
+
+def _gather_hit_blocks(pos: np.ndarray, blocks: _Unscheduled, starts: np.ndarray, n_docs_sel: int, n_tok: int,
+                       window: int | None, width: int | None, fill: Any, dtype: Any) -> np.ndarray:
+    """:func:`_gather` from the blocks holding a position of ``pos`` only (the others are never read)."""
+    p = np.asarray(pos).ravel()
+    p = p[p >= 0]
+    a, d = p // (n_docs_sel * n_tok), (p // n_tok) % n_docs_sel
+    parts = []
+    for ai, c in sorted({(int(x), int(y)) for x, y in zip(a, np.searchsorted(starts, d, side="right") - 1,
+                                                             strict=True)}):
+        parts.append(_gather(pos, blocks.block(ai, c, *(0,) * (blocks.x.ndim - 2)), ai, int(starts[c]),
+                             n_docs_sel, n_tok, window))
+    return _assemble(pos, parts, width, fill, dtype)
+
+
 def _gathered(pos: da.Array, blocks: da.Array, n_docs_sel: int, n_tok: int, window: int | None, fill: Any,
               dtype: Any) -> da.Array:
-    """Lazily gather ``blocks`` (per-doc ``(A', D')`` or per-token ``(A', D', T)``) at ``pos``."""
-    pos_one = pos.rechunk(pos.shape).to_delayed().ravel()[0]
+    """Lazily gather ``blocks`` (per-doc ``(A', D')`` or per-token ``(A', D', T)``) at ``pos``,
+    reading only the blocks that hold one of the positions (memory: those, one at a time)."""
+    # not optimized: an optimized copy of the graph would compute the top k a second time
+    pos_one = pos.rechunk(pos.shape).to_delayed(optimize_graph=False).ravel()[0]
     starts = np.concatenate([[0], np.cumsum(blocks.chunks[1])])
-    parts = []
-    for idx, blk in np.ndenumerate(blocks.to_delayed()):
-        a, c = idx[0], idx[1]
-        parts.append(dask.delayed(_gather)(pos_one, blk, a, int(starts[c]), n_docs_sel, n_tok, window))
     width = None if window is None else 2 * window + 1
-    result = dask.delayed(_assemble)(pos_one, parts, width, fill, dtype)
+    result = dask.delayed(_gather_hit_blocks)(pos_one, _Unscheduled(blocks), starts, n_docs_sel, n_tok, window,
+                                              width, fill, dtype)
     shape = pos.shape if width is None else (*pos.shape, width)
     return da.from_delayed(result, shape=shape, dtype=dtype)
 
@@ -118,6 +144,58 @@ def example_vars(ds: xr.Dataset, sel: Selection, acts: da.Array, best: da.Array,
     }
 
 
+def _pruned_top_k(smax_ACF: np.ndarray, acts: _Unscheduled, valid: _Unscheduled, authors: list[int], li: int,
+                  starts: np.ndarray, *, feature_idx: np.ndarray | None, k: int, window: int,
+                  n_docs_sel: int) -> np.ndarray:
+    """``(F', k, P)``: the merged :func:`kernels.top_k` of the blocks of ``authors`` at layer
+    position ``li``, decoding only blocks whose stored max (``smax_ACF``, -inf where a feature is
+    inactive) can still enter some feature's current top k: each round decodes, for every feature
+    whose k-th value its best unread block may still beat (ties included), that block, and merges
+    the partials of all features at once. Memory: the running top k and one block."""
+    n_f = smax_ACF.shape[-1]
+    best = np.full((n_f, k, 3 + 2 * window), np.nan)
+    best[..., 0], best[..., 1] = -np.inf, kernels.NO_POS
+    smax = np.array(smax_ACF, dtype=np.float64)  # a copy: read blocks are set to -inf
+    while True:
+        kth = best[:, k - 1, 0]
+        cand = np.where(smax >= kth, smax, -np.inf)  # (A, C, F): blocks that may still enter
+        flat = cand.reshape(-1, n_f)
+        want = np.isfinite(flat).any(axis=0)
+        if not want.any():
+            return best
+        batch = np.unique(np.argmax(flat[:, want], axis=0))
+        for b in batch:
+            ai, c = divmod(int(b), smax.shape[1])
+            a = authors[ai]
+            part = kernels.top_k(acts.block(a, li, c, 0, 0), valid.block(a, c, 0), np.array([a]),
+                                 np.arange(starts[c], starts[c + 1]), feature_idx=feature_idx, k=k, window=window,
+                                 n_docs_sel=n_docs_sel)
+            best = kernels.merge_top_k(np.stack([best, part[0, 0, 0]]), axis=0, keepdims=False, k=k)
+            smax[ai, c] = -np.inf
+
+
+def _zone_map_best(ds: xr.Dataset, sel: Selection, lt: str, acts: da.Array, valid: da.Array, chunks: np.ndarray,
+                   by: str | None, k: int, window: int) -> da.Array:
+    """The top-k partials of :func:`top_examples` through the §2.7 per-chunk max (see
+    :func:`_pruned_top_k`), one task per (author group, layer): ``[A',] L', F', k, P``."""
+    summ, _ = summary_array(ds, sel, lt, chunks)
+    smax = da.where(summ[..., 0] > 0, summ[..., 2], -np.inf)  # (A', L', C', F')
+    starts = np.concatenate([[0], np.cumsum(acts.chunks[2])])
+    n_a, n_l = acts.shape[0], acts.shape[1]
+    groups = [[a] for a in range(n_a)] if by == "author" else [list(range(n_a))]
+    shape = (sel.n_features, k, 3 + 2 * window)
+    out = []
+    for g in groups:
+        per_layer = []
+        for li in range(n_l):
+            res = dask.delayed(_pruned_top_k)(smax[g[0]:g[-1] + 1, li], _Unscheduled(acts), _Unscheduled(valid), g,
+                                              li, starts, feature_idx=sel.feature_idx, k=k, window=window,
+                                              n_docs_sel=acts.shape[2])
+            per_layer.append(da.from_delayed(res, shape=shape, dtype=np.float64))
+        out.append(da.stack(per_layer))
+    return da.stack(out) if by == "author" else out[0]
+
+
 def top_examples(ds: xr.Dataset, layer_type: LayerTypes = None, *, k: int = 10, window: int = 5,
                  by: str | None = None, **selection: Unpack[SelectionKw]) -> xr.Dataset:
     """The ``k`` largest activations of each feature over valid tokens, dims
@@ -130,6 +208,9 @@ def top_examples(ds: xr.Dataset, layer_type: LayerTypes = None, *, k: int = 10, 
     * ``text``: the document text.
 
     Ties are broken by position (author, doc, tok), so every scheduler gives the same examples.
+    With the §2.7 summaries and a selection of whole doc-chunks, only the doc-chunks whose stored
+    max can still enter a feature's top k are decoded; otherwise every block is scanned. Either
+    way memory is bounded by k × features × window (plus one block), and the examples are the same.
     """
     by = check_by(by)
     if k < 1 or window < 0:
@@ -142,12 +223,16 @@ def top_examples(ds: xr.Dataset, layer_type: LayerTypes = None, *, k: int = 10, 
         acts = sae_array(ds, sel, lt)
         valid = token_array(ds, sel, "valid_mask", acts)
         n_docs_sel = acts.shape[2]
-        parts = per_block(kernels.top_k, acts, [valid], positions=index_arrays(sel, acts),
-                          new_axes={"g": sel.n_features, "k": k, "p": 2 + n_w}, dtype=np.float64,
-                          feature_idx=sel.feature_idx, k=k, window=window, n_docs_sel=n_docs_sel)
-        axes = (2,) if by == "author" else (0, 2)
-        best = da.reduction(parts, chunk=merge, combine=merge, aggregate=merge, axis=axes, keepdims=False,
-                            dtype=np.float64, concatenate=True, meta=np.empty((0,) * (parts.ndim - len(axes))))
+        chunks = summary_chunks(ds, sel, lt)
+        if chunks is not None:
+            best = _zone_map_best(ds, sel, lt, acts, valid, chunks, by, k, window)
+        else:
+            parts = per_block(kernels.top_k, acts, [valid], positions=index_arrays(sel, acts),
+                              new_axes={"g": sel.n_features, "k": k, "p": 2 + n_w}, dtype=np.float64,
+                              feature_idx=sel.feature_idx, k=k, window=window, n_docs_sel=n_docs_sel)
+            axes = (2,) if by == "author" else (0, 2)
+            best = da.reduction(parts, chunk=merge, combine=merge, aggregate=merge, axis=axes, keepdims=False,
+                                dtype=np.float64, concatenate=True, meta=np.empty((0,) * (parts.ndim - len(axes))))
         dims, coords = group_coords(sel, by)
         coords.update(feature=("feature", sel.features), rank=("rank", np.arange(k)),
                       offset=("offset", np.arange(-window, window + 1)))
