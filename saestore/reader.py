@@ -224,6 +224,23 @@ def warn_incomplete(path: str, attrs: protocol.RunAttrs, group: zarr.Group, only
                   IncompleteRunWarning, stacklevel=3)
 
 
+#: small variables read one author at a time (one dask block per author, not per doc-chunk): the
+#: §2.7 summaries and ``doc_length``, all a statistic over whole doc-chunks reads (stats/_select.py)
+WHOLE_AUTHOR_VARIABLES = ("doc_length", *(protocol.summary_name(lt) for lt in protocol.LAYER_TYPES))
+
+
+def _whole_author_chunks(path: str, ds: xr.Dataset, open_kwargs: dict[str, Any]) -> xr.Dataset:
+    """``ds`` with :data:`WHOLE_AUTHOR_VARIABLES` chunked one block per author (and layer): a few
+    reads of whole shards instead of one task per doc-chunk."""
+    names = [n for n in WHOLE_AUTHOR_VARIABLES if n in ds.data_vars]
+    if not names:
+        return ds
+    keep = set(names) | set(ds.coords)
+    kwargs = {**open_kwargs, "chunks": {"author": 1, "layer": 1, "doc": -1, "doc_chunk": -1}}
+    whole = xr.open_zarr(path, drop_variables=[n for n in ds.data_vars if n not in keep], **kwargs)
+    return ds.assign({n: whole[n] for n in names})
+
+
 def open_run(path: str | Path, *, sparse_variables: bool = True, check: bool = True, only_done: bool = True,
              **open_kwargs: Any) -> xr.Dataset:
     """Open a run as an xarray Dataset.
@@ -246,6 +263,8 @@ def open_run(path: str | Path, *, sparse_variables: bool = True, check: bool = T
         raise RunNotFoundError(f"no saestore run at {path} ({e}); give the folder of a run, e.g. "
                                "runs/demo/tiny/demo.zarr (`python -m saestore runs list` shows them)") from e
     group = zarr.open_group(path, mode="r")
+    if open_kwargs["chunks"] == {}:
+        ds = _whole_author_chunks(path, ds, open_kwargs)
     if check:
         attrs = protocol.read_attrs(ds.attrs, where=path)
         if attrs.status != "complete":
