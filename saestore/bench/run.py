@@ -368,7 +368,8 @@ def run_benchmarks(cfg: BenchConfig, out_dir: Path, *, sections: tuple[str, ...]
             from saestore.bench.scale import section_scale
 
             with _timed(timings, "scale", "section 8: statistics at corpus scale (%d tokens)", cfg.scale_tokens):
-                results["scale"] = section_scale(cfg.scale_tokens, cfg.mode == "quick", work, cfg.child_timeout_s)
+                results["scale"] = section_scale(cfg.scale_tokens, cfg.mode == "quick", work, cfg.child_timeout_s,
+                                                 write_run_and_seed)
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -19,6 +19,7 @@ two top-k paths are saved and compared.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,9 +108,10 @@ def _same(a: Path, b: Path, rtol: float) -> float:
     return worst
 
 
-def section_scale(tokens: int, quick: bool, work: Path, timeout: float) -> dict[str, Any]:
-    """Write the run and the seed's files (untimed), then measure every path of section 8."""
-    from saestore.bench.run import write_run_and_seed
+def section_scale(tokens: int, quick: bool, work: Path, timeout: float,
+                  write_run_and_seed: Callable[[SyntheticWorkload, Path, Path, str, int], None]) -> dict[str, Any]:
+    """Write the run and the seed's files with ``write_run_and_seed`` (untimed; the driver's, in
+    ``bench/run.py``), then measure every path of section 8."""
     from saestore.bench.seed import seed_stem
 
     wl = scale_workload(tokens, quick)
