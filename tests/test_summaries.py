@@ -212,3 +212,20 @@ def test_pruned_top_examples_decode_only_chunks_that_can_enter(sp, monkeypatch):
     st.top_examples(sp, "res", layer=2, feature=4, k=1, window=1, by="author").compute()
     fired = int((sp["res_summary"].sel(layer=2, feature=4, summary="count").sum("doc_chunk") > 0).sum())
     assert 1 <= len(calls) == fired <= len(AUTHORS)  # one chunk per author where the feature fired
+
+
+def test_a_run_created_without_summaries_resumes_without_them(tmp_path):
+    """A 1.2 run created before §2.7 reopens with today's layout (summaries on) and keeps its layout."""
+    from dataclasses import replace
+
+    from saestore.writer import RunWriter, create_run, read_layout
+
+    from tests.helpers.stats_run import make_attrs, make_layout
+
+    path = str(tmp_path / "run.zarr")
+    old = replace(make_layout(), summaries=False)
+    create_run(path, old, make_attrs(old))
+    assert not set(SUMMARY_VARS) & set(zarr.open_group(path, mode="r").keys())
+    create_run(path, make_layout(), make_attrs(make_layout()))  # resume: no ConfigMismatchError
+    assert read_layout(zarr.open_group(path, mode="r")) == old
+    assert RunWriter(path).layout.summaries is False
