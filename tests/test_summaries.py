@@ -229,3 +229,23 @@ def test_a_run_created_without_summaries_resumes_without_them(tmp_path):
     create_run(path, make_layout(), make_attrs(make_layout()))  # resume: no ConfigMismatchError
     assert read_layout(zarr.open_group(path, mode="r")) == old
     assert RunWriter(path).layout.summaries is False
+
+
+def test_zone_map_keeps_every_block_that_can_hold_a_top_k_value():
+    """On random block maxima with ties and inactive (-inf) blocks: every block whose max reaches
+    its feature's k-th largest block max is kept (a block below it for every feature cannot hold a
+    top-k value, since k stored values are at or above it), and no inactive-only block is kept."""
+    from saestore.stats.examples import zone_map_blocks
+
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        n_b, n_f, k = int(rng.integers(1, 12)), int(rng.integers(1, 4)), int(rng.integers(1, 5))
+        smax = rng.integers(0, 5, size=(n_b, n_f)).astype(np.float64)
+        smax[rng.random((n_b, n_f)) < 0.3] = -np.inf
+        kept = set(zone_map_blocks(smax, k).tolist())
+        for f in range(n_f):
+            # worst case for pruning: each block holds its max once and values just below it
+            vals = sorted(((smax[b, f], b) for b in range(n_b) if np.isfinite(smax[b, f])), reverse=True)
+            kth = vals[k - 1][0] if len(vals) >= k else -np.inf
+            assert all(b in kept for v, b in vals if v >= kth), (smax, k, f)
+        assert all(np.isfinite(smax[b]).any() for b in kept)

@@ -94,7 +94,7 @@ def child_scale(spec: dict[str, Any]) -> dict[str, Any]:
     return {"path_name": name, "seconds": seconds, "base_rss_mb": base, "peak_reset_after_warmup": reset}
 
 
-def _same(a: Path, b: Path, rtol: float) -> float:
+def _same(a: Path, b: Path) -> float:
     """Largest relative difference of two saved results (NaN-aware: NaN only where both are NaN)."""
     x, y = dict(np.load(a)), dict(np.load(b))
     worst = 0.0
@@ -136,9 +136,9 @@ def section_scale(tokens: int, quick: bool, work: Path, timeout: float,
               "scan_over_summary_time": t["freq_scan"] / t["freq_summary"]}
     for key in TOPK_FEATURES:
         ratios[f"{key}_scan_over_pruned_time"] = t[f"{key}_scan"] / t[f"{key}_pruned"]
-    check = {"freq_summary_vs_scan": _same(outs["freq_summary"], outs["freq_scan"], 1e-12),
-             "freq_summary_vs_seed": _same(outs["freq_summary"], outs["freq_seed"], 1e-5),
-             **{f"{key}_pruned_vs_scan": _same(outs[f"{key}_pruned"], outs[f"{key}_scan"], 0.0)
+    check = {"freq_summary_vs_scan": _same(outs["freq_summary"], outs["freq_scan"]),
+             "freq_summary_vs_seed": _same(outs["freq_summary"], outs["freq_seed"]),
+             **{f"{key}_pruned_vs_scan": _same(outs[f"{key}_pruned"], outs[f"{key}_scan"])
                 for key in TOPK_FEATURES}}
     n_tokens = wl.n_authors * wl.n_docs * wl.n_tok
     desc = (f"Synthetic run of {n_tokens:,} token positions ({wl.n_authors} authors × {wl.n_docs} docs × {wl.n_tok} "
@@ -146,5 +146,5 @@ def section_scale(tokens: int, quick: bool, work: Path, timeout: float,
             f"{wl.chunk_docs}; written untimed in {setup_s:.0f} s. top_examples: k = {TOP_K}, window {WINDOW}. "
             "Each path in a fresh process after a warm-up; 'peak RSS' is the high-water mark of the timed part.")
     return {"description": desc, "workload": wl.to_json(), "n_tokens": n_tokens, "rows": rows, "ratios": ratios,
-            "check": check, "agree": all(v <= (1e-5 if "seed" in k else 1e-12) for k, v in check.items()),
+            "check": check, "agree": all(v <= (1e-4 if "seed" in k else 1e-12) for k, v in check.items()),
             "setup_s": setup_s, "requested_tokens": tokens, "quick": quick}

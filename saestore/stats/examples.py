@@ -84,9 +84,12 @@ class _Unscheduled:
 
     def __init__(self, x: da.Array) -> None:
         self.x = x
+        self._delayed: np.ndarray | None = None
 
     def block(self, *index: int) -> Any:
-        return self.x.blocks[index].compute(scheduler="sync")
+        if self._delayed is None:  # one Delayed per block, sharing the array's graph (no per-block slicing)
+            self._delayed = self.x.to_delayed(optimize_graph=False)
+        return self._delayed[index].compute(scheduler="sync")
 
 
 def _gather_hit_blocks(pos: np.ndarray, blocks: _Unscheduled, starts: np.ndarray, n_docs_sel: int, n_tok: int,
@@ -144,34 +147,53 @@ def example_vars(ds: xr.Dataset, sel: Selection, acts: da.Array, best: da.Array,
     }
 
 
+def zone_map_blocks(smax_BF: np.ndarray, k: int) -> np.ndarray:
+    """The blocks (rows of ``smax_BF``: each block's stored max per feature, -inf where inactive)
+    that can hold one of a feature's k largest values: the k-th largest block max ``T_f`` is a
+    value with at least k values at or above it, so a block whose max is below ``T_f`` for every
+    feature holds none (ties are kept). At most k blocks per feature, plus ties."""
+    if smax_BF.shape[0] > k:
+        threshold = -np.partition(-smax_BF, k - 1, axis=0)[k - 1]
+    else:
+        threshold = np.full(smax_BF.shape[1], -np.inf)
+    return np.flatnonzero((np.isfinite(smax_BF) & (smax_BF >= threshold)).any(axis=1))
+
+
 def _pruned_top_k(smax_ACF: np.ndarray, acts: _Unscheduled, valid: _Unscheduled, authors: list[int], li: int,
                   starts: np.ndarray, *, feature_idx: np.ndarray | None, k: int, window: int,
                   n_docs_sel: int) -> np.ndarray:
     """``(F', k, P)``: the merged :func:`kernels.top_k` of the blocks of ``authors`` at layer
     position ``li``, decoding only blocks whose stored max (``smax_ACF``, -inf where a feature is
-    inactive) can still enter some feature's current top k: each round decodes, for every feature
-    whose k-th value its best unread block may still beat (ties included), that block, and merges
-    the partials of all features at once. Memory: the running top k and one block."""
+    inactive) can enter some feature's top k (:func:`zone_map_blocks`), largest max first, a few at
+    a time in threads; before each batch, blocks whose max is below every feature's current k-th
+    value are dropped. Memory: the running top k and a batch of blocks."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
     n_f = smax_ACF.shape[-1]
     best = np.full((n_f, k, 3 + 2 * window), np.nan)
     best[..., 0], best[..., 1] = -np.inf, kernels.NO_POS
-    smax = np.array(smax_ACF, dtype=np.float64)  # a copy: read blocks are set to -inf
-    while True:
-        kth = best[:, k - 1, 0]
-        cand = np.where(smax >= kth, smax, -np.inf)  # (A, C, F): blocks that may still enter
-        flat = cand.reshape(-1, n_f)
-        want = np.isfinite(flat).any(axis=0)
-        if not want.any():
-            return best
-        batch = np.unique(np.argmax(flat[:, want], axis=0))
-        for b in batch:
-            ai, c = divmod(int(b), smax.shape[1])
-            a = authors[ai]
-            part = kernels.top_k(acts.block(a, li, c, 0, 0), valid.block(a, c, 0), np.array([a]),
-                                 np.arange(starts[c], starts[c + 1]), feature_idx=feature_idx, k=k, window=window,
-                                 n_docs_sel=n_docs_sel)
-            best = kernels.merge_top_k(np.stack([best, part[0, 0, 0]]), axis=0, keepdims=False, k=k)
-            smax[ai, c] = -np.inf
+    smax = np.asarray(smax_ACF, dtype=np.float64).reshape(-1, n_f)
+    todo = zone_map_blocks(smax, k)
+    todo = todo[np.argsort(-smax[todo].max(axis=1), kind="stable")]
+    n_par = max(1, min(8, os.cpu_count() or 1))
+
+    def partial_of(b: int) -> np.ndarray:
+        ai, c = divmod(int(b), smax_ACF.shape[1])
+        a = authors[ai]
+        return kernels.top_k(acts.block(a, li, c, 0, 0), valid.block(a, c, 0), np.array([a]),
+                             np.arange(starts[c], starts[c + 1]), feature_idx=feature_idx, k=k, window=window,
+                             n_docs_sel=n_docs_sel)[0, 0, 0]
+
+    with ThreadPoolExecutor(n_par) as pool:
+        while todo.size:
+            kth = best[:, k - 1, 0]
+            todo = todo[(smax[todo] >= kth).any(axis=1)]
+            batch, todo = todo[:n_par], todo[n_par:]
+            if batch.size:
+                best = kernels.merge_top_k(np.stack([best, *pool.map(partial_of, batch)]), axis=0, keepdims=False,
+                                           k=k)
+    return best
 
 
 def _zone_map_best(ds: xr.Dataset, sel: Selection, lt: str, acts: da.Array, valid: da.Array, chunks: np.ndarray,
