@@ -92,5 +92,5 @@ class FaultSpecError(SaestoreError, ValueError):
 
 
 class IncompleteRunWarning(UserWarning):
-    """A run opened for reading is not complete (status ``running`` or ``failed``, PROTOCOL.md §7.1):
+    """A run opened for reading is not complete (status ``running``, ``interrupted`` or ``failed``, PROTOCOL.md §7.1):
     its unfinished doc-chunks read as the fill value or partly written data."""

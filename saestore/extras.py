@@ -19,7 +19,7 @@ __all__ = ["EXTRAS", "MissingExtraError", "missing", "require"]
 EXTRAS: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
     "extract": ("the model side (python -m saestore.extract)",
                 ("torch", "transformer_lens", "sae_lens", "datasets", "transformers", "tokenizers", "safetensors",
-                 "simple_parsing")),
+                 "simple_parsing", "huggingface_hub")),
     "torch": ("the PyTorch training readers (saestore.torch)", ("torch",)),
     "plots": ("figures (saestore.plots)", ("matplotlib",)),
     "distributed": ("statistics on a dask.distributed cluster (--scheduler)", ("distributed",)),

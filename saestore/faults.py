@@ -9,6 +9,8 @@ else ``$SLURM_PROCID``, else 0). Actions:
     killer or a pre-empted node does to a process.
 ``sleepS``
     sleep S seconds (e.g. ``sleep30``), then go on; lets a test act while the process holds the run.
+``enospc``
+    raise ``OSError(ENOSPC)`` there, as a full disk would.
 
 The variable is read once, when this module is imported (one dictionary lookup per fault point
 when it is unset); :func:`configure` sets the plan in a process that is already running. The
@@ -17,6 +19,7 @@ points are listed in :data:`POINTS`.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -71,8 +74,9 @@ def parse(spec: str | None) -> dict[str, tuple[int, str]]:
             raise FaultSpecError(f"{ENV}: unknown fault point {name!r}; points: {', '.join(POINTS)}")
         if not count.isdigit() or int(count) < 1:
             raise FaultSpecError(f"{ENV}: {item!r} needs a pass count N >= 1 (POINT:N[:ACTION])")
-        if action != "kill" and not (action.startswith("sleep") and action[5:].replace(".", "", 1).isdigit()):
-            raise FaultSpecError(f"{ENV}: unknown action {action!r} in {item!r}; use kill or sleepSECONDS")
+        if action not in ("kill", "enospc") and not (action.startswith("sleep")
+                                                    and action[5:].replace(".", "", 1).isdigit()):
+            raise FaultSpecError(f"{ENV}: unknown action {action!r} in {item!r}; use kill, enospc or sleepSECONDS")
         plan[name] = (int(count), action)
     return plan
 
@@ -99,6 +103,8 @@ def point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(60)  # SIGKILL is delivered asynchronously; never go on past the point
     log.warning("fault point %s pass %d: %s", name, n, action)
+    if action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"fault point {name}")
     time.sleep(float(action[5:]))
 
 

@@ -43,7 +43,7 @@ COORDS_SINCE: Final = {"metric": "1.2"}
 OPTION_COORDS: Final = {"summary": "summaries"}
 #: the default documents per shard (a multiple of chunk_docs near it is used; PROTOCOL.md §2.3)
 DEFAULT_SHARD_DOCS: Final = 128
-Status = Literal["running", "complete", "failed"]
+Status = Literal["running", "complete", "failed", "interrupted"]
 StorageFormat = Literal["sparse", "dense"]
 ValueDtype = Literal["float32", "float16", "bfloat16"]
 """a float dtype of stored values (and of the model: ``--dtype``)."""
@@ -359,6 +359,9 @@ class RunAttrs:
     run_id: str | None = None
     """the run's own id (``uuid4().hex``), set when the store is created (since 1.2, optional: stores
     written before have none); the registry finds a moved or copied run by it."""
+    numerics: dict[str, Any] | None = None
+    """what decides the computed values besides ``config`` (device kind, torch threads per CPU
+    worker), as the run was started; not hashed (PROTOCOL.md §4; since 1.2, optional)."""
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

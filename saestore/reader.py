@@ -216,8 +216,9 @@ def warn_incomplete(path: str, attrs: protocol.RunAttrs, group: zarr.Group, only
         counts = f"{n_done} of {total} doc-chunks are done"
     except (ValueError, RuntimeError, OSError, KeyError):  # damaged markers: validate names them
         counts = "its progress markers are unreadable"
-    why = ("is being written or was interrupted" if attrs.status == "running"
-           else f"was finalized with authors unfinished: {', '.join(map(repr, attrs.failed_authors))}")
+    why = {"running": "is being written or its writer was killed",
+           "interrupted": "was interrupted (SIGINT or SIGTERM) before it was finished"}.get(
+        attrs.status, f"was finalized with authors unfinished: {', '.join(map(repr, attrs.failed_authors))}")
     reads = ("the others read as absent (fill values; ds.done marks the finished documents)" if only_done
              else "the others read as stored, possibly partial (only_done=False)")
     warnings.warn(f"{path} {why} (status {attrs.status}): {counts}; {reads}. Rerun the extraction to finish it",
@@ -241,6 +242,17 @@ def _whole_author_chunks(path: str, ds: xr.Dataset, open_kwargs: dict[str, Any])
     return ds.assign({n: whole[n] for n in names})
 
 
+def run_group(path: str | Path, **kwargs: Any) -> zarr.Group:
+    """The Zarr group of the run at ``path`` (read-only); :class:`RunNotFoundError` when nothing is
+    there or it is not a Zarr store. The one check of "is there a store" that readers and
+    ``validate`` share."""
+    try:
+        return zarr.open_group(str(path), mode="r", **kwargs)
+    except FileNotFoundError as e:  # zarr's GroupNotFoundError too
+        raise RunNotFoundError(f"no saestore run at {path} ({e}); give the folder of a run, e.g. "
+                               "runs/demo/tiny/demo.zarr (`python -m saestore runs list` shows them)") from e
+
+
 def open_run(path: str | Path, *, sparse_variables: bool = True, check: bool = True, only_done: bool = True,
              **open_kwargs: Any) -> xr.Dataset:
     """Open a run as an xarray Dataset.
@@ -257,11 +269,8 @@ def open_run(path: str | Path, *, sparse_variables: bool = True, check: bool = T
     """
     path = str(path)
     open_kwargs.setdefault("chunks", {})
-    try:
-        ds = xr.open_zarr(path, **open_kwargs)
-    except FileNotFoundError as e:  # zarr's GroupNotFoundError too
-        raise RunNotFoundError(f"no saestore run at {path} ({e}); give the folder of a run, e.g. "
-                               "runs/demo/tiny/demo.zarr (`python -m saestore runs list` shows them)") from e
+    run_group(path)  # nothing there, or not a Zarr store: one line
+    ds = xr.open_zarr(path, **open_kwargs)
     group = zarr.open_group(path, mode="r")
     if open_kwargs["chunks"] == {}:
         ds = _whole_author_chunks(path, ds, open_kwargs)

@@ -19,6 +19,7 @@ from typing import Any
 
 from saestore.errors import RunNotFoundError, SaestoreError
 from saestore.location import default_cache_dir, is_url, resolved
+from saestore.protocol import STATUSES
 
 REGISTRY_FILENAME = "saestore_runs.sqlite"
 
@@ -38,7 +39,7 @@ CREATE TABLE IF NOT EXISTS runs (
     model       TEXT NOT NULL,
     dataset     TEXT NOT NULL,
     category    TEXT,
-    status      TEXT NOT NULL CHECK (status IN ('running', 'complete', 'failed')),
+    status      TEXT NOT NULL {status_check},
     config_hash TEXT NOT NULL,
     config      TEXT NOT NULL,
     authors     TEXT NOT NULL DEFAULT '[]',
@@ -57,6 +58,9 @@ CREATE TABLE IF NOT EXISTS runs (
 _COLUMNS = ("path", "run_name", "model", "dataset", "category", "status", "config_hash", "config", "authors",
             "failed_authors", "n_docs", "n_tokens", "n_nonzero", "bytes", "started_at", "finished_at", "wall_s",
             "error", "run_id")
+#: the statuses a row may have: those of a run (PROTOCOL.md §4)
+_STATUS_CHECK = f"CHECK (status IN ({', '.join(repr(s) for s in STATUSES)}))"
+_SCHEMA = _SCHEMA.replace("{status_check}", _STATUS_CHECK)
 
 
 def _now() -> str:
@@ -125,6 +129,21 @@ def shown_status(record: RunRecord) -> str:
     return "interrupted" if state == "gone" else record.status
 
 
+def _migrate(db: sqlite3.Connection) -> None:
+    """Rebuild a ``runs`` table created by an older saestore whose schema differs (its status CHECK
+    lacked ``interrupted``): SQLite cannot alter a CHECK, so the rows are copied into a new table."""
+    (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'runs'").fetchone()
+    if _STATUS_CHECK in " ".join(sql.split()):
+        return
+    old = [r[1] for r in db.execute("PRAGMA table_info(runs)")]
+    db.execute("ALTER TABLE runs RENAME TO runs_before_migration")
+    db.executescript(_SCHEMA)
+    new = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
+    cols = ", ".join(c for c in old if c in new)
+    db.execute(f"INSERT INTO runs ({cols}) SELECT {cols} FROM runs_before_migration")
+    db.execute("DROP TABLE runs_before_migration")
+
+
 class Registry:
     """``Registry(path)``; ``path`` defaults to ``{output_dir}/saestore_runs.sqlite``."""
 
@@ -133,6 +152,7 @@ class Registry:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.executescript(_SCHEMA)
+            _migrate(db)
             if "run_id" not in {row[1] for row in db.execute("PRAGMA table_info(runs)")}:  # an older registry
                 db.execute("ALTER TABLE runs ADD COLUMN run_id TEXT")
 

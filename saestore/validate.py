@@ -26,7 +26,7 @@ import zarr
 from saestore import chunkio, protocol
 from saestore.errors import SaestoreError
 from saestore.nonzeros import SparseActs, summarize
-from saestore.reader import is_sparse_variable, read_chunk_acts
+from saestore.reader import is_sparse_variable, read_chunk_acts, run_group
 from saestore.writer import RunLayout, finalize_run, read_layout
 
 
@@ -276,9 +276,9 @@ def validate_run(path: str | Path, *, repair: bool = False) -> Report:
     path = str(path)
     report = Report(path=path, problems=[])
     try:
-        group = zarr.open_group(path, mode="r", use_consolidated=False)
+        group = run_group(path, use_consolidated=False)
         attrs = protocol.read_attrs(dict(group.attrs), where=path)
-    except (SaestoreError, FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
+    except SaestoreError as e:  # RunNotFoundError: nothing there, or not a Zarr store
         report.problems.append(Problem(kind="attributes", where=path, message=str(e)))
         return report
     report.problems += _check_layout(group, attrs, path)

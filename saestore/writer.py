@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 SPARSE_ZSTD_LEVEL, DENSE_ZSTD_LEVEL = protocol.SPARSE_ZSTD_LEVEL, protocol.DENSE_ZSTD_LEVEL
 #: a local run is built at ``{path}{CREATING_SUFFIX}`` and renamed to ``{path}`` once complete
 CREATING_SUFFIX = ".creating"
+#: with ``--overwrite``, the old run is renamed to ``{path}{REPLACED_SUFFIX}`` once its replacement is
+#: created, and deleted right after
+REPLACED_SUFFIX = ".replaced"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -231,28 +234,34 @@ def create_run(
     """Create (or reopen for resume) the run store at ``path``; coordinator only.
 
     ``mode``: ``auto`` creates a new run or resumes one with the same config hash; ``resume``
-    requires an existing run with the same config; ``overwrite`` deletes whatever is at ``path``.
+    requires an existing run with the same config; ``overwrite`` replaces whatever is at ``path``
+    (a local one only once the new run is created, so a failed creation leaves it untouched).
+    An OS error while creating (disk full, read-only) is a :class:`StoreWriteError`, and nothing is left.
     A run with a different configuration is refused with :class:`ConfigMismatchError`.
     Returns the attributes now in the store.
     """
     path = str(path)
     if mode not in ("auto", "resume", "overwrite"):
         raise SaestoreError(f"mode must be auto, resume or overwrite, not {mode!r}")
+    replacing = False
     if run_exists(path) and is_url(path) and _half_made(path, layout):
         # a URL has no atomic rename: a creation killed before its root attributes left this (the
         # caller holds the lease, so its creator is gone); remove it and create the run anew
         log.warning("removing %s, left by a creation that was interrupted", path)
         _remove(path)
     if run_exists(path):
-        if mode == "overwrite":
+        if mode != "overwrite":
+            return _reopen(path, layout, attrs)
+        if is_url(path):  # an object store has no rename: the old run goes first
             log.warning("overwriting %s", path)
             _remove(path)
         else:
-            return _reopen(path, layout, attrs)
+            replacing = True
     elif mode == "resume":
         raise SaestoreError(f"--resume: no run at {path}; drop --resume to start it")
     # A local store is built next to its path and renamed into place when complete, so a process
-    # killed while creating it leaves no half-made run at `path` (which a rerun could not resume).
+    # killed while creating it leaves no half-made run at `path` (which a rerun could not resume),
+    # and an overwritten run stays whole until its replacement exists.
     # The caller holds the run lock, so a leftover build folder is a dead process's: remove it.
     final_path, local = path, not is_url(path)
     if local:
@@ -261,6 +270,22 @@ def create_run(
             log.warning("removing %s, left by a creation that was interrupted", path)
             shutil.rmtree(path)
 
+    try:
+        return _create(path, final_path, layout, attrs, local=local, replacing=replacing)
+    except BaseException as e:  # disk full, read-only, Ctrl-C: nothing is left, an overwritten run is untouched
+        if local and Path(path).exists():
+            shutil.rmtree(path, ignore_errors=True)
+        if not isinstance(e, OSError):
+            raise
+        raise StoreWriteError(
+            f"creating {final_path} failed: {type(e).__name__}: {e}. Nothing was written"
+            + (" and the existing run is untouched" if replacing else "")
+            + "; free space or choose a writable --output_dir, then rerun") from e
+
+
+def _create(path: str, final_path: str, layout: RunLayout, attrs: RunAttrs, *, local: bool,
+            replacing: bool) -> RunAttrs:
+    """Build the run at ``path`` and, for a local run, rename it to ``final_path``."""
     # "w-" refuses a path with data; a URL reaches here only once nothing is there (checked above,
     # under the lease), and zarr's own fsspec instance may still list what was just removed
     group = zarr.open_group(path, mode="w-" if local else "w", zarr_format=3)
@@ -307,11 +332,39 @@ def create_run(
     group.attrs[protocol.ATTRS_KEY] = attrs.to_json()
     zarr.consolidate_metadata(path)
     if local:
-        os.rename(path, final_path)  # atomic: the run appears complete or not at all
+        if replacing:  # the old run is set aside, the new one put in its place, then the old one deleted
+            aside = final_path.rstrip("/") + REPLACED_SUFFIX
+            if Path(aside).exists():
+                shutil.rmtree(aside)
+            log.warning("overwriting %s", final_path)
+            os.rename(final_path, aside)
+            os.rename(path, final_path)
+            shutil.rmtree(aside)
+        else:
+            os.rename(path, final_path)  # atomic: the run appears complete or not at all
     return attrs
 
 
-def _reopen(path: str, layout: RunLayout, attrs: RunAttrs) -> RunAttrs:
+def existing_run(path: str | Path, layout: RunLayout, attrs: RunAttrs) -> RunAttrs | None:
+    """The attributes of the run at ``path`` if there is one with this configuration and layout (None
+    if nothing is there); refuses another configuration or layout as a resume would. Reads only."""
+    path = str(path)
+    if not run_exists(path) or (is_url(path) and _half_made(path, layout)):  # create_run redoes a half-made one
+        return None
+    return _check_existing(path, layout, attrs)
+
+
+def is_finalized(path: str | Path) -> bool:
+    """Whether the run's metadata is consolidated (finalizing ends with it; a writer killed between
+    writing the final attributes and consolidating left a run to finalize again)."""
+    try:
+        zarr.open_group(str(path), mode="r", use_consolidated=True)
+    except (ValueError, FileNotFoundError, KeyError):
+        return False
+    return True
+
+
+def _check_existing(path: str, layout: RunLayout, attrs: RunAttrs) -> RunAttrs:
     try:
         group = zarr.open_group(path, mode="r", use_consolidated=False)
     except (FileNotFoundError, ValueError, zarr.errors.GroupNotFoundError) as e:
@@ -334,6 +387,11 @@ def _reopen(path: str, layout: RunLayout, attrs: RunAttrs) -> RunAttrs:
         raise ConfigMismatchError(
             f"{path} has the same configuration but another layout (the dataset changed?); pass --overwrite"
         )
+    return old
+
+
+def _reopen(path: str, layout: RunLayout, attrs: RunAttrs) -> RunAttrs:
+    old = _check_existing(path, layout, attrs)
     new = replace(old, status="running", finalized_at=None, failed_authors=[],
                   run_id=old.run_id or uuid.uuid4().hex)  # a store created before run ids gets one
     group = zarr.open_group(path, mode="r+", use_consolidated=False)
@@ -376,8 +434,9 @@ def _read_markers(arr: zarr.Array, selection: Any, path: str) -> np.ndarray:
             "then the extraction again") from e
 
 
-def finalize_run(path: str | Path, *, failed_authors: Sequence[str] = ()) -> RunAttrs:
-    """Coordinator: set ``status`` from the progress markers and consolidate metadata once."""
+def finalize_run(path: str | Path, *, failed_authors: Sequence[str] = (), interrupted: bool = False) -> RunAttrs:
+    """Coordinator: set ``status`` from the progress markers and consolidate metadata once: ``complete``
+    when every doc-chunk is done, else ``interrupted`` (a signal stopped the run) or ``failed``."""
     path = str(path)
     group = zarr.open_group(path, mode="r+", use_consolidated=False)
     layout = read_layout(group)
@@ -385,7 +444,8 @@ def finalize_run(path: str | Path, *, failed_authors: Sequence[str] = ()) -> Run
     incomplete = [a for i, a in enumerate(layout.authors) if not done[i, : layout.n_chunks(i)].all()]
     failed = sorted(set(failed_authors) | set(incomplete))
     attrs = protocol.read_attrs(dict(group.attrs), where=path)
-    attrs = replace(attrs, status="failed" if failed else "complete", finalized_at=_now(), failed_authors=failed)
+    status = "complete" if not failed else "interrupted" if interrupted else "failed"
+    attrs = replace(attrs, status=status, finalized_at=_now(), failed_authors=failed)
     group.attrs[protocol.ATTRS_KEY] = attrs.to_json()
     faults.point("finalize_attrs")
     zarr.consolidate_metadata(path)

@@ -306,8 +306,8 @@ def case_more_workers_than_authors(request):
 
 
 def case_sae_d_in_mismatch(request):
-    """An SAE whose d_in is not the hook's width: ExtractionConfigError naming both widths (exit 2);
-    no chunk is computed and the run is recorded as failed."""
+    """An SAE whose d_in is not the hook's width: ExtractionConfigError naming both widths (exit 2),
+    read from its cfg.json before the model is loaded; nothing is written (no store, no registry)."""
     import torch
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
     from sae_lens.saes.sae import SAEMetadata
@@ -321,8 +321,51 @@ def case_sae_d_in_mismatch(request):
     sae.save_model(folder)
     code, err, _ = extract(out, None, "--sae_path", str(out / "saes"), "--n_docs_per_author", "2", "--run_name", "x")
     _refused(code, err, "d_in 32", "width 64", "blocks.1.hook_resid_post")
-    path = out / "demo" / "tiny" / "x.zarr"
-    assert not (zarr.open_array(str(path), path=protocol.PROGRESS_PATH)[...] != 0).any()
+    assert sorted(p.name for p in out.iterdir()) == ["saes"]
+
+
+def case_att_sae_with_reshape_none(request):
+    """An att SAE saved with ``reshape_activations='none'`` (hook_z needs 'hook_z'): refused in one
+    line naming the setting, from its cfg.json, before the model is loaded; nothing is written."""
+    from sae_lens import SAE
+
+    out = request.getfixturevalue("tmp_path")
+    request.getfixturevalue("tiny_cache")
+    sae = SAE.from_dict({"architecture": "jumprelu", "d_in": 64, "d_sae": 1024, "apply_b_dec_to_input": False,
+                         "reshape_activations": "none", "metadata": {"hook_name": "blocks.1.attn.hook_z"}})
+    sae.save_model(out / "saes" / "att" / "layer_1" / "width_1k")
+    code, err, _ = extract(out, None, "--sae_path", str(out / "saes"), "--layer_types", "att", "--run_name", "x")
+    _refused(code, err, "reshape_activations='none'", "needs hook_z")
+    assert sorted(p.name for p in out.iterdir()) == ["saes"]
+
+
+def case_model_not_in_the_offline_cache(request):
+    """``--model google/gemma-2-2b`` with ``HF_HUB_OFFLINE=1`` and an empty cache: one line saying
+    the model is not in the local Hugging Face cache and how to get it (huggingface_hub's own cache
+    look-up, no network); nothing is written."""
+    import subprocess
+    import sys
+
+    out = request.getfixturevalue("tmp_path")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(out / "hf")}
+    argv = ["--model", "google/gemma-2-2b", "--layers", "12", "--layer_types", "res", "--dataset_name", "demo",
+            "--devices", "cpu", "--output_dir", str(out / "runs")]
+    proc = subprocess.run([sys.executable, "-m", "saestore.extract", *argv], capture_output=True, text=True, env=env,
+                          timeout=300)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("saestore.extract:")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "'google/gemma-2-2b' is not in the local Hugging Face cache" in lines[0], lines
+    assert not (out / "runs").exists()
+
+
+def case_several_models_one_refused(request):
+    """``--model tiny google/gemma-2-2b`` with a width only tiny has: every model's request is checked
+    before the first is extracted; one line names the refused model; nothing is written."""
+    out = request.getfixturevalue("tmp_path")
+    request.getfixturevalue("tiny_cache")
+    code, err, _ = extract(out, None, "--model", "tiny", "google/gemma-2-2b", "--run_name", "x")
+    _refused(code, err, "1 of 2 models refused, nothing extracted", "google/gemma-2-2b", "1k")
+    assert list(out.iterdir()) == []
 
 
 def _poisoned(request, value: float) -> None:
@@ -362,17 +405,31 @@ def case_model_output_inf(request):
 
 
 def case_prompt_longer_than_model_context(request):
-    """A name so long that the prompted setting cannot fit the model context: that author fails
-    with a message saying so; the others are extracted."""
+    """A name so long that its prompt fills the model context: refused before anything is written,
+    in one line naming the author and the fixes (a shorter template, --exclude_authors)."""
     out = request.getfixturevalue("tmp_path")
     request.getfixturevalue("tiny_cache")
     data = _jsonl(out / "d.jsonl", [{"style": "ok", "text": "Anchor the harbor at dawn today"},
                                     {"style": "word " * 300, "text": "Anchor the harbor at dawn today"}])
     code, err, _ = extract(out, data, "--setting", "prompted", "--run_name", "x")
-    assert code == 1 and "prompt alone" in err and "fills the model context 256" in err, err
-    ds = xr.open_zarr(out / "AuthorMix" / "tiny" / "x.zarr")
-    assert ds.attrs["saestore"]["failed_authors"] == ["word " * 300]
-    assert int(ds.doc_length.sel(author="ok").values[0]) > 0
+    _refused(code, err, "the prompt of author 'word word", "fills the model context 256", "--exclude_authors")
+    assert sorted(p.name for p in out.iterdir()) == ["d.jsonl"]
+    ok = _jsonl(out / "ok.jsonl", [{"style": "ok", "text": "Anchor the harbor at dawn today"}])
+    code, err, _ = extract(out, ok, "--setting", "prompted", "--run_name", "x", "--max_seq_len", "250")
+    _refused(code, err, "the prompt of author 'ok'", "+ max_seq_len - 1 (249) exceeds the model context 256",
+             "pass --max_seq_len")
+    assert sorted(p.name for p in out.iterdir()) == ["d.jsonl", "ok.jsonl"]
+
+
+def case_prompt_template_alone_fills_the_model_context(request):
+    """A 300-word --prompt_template: refused before anything is written, in one line saying the
+    template alone fills the context (not per author after the store exists)."""
+    out = request.getfixturevalue("tmp_path")
+    request.getfixturevalue("tiny_cache")
+    code, err, _ = extract(out, None, "--setting", "prompted", "--prompt_template", "word " * 300 + "{style}: ",
+                           "--run_name", "x")
+    _refused(code, err, "the prompt template alone", "fills the model context 256", "shorten --prompt_template")
+    assert list(out.iterdir()) == []
 
 
 def _stored_copy(request, name: str) -> tuple[dict, Path]:
@@ -476,6 +533,8 @@ def case_info_on_a_missing_path(request):
     _one_line(*_cli("info", str(missing))[::2], "info", "no saestore run at", "runs list")
     with pytest.raises(RunNotFoundError, match="no saestore run at"):
         open_run(missing)
+    code, out, _ = _cli("validate", str(missing))  # the same check (reader.run_group), as a problem
+    assert code == 1 and "no saestore run at" in out and "FAILED" in out, out
     assert not missing.exists()
 
 
@@ -490,6 +549,8 @@ def case_info_on_a_folder_that_is_not_a_store(request):
     _one_line(*_cli("info", str(folder))[::2], "info", "no saestore run at", str(folder))
     with pytest.raises(RunNotFoundError):
         open_run(folder)
+    code, out, _ = _cli("validate", str(folder))
+    assert code == 1 and "no saestore run at" in out, out
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
 
 
@@ -536,6 +597,277 @@ def case_runs_add_or_show_of_no_run(request):
     _one_line(*_cli("runs", "show", str(tmp / "nope.zarr"), "--registry", str(registry))[::2], "runs",
               "no run", str(registry), "runs add PATH")
     assert Registry(registry).list() == []
+
+
+def case_overwrite_with_a_prompt_template_that_cannot_be_filled(request):
+    """``--overwrite --prompt_template "In {style} {0}: "`` on a complete run: refused in one line
+    (the template is formatted as the worker will, before anything); the old run is byte-identical."""
+    run, path = _stored_copy(request, "keep")
+    before = _tree(path)
+    code, err, _ = extract(run["out"], run["dataset"], "--run_name", "keep", "--overwrite", "--setting", "prompted",
+                           "--prompt_template", "In {style} {0}: ")
+    _refused(code, err, "--prompt_template", "IndexError", "{style} is the only field")
+    assert _tree(path) == before
+    assert not list(path.parent.glob("keep.zarr.*"))
+
+
+def _enospc_at_creation(request, out: Path, *args: str, dataset: Path | None = None) -> tuple[int, str]:
+    from saestore import faults
+
+    faults.configure("create_array:3:enospc")
+    try:
+        code, err, _ = extract(out, dataset, *args)
+    finally:
+        faults.configure(None)
+    return code, err
+
+
+def case_overwrite_when_the_disk_fills_during_creation(request):
+    """``--overwrite`` builds the new run aside (``RUN.creating``) and swaps it in only once created:
+    a full disk while creating it is one line, and the old run is byte-identical."""
+    run, path = _stored_copy(request, "full")
+    before = _tree(path)
+    code, err = _enospc_at_creation(request, run["out"], "--run_name", "full", "--overwrite", dataset=run["dataset"])
+    _refused(code, err, "creating", "No space left on device", "existing run is untouched")
+    assert _tree(path) == before
+    assert not list(path.parent.glob("full.zarr.*"))
+
+
+def case_disk_full_during_creation(request):
+    """ENOSPC while the store is created (the ``enospc`` fault action): one line naming the run
+    and the OS error; nothing is left (no store, no build folder, no registry, no folders)."""
+    out = request.getfixturevalue("tmp_path") / "out"
+    out.mkdir()
+    request.getfixturevalue("tiny_cache")
+    code, err = _enospc_at_creation(request, out, "--run_name", "x")
+    _refused(code, err, "creating", str(out / "demo" / "tiny" / "x.zarr"), "No space left on device")
+    assert list(out.iterdir()) == []
+
+
+def case_resume_without_a_run(request):
+    """``--resume`` with no run there: refused in one line; nothing is created (no folder, no registry)."""
+    out = request.getfixturevalue("tmp_path") / "out"
+    out.mkdir()
+    request.getfixturevalue("tiny_cache")
+    code, err, _ = extract(out, None, "--run_name", "x", "--resume")
+    _refused(code, err, "--resume: no run at", "drop --resume")
+    assert list(out.iterdir()) == []
+
+
+def _rerun_complete(request, out: Path, dataset: Path, name: str) -> None:
+    from saestore.extract import models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a complete run must not load the model")
+
+    request.getfixturevalue("monkeypatch").setattr(models, "load_model", no_model)
+    capsys = request.getfixturevalue("capsys")
+    capsys.readouterr()
+    code, err, _ = extract(out, dataset, "--run_name", name)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and err == "" and len(lines) == 1 and "is already complete" in lines[0], (err, lines)
+
+
+def case_rerun_of_a_complete_run(request):
+    """The same command on a complete run: one line saying it is complete (exit 0), checked before
+    any model is loaded or the store touched."""
+    run, path = _stored_copy(request, "again")
+    before = _tree(path)
+    _rerun_complete(request, run["out"], run["dataset"], "again")
+    assert _tree(path) == before
+
+
+@contextlib.contextmanager
+def _read_only(folder: Path):
+    """``folder`` read-only: a read-only bind mount as root (chmod does not stop root), else chmod."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    if subprocess.run(["mount", "--bind", "-o", "ro", str(folder), str(folder)], capture_output=True).returncode:
+        pytest.skip("root without permission to mount: cannot make a read-only folder here")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def case_read_only_output_dir(request):
+    """A read-only --output_dir (or --registry folder): one line naming what cannot be written and
+    the option to change, before anything is loaded; nothing is written."""
+    tmp = request.getfixturevalue("tmp_path")
+    request.getfixturevalue("tiny_cache")
+    ro, rw = tmp / "ro", tmp / "rw"
+    ro.mkdir()
+    rw.mkdir()
+    with _read_only(ro):
+        code, err, _ = extract(ro, None, "--run_name", "x")
+        _refused(code, err, "cannot write the run", "not writable", "--output_dir")
+        code, err, _ = extract(ro, None, "--run_name", "x", "--registry", str(rw / "reg.sqlite"))
+        _refused(code, err, "cannot write the run", "--output_dir")
+        code, err, _ = extract(rw, None, "--run_name", "x", "--registry", str(ro / "reg.sqlite"))
+        _refused(code, err, "cannot write the registry", "--registry")
+    assert list(ro.iterdir()) == [] and list(rw.iterdir()) == []
+
+
+def case_rerun_of_a_complete_run_on_a_read_only_mount(request):
+    """The same command on a complete run on a read-only mount: 'already complete' (exit 0), no lock taken."""
+    run = request.getfixturevalue("data_run")
+    mount = request.getfixturevalue("tmp_path") / "mnt"
+    shutil.copytree(run["out"] / "AuthorMix", mount / "AuthorMix")
+    with _read_only(mount):
+        _rerun_complete(request, mount, run["dataset"], "data")
+
+
+def case_resume_with_other_numerics(request):
+    """A run started with another torch thread count (``--devices cpu:2`` shares the cores) and
+    resumed now: one warning line naming both (root attribute ``numerics``, not part of the
+    configuration hash); the resume goes on and the started numerics stay recorded."""
+    run, path = _stored_copy(request, "numerics")
+    started = {"device": "cpu", "torch_threads": 2}
+    _edit_attrs(path, lambda a: a.update(status="failed", numerics=started))
+    zarr.open_array(str(path), path=protocol.PROGRESS_PATH, mode="r+")[0] = 0  # the first author to redo
+    code, err, logs = extract(run["out"], run["dataset"], "--run_name", "numerics")
+    assert code == 0, err
+    lines = [ln for ln in logs.splitlines() if "was started with" in ln]
+    assert len(lines) == 1 and "torch_threads 2" in lines[0] and "torch_threads 1" in lines[0], logs
+    attrs = json.loads((path / "zarr.json").read_text())["attributes"]["saestore"]
+    assert attrs["status"] == "complete" and attrs["numerics"] == started
+    fresh = json.loads((run["path"] / "zarr.json").read_text())["attributes"]["saestore"]
+    assert fresh["numerics"] == {"device": "cpu", "torch_threads": 1}
+
+
+def _chunk_files(path: Path) -> dict[str, bytes]:
+    """Every data file of a run (metadata and progress markers aside: they hold times)."""
+    return {k: v for k, v in _tree(path).items()
+            if not k.endswith("zarr.json") and not k.startswith(protocol.PROGRESS_PATH)}
+
+
+def _status(path: Path, registry: Path) -> tuple[str, str]:
+    """(status in the store's attributes, status of its registry row)."""
+    import sqlite3
+
+    attrs = json.loads((path / "zarr.json").read_text())["attributes"]["saestore"]
+    with contextlib.closing(sqlite3.connect(registry)) as db:
+        (row,) = db.execute("SELECT status FROM runs").fetchall()
+    return attrs["status"], row[0]
+
+
+def _signalled(out: Path, argv: list[str], env: dict, signum: int, code: int, *, group: bool = False) -> str:
+    """Run the CLI in a process, send ``signum`` once a doc-chunk is done (to its process group with
+    ``group``, as a terminal's Ctrl-C does), check the one line, exit code and status; the line."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "saestore.extract", *argv], stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=group)
+    path, registry = out / "demo" / "tiny" / "x.zarr", out / "saestore_runs.sqlite"
+    progress = path / protocol.PROGRESS_PATH
+    deadline = time.monotonic() + 240
+    while not (progress.exists() and (zarr.open_array(str(path), path=protocol.PROGRESS_PATH)[..., 0] == 1).any()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.2)
+    if group:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    lines = [ln for ln in err.splitlines() if ln.startswith("saestore.extract:")]
+    assert proc.returncode == code and len(lines) == 1 and "Traceback" not in err, err
+    assert f"interrupted by {signal.Signals(signum).name}" in lines[0] and "saved as interrupted" in lines[0], lines
+    assert _status(path, registry) == ("interrupted", "interrupted")
+    return lines[0]
+
+
+def _interrupted_then_resumed(request, signum: int, code: int) -> None:
+    """Start the CLI in a process, signal it once a doc-chunk is done (it waits at a forward pass),
+    check the one line, the exit code and the status, then run the printed command to the end."""
+    import shlex
+    import subprocess
+    import sys
+
+    out = request.getfixturevalue("tmp_path")
+    request.getfixturevalue("tiny_cache")
+    few = ["--n_docs_per_author", "6", "--shard_docs", "2"]
+    ref_code, err, _ = extract(out / "ref", None, "--run_name", "x", *few)
+    assert ref_code == 0, err
+    argv = [*ARGS, "--dataset_name", "demo", "--output_dir", str(out / "run"), "--run_name", "x", *few]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SAESTORE_FAULT": "forward:3:sleep120"}
+    line = _signalled(out / "run", argv, env, signum, code)
+    path, registry = out / "run" / "demo" / "tiny" / "x.zarr", out / "run" / "saestore_runs.sqlite"
+    command = shlex.split(line.partition("Resume with: ")[2])
+    assert command[1:3] == ["-m", "saestore.extract"] and command[3:] == [*argv, "--resume"], command
+    env.pop("SAESTORE_FAULT")
+    done = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert _status(path, registry) == ("complete", "complete")
+    assert _chunk_files(path) == _chunk_files(out / "ref" / "demo" / "tiny" / "x.zarr")
+
+
+def case_sigint_during_extraction(request):
+    """Ctrl-C (SIGINT): one line naming the signal, the run saved as ``interrupted`` (store and
+    registry) and the exact command that resumes it (the argv plus --resume); exit 130, no
+    traceback. That command finishes the run byte-identical to an uninterrupted one."""
+    import signal
+
+    _interrupted_then_resumed(request, signal.SIGINT, 130)
+
+
+def case_sigint_with_two_workers(request):
+    """Ctrl-C with ``--devices cpu:2`` (SIGINT to the whole process group): the workers leave it to
+    the coordinator, which stops them; one line, exit 130, no traceback from any process, the run
+    ``interrupted`` and valid."""
+    import signal
+
+    from saestore.validate import validate_run
+
+    out = request.getfixturevalue("tmp_path")
+    request.getfixturevalue("tiny_cache")
+    argv = [*ARGS, "--dataset_name", "demo", "--output_dir", str(out), "--run_name", "x", "--n_docs_per_author", "6",
+            "--shard_docs", "2", "--devices", "cpu:2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SAESTORE_FAULT": "forward:3:sleep120"}
+    _signalled(out, argv, env, signal.SIGINT, 130, group=True)
+    report = validate_run(out / "demo" / "tiny" / "x.zarr")
+    assert report.ok and report.incomplete and report.status == "interrupted", report.format()
+
+
+def case_sigterm_during_extraction(request):
+    """SIGTERM (kill, a scheduler's pre-emption): the same as SIGINT, exit 143 (128 + 15)."""
+    import signal
+
+    _interrupted_then_resumed(request, signal.SIGTERM, 143)
+
+
+def case_registry_created_before_interrupted_existed(request):
+    """A registry made by an older saestore (its status CHECK lacks ``interrupted``) is migrated when
+    opened: its rows are kept and an interrupted run can be recorded."""
+    import sqlite3
+
+    from saestore.registry import Registry
+
+    path = request.getfixturevalue("tmp_path") / "old.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript("""CREATE TABLE runs (path TEXT PRIMARY KEY, run_name TEXT NOT NULL, model TEXT NOT NULL,
+        dataset TEXT NOT NULL, category TEXT, status TEXT NOT NULL CHECK (status IN ('running', 'complete', 'failed')),
+        config_hash TEXT NOT NULL, config TEXT NOT NULL, authors TEXT NOT NULL DEFAULT '[]',
+        failed_authors TEXT NOT NULL DEFAULT '[]', n_docs INTEGER, n_tokens INTEGER, n_nonzero INTEGER, bytes INTEGER,
+        started_at TEXT NOT NULL, finished_at TEXT, wall_s REAL, error TEXT);
+        INSERT INTO runs (path, run_name, model, dataset, status, config_hash, config, started_at)
+        VALUES ('runs/a.zarr', 'a', 'tiny', 'demo', 'complete', 'sha256:0', '{}', '2026-12-01T00:00:00+00:00');""")
+    old.close()
+    reg = Registry(path)
+    assert [(r.path, r.status) for r in reg.list()] == [("runs/a.zarr", "complete")]
+    reg.start(path="runs/b.zarr", run_name="b", model="tiny", dataset="demo", category=None, config_hash="sha256:1",
+              config={}, authors=["x"], n_docs=1)
+    reg.finish("runs/b.zarr", status="interrupted", failed_authors=["x"], n_tokens=0, n_nonzero=0, bytes=0, wall_s=1.0)
+    assert Registry(path).get("b").status == "interrupted"
 
 
 CASES: dict[str, Callable] = {

@@ -205,3 +205,22 @@ def test_gpu_bench_runs_on_small_shapes_on_the_cpu(tmp_path):
     assert stored["n_tokens"] == res["shape"]["n_tokens"]
     assert 0.3 * res["shape"]["l0"] < stored["mean_l0"] < 3 * res["shape"]["l0"], stored
     assert not list(out.glob("tmp*")), "the work folder is removed"
+
+
+@pytest.mark.extract
+def test_objstore_bench_writes_and_reads_the_same_run_on_s3_and_disk(tmp_path):
+    """``--objstore --quick``: a moto S3 server on 127.0.0.1; the same run written to disk and to
+    the bucket, scanned by both with the same result, requests in flight counted on the S3 side."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "saestore.bench", "--objstore", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "objstore.json").read_text(encoding="utf-8"))
+    local, s3 = res["stores"]["local"], res["stores"]["s3"]
+    assert local["nnz"] == s3["nnz"] > 0
+    for name, value in res["ratios"].items():
+        assert math.isfinite(value) and value > 0, name
+    assert all(s["requests"] == 0 for s in local["scans"].values())  # local reads do not go through fsspec
+    many = s3["scans"]["16 threads"]
+    assert many["requests"] > 0 and many["peak_in_flight"] >= 2  # dask threads issue reads concurrently
+    assert "| s3 |" in proc.stdout and not list(out.glob("tmp*"))

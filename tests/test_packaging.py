@@ -17,7 +17,8 @@ from saestore.extras import EXTRAS, MissingExtraError, missing, require
 REPO = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
 #: import name -> distribution name, where they differ
-DIST = {"transformer_lens": "transformer-lens", "sae_lens": "sae-lens", "simple_parsing": "simple-parsing"}
+DIST = {"transformer_lens": "transformer-lens", "sae_lens": "sae-lens", "simple_parsing": "simple-parsing",
+        "huggingface_hub": "huggingface-hub"}
 HEAVY = {"torch", "transformer-lens", "sae-lens", "transformers", "datasets", "tokenizers", "safetensors"}
 
 

@@ -74,7 +74,7 @@ def test_schema_parity_with_metadata_model(cls, pointer):
     fields = {f.name for f in dataclasses.fields(cls)}
     assert set(schema["properties"]) == fields
     since_12 = {"shard_docs"} if cls is protocol.StorageInfo else set()  # absent from 1.0/1.1 stores
-    optional = {"run_id"} if cls is protocol.RunAttrs else set()  # an optional 1.2 addition, never required
+    optional = {"run_id", "numerics"} if cls is protocol.RunAttrs else set()  # optional 1.2 additions
     assert set(schema["required"]) == fields - since_12 - optional
     if since_12:  # … and required from 1.2 on
         rule = protocol.load_schema("run_attributes")["allOf"][0]
@@ -236,10 +236,15 @@ def test_canonical_json_rules():
             protocol.config_hash(bad)
 
 
-FIXTURE_RUNS = sorted((ROOT / "tests" / "fixtures" / "runs").glob("*.zarr"))
+FIXTURE_RUNS = sorted((ROOT / "tests" / "fixtures" / "runs").glob("*/*.zarr"))
 
 
-@pytest.mark.parametrize("path", FIXTURE_RUNS, ids=lambda p: p.name)
+def test_fixture_runs_are_found():
+    """The archived runs of every protocol version are there (an empty glob would skip the next test)."""
+    assert {p.parent.name for p in FIXTURE_RUNS} >= {"1.1", "1.2"}
+
+
+@pytest.mark.parametrize("path", FIXTURE_RUNS, ids=lambda p: f"{p.parent.name}-{p.name}")
 def test_fixture_runs_follow_the_root_attribute_rules(path):
     """§4: config is opaque (the fixtures' has only model and seed), config_hash is its hash, and the
     cross-field rules hold against the coordinates: one SAE width (n_features), one layer list, the

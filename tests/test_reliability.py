@@ -520,11 +520,21 @@ def _torchrun(reference: dict, name: str, fault: str | None = None) -> subproces
 @pytest.mark.slow
 def test_torchrun_two_ranks_killed_one_rank_then_rerun_equals_single_process(reference):
     """Two gloo ranks write one run; rank 1 is SIGKILLed after its first shard (torchrun then
-    stops rank 0); the same command again resumes, and the run equals the one-process reference
+    stops rank 0 with SIGTERM, which saves the run as interrupted and prints the torchrun command
+    that resumes it); the same command again resumes, and the run equals the one-process reference
     chunk file by chunk file, with the registry saying complete."""
     path = _path(reference, "torchrun")
     killed = _torchrun(reference, "torchrun", "after_marker:1@1")
     assert killed.returncode != 0, killed.stdout[-2000:] + killed.stderr[-2000:]
+    # rank 0 is stopped by torchrun's SIGTERM (or finds rank 1 gone): it saves the run, never left 'running'
+    lines = [ln for ln in killed.stderr.splitlines() if ln.startswith("saestore.extract:")]
+    assert len(lines) == 1 and ("interrupted by SIGTERM" in lines[0] or "a rank stopped" in lines[0]), killed.stderr
+    assert _attrs(path)["status"] in ("interrupted", "failed")
+    with contextlib.closing(sqlite3.connect(reference["registry"])) as db:
+        assert db.execute("SELECT status FROM runs WHERE path = ?", (str(path),)).fetchone()[0] == \
+            _attrs(path)["status"]
+    if "interrupted" in lines[0]:
+        assert "torchrun --standalone --nproc_per_node 2 -m saestore.extract" in lines[0], lines[0]
     assert_marked_chunks_match(path, reference["path"])
     progress = read_progress(path)
     assert 0 < (progress[..., 0] == 1).sum() < N_CHUNKS  # killed part-way: some doc-chunks done, some not

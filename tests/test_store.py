@@ -300,7 +300,7 @@ def test_attrs_example_roundtrip():
 
 
 def test_open_run_warns_in_one_line_on_an_incomplete_run(tmp_path):
-    """PROTOCOL.md §7.1: a running or failed run is read, with one warning saying how much is done."""
+    """PROTOCOL.md §7.1: a running, interrupted or failed run is read, with one warning saying how much is done."""
     import warnings
 
     from saestore.errors import IncompleteRunWarning
@@ -309,8 +309,12 @@ def test_open_run_warns_in_one_line_on_an_incomplete_run(tmp_path):
     path = str(tmp_path / "run.zarr")
     create_run(path, layout, make_attrs(layout))
     write_authors(path, [1])
-    with pytest.warns(IncompleteRunWarning, match=r"being written or was interrupted \(status running\): 1 of 7 "
+    with pytest.warns(IncompleteRunWarning, match=r"being written or its writer was killed \(status running\): 1 of 7 "
                                                   r"doc-chunks are done.*Rerun the extraction"):
+        open_run(path)
+    finalize_run(path, interrupted=True)
+    with pytest.warns(IncompleteRunWarning, match=r"was interrupted \(SIGINT or SIGTERM\) before it was finished "
+                                                  r"\(status interrupted\): 1 of 7 doc-chunks are done"):
         open_run(path)
     finalize_run(path)
     with pytest.warns(IncompleteRunWarning, match=r"authors unfinished: 'a/b', 'd', 'ünï\\tcode'"):

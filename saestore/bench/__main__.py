@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     gpu.add_argument("--gpu", action="store_true",
                      help="run only this: on the first GPU, or on small shapes on the CPU (also with --quick); "
                           "prints one line per ratio, writes gpu.json to DIR")
+    objstore = parser.add_argument_group("object storage", "a run written to and read from a local S3 server "
+                                         "(moto, on 127.0.0.1) next to local disk (saestore.bench.objstore)")
+    objstore.add_argument("--objstore", action="store_true",
+                          help="run only this: print the table, write objstore.json to DIR (also with --quick)")
     args = parser.parse_args(argv)
     if args.codec:
         return _codec(args)
@@ -78,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*not part of the Zarr format 3 specification.*")
     if args.gpu:
         return _gpu(args)
+    if args.objstore:
+        return _objstore(args)
     t0 = time.perf_counter()
     cfg = QUICK if args.quick else FULL
     workload = {k: v for k, v in (("n_docs", args.docs), ("n_tok", args.n_tok), ("n_features", args.features),
@@ -145,6 +151,23 @@ def _gpu(args: argparse.Namespace) -> int:
     for name, value in res["ratios"].items():
         print(f"{name}: {value:.3f}")
     (args.out / "gpu.json").write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def _objstore(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from saestore.bench.objstore import FULL_OBJSTORE, QUICK_OBJSTORE, markdown, measure_objstore
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(dir=args.out) as work:
+            res = measure_objstore(QUICK_OBJSTORE if args.quick else FULL_OBJSTORE, Path(work))
+    except BenchError as e:
+        print(f"saestore.bench: error: {e}", file=sys.stderr)
+        return 1
+    print(markdown(res))
+    (args.out / "objstore.json").write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
     return 0
 
 

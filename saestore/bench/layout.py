@@ -23,8 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from saestore.bench.workloads import SyntheticWorkload, synthetic_attrs
-from saestore.writer import RunWriter, create_run, finalize_run
+from saestore.bench.workloads import SyntheticWorkload, synthetic_attrs, write_workload
 
 __all__ = ["measure_layout", "count_files"]
 
@@ -46,16 +45,8 @@ def _write(wl: SyntheticWorkload, path: Path, layout_name: str) -> dict[str, Any
         storage = dataclasses.replace(layout.storage, shard_docs=None)
         layout = dataclasses.replace(layout, storage=storage)
         attrs = dataclasses.replace(attrs, protocol_version="1.1", storage=storage)
-    create_run(path, layout, attrs)
-    writer = RunWriter(path)
-    nnz = 0
-    t0 = time.perf_counter()
-    for a, c, data in wl.chunks():
-        writer.write_chunk(a, c, data)
-        nnz += sum(acts.nnz for acts in data.acts.values())
-    seconds = time.perf_counter() - t0
-    finalize_run(path)
-    return {"nnz": nnz, "write_s": seconds, "shard_docs": layout.storage.shard_docs}
+    res = write_workload(wl, path, layout=layout, attrs=attrs)
+    return {**res, "shard_docs": layout.storage.shard_docs}
 
 
 def _read_latency(path: Path, wl: SyntheticWorkload, n_reads: int, seed: int = 0) -> list[float]:
@@ -85,7 +76,6 @@ def measure_layout(wl: SyntheticWorkload, work: Path, *, n_reads: int = 25, keep
         res.update(count_files(path))
         res["bytes_per_nnz"] = res["data_bytes"] / max(res["nnz"], 1)
         res["disk_over_data"] = res["disk_bytes"] / max(res["data_bytes"], 1)
-        res["write_nnz_per_s"] = res["nnz"] / max(res["write_s"], 1e-9)
         os.sync()
         times = _read_latency(path, wl, n_reads)
         res["read_one_doc_median_s"] = statistics.median(times)

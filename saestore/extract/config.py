@@ -109,7 +109,7 @@ class ExtractConfig:
     resume: Annotated[bool, RUN_OPTION] = False
     """require an existing run with the same configuration and finish it."""
     overwrite: Annotated[bool, RUN_OPTION] = False
-    """delete an existing run at the path first."""
+    """replace an existing run at the path (it is deleted only once the new run is created)."""
     registry: Annotated[str | None, RUN_OPTION] = None
     """SQLite run registry (default: {output_dir}/saestore_runs.sqlite)."""
     quiet: Annotated[bool, RUN_OPTION] = False
@@ -137,6 +137,14 @@ class ExtractConfig:
             raise ExtractionConfigError("--resume and --overwrite exclude each other")
         if self.setting == "prompted" and "{style}" not in self.prompt_template:
             raise ExtractionConfigError("--prompt_template must contain {style}")
+        if self.setting == "prompted":  # formatted as the worker will (str.format with style= only)
+            try:
+                self.prompt_template.format(style="author")
+            except (IndexError, KeyError, ValueError) as e:
+                raise ExtractionConfigError(
+                    f"--prompt_template {self.prompt_template!r} cannot be filled in with the author alone "
+                    f"({type(e).__name__}: {e}): {{style}} is the only field; write other braces doubled, "
+                    "{{ and }}") from None
         if self.shard_docs is not None and (self.shard_docs < self.chunk_docs or self.shard_docs % self.chunk_docs):
             lo = max(self.chunk_docs, self.shard_docs // self.chunk_docs * self.chunk_docs)
             raise ExtractionConfigError(f"--shard_docs {self.shard_docs} is not a multiple of --chunk_docs "

@@ -16,7 +16,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from saestore.errors import SaestoreError, WorkerFailedError
+from saestore.extract import interrupt
 from saestore.extract.config import ExtractConfig
+from saestore.extract.coordinator import ALREADY_COMPLETE
 from saestore.extract.worker import AuthorWork, WorkerStats, run_worker
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,8 @@ class TorchrunLauncher:
             dist.init_process_group("gloo", rank=self.rank, world_size=self.world)
         self.device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
         self.where = f"{self.world} ranks"
+        self.numerics = {"device": f"cuda {torch.cuda.get_device_name(self.device)}" if self.device != "cpu" else "cpu",
+                         "torch_threads": torch.get_num_threads() if self.device == "cpu" else None}
         self._aborted = False
 
     def _broadcast(self, value: Any) -> Any:
@@ -74,7 +78,13 @@ class TorchrunLauncher:
 
     def run(self, path: str, work: Sequence[AuthorWork]) -> WorkerStats:
         self._broadcast(_STARTED)
-        return WorkerStats.merge(self.gather(self.run_share(path, work)) or [])
+        stats = self.run_share(path, work)
+        try:
+            return WorkerStats.merge(self.gather(stats) or [])
+        except RuntimeError as e:  # gloo: a rank died (torchrun then stops this one too)
+            self._aborted = True
+            raise WorkerFailedError(f"a rank stopped before reporting ({str(e).splitlines()[0][:120]}); "
+                                    "rerun the same command to finish the run") from None
 
     def abort(self, reason: str) -> None:
         self._aborted = True
@@ -83,10 +93,13 @@ class TorchrunLauncher:
     def finished(self, code: int) -> None:
         import torch.distributed as dist
 
-        if not self._aborted:
+        if not self._aborted and code not in interrupt.SIGNALS.values():  # interrupted: the ranks are stopping too
             self._broadcast(code)
             dist.barrier()
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except RuntimeError as e:  # a rank already gone
+            log.debug("destroy_process_group: %s", e)
 
 
 def follow(launcher: TorchrunLauncher, work: Sequence[AuthorWork]) -> int:
@@ -95,6 +108,9 @@ def follow(launcher: TorchrunLauncher, work: Sequence[AuthorWork]) -> int:
     import torch.distributed as dist
 
     status = launcher._broadcast(None)
+    if status == ALREADY_COMPLETE:
+        dist.destroy_process_group()
+        return 0
     if status != _STARTED:
         dist.destroy_process_group()
         raise SaestoreError(f"rank 0 could not start the run: {status}")

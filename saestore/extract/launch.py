@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from saestore import protocol
-from saestore.errors import SaestoreError, WorkerFailedError
+from saestore.errors import ExtractionConfigError, SaestoreError, WorkerFailedError
+from saestore.extract import interrupt
 from saestore.extract.config import ExtractConfig, offline_hint, parse_all, resolve_defaults, stored_identity
 from saestore.extract.coordinator import Coordinator
 from saestore.extract.worker import AuthorWork, WorkerStats, run_worker
@@ -73,6 +74,7 @@ def plan(cfg: ExtractConfig) -> tuple[list[Any], dict[str, list[Any]], RunLayout
     """Validate everything and build the run's layout and attributes; nothing is loaded or written."""
     from saestore.extract.data import load_documents, select_documents
     from saestore.extract.models import resolve_saes, validate_model_name
+    from saestore.extract.preflight import check_request
 
     validate_model_name(cfg.model)
     specs = (resolve_saes(cfg.model, cfg.layer_types, cfg.layers, cfg.sae_features_width, cfg.target_l0,
@@ -86,6 +88,7 @@ def plan(cfg: ExtractConfig) -> tuple[list[Any], dict[str, list[Any]], RunLayout
                                  min_length_doc=cfg.min_length_doc, exclude_authors=cfg.exclude_authors,
                                  min_docs_per_author=cfg.min_docs_per_author)
     authors = tuple(sorted(by_author))
+    check_request(cfg.model, specs, cfg.prompt_template if cfg.setting == "prompted" else None, authors, cfg.n_tok)
     used_types = tuple(t for t in protocol.LAYER_TYPES if any(s.layer_type == t for s in specs))
     storage = protocol.StorageInfo(format=cfg.storage_format, value_dtype=cfg.value_dtype, chunk_docs=cfg.chunk_docs,
                                    shard_docs=cfg.shard_docs or "auto")
@@ -133,6 +136,7 @@ def _exit_with(coordinator: int) -> None:
 
 def _worker_entry(path: str, cfg: ExtractConfig, specs: list[Any], work: list[AuthorWork], device: str,
                   rank: int, n_threads: int, queue: Any, coordinator: int) -> None:
+    interrupt.quiet_worker()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker{rank} %(levelname)s %(message)s")
     _exit_with(coordinator)
     try:
@@ -140,7 +144,21 @@ def _worker_entry(path: str, cfg: ExtractConfig, specs: list[Any], work: list[Au
     except SaestoreError as e:  # e.g. an SAE that does not fit the model: tell the coordinator why
         log.error("worker %d failed: %s", rank, e)
         stats = WorkerStats.failing((w.author for w in work), f"{type(e).__name__}: {e}")
+    except interrupt.Interrupted as e:  # the coordinator stops this worker: its finished doc-chunks are written
+        sys.exit(e.exit_code)
     queue.put((rank, stats))
+
+
+def numerics(devices: Sequence[str], threads: int | None) -> dict[str, Any]:
+    """What decides the computed values besides the configuration (PROTOCOL.md §4 ``numerics``): the
+    device kind (the GPU's name) and the torch threads of each CPU worker."""
+    import torch
+
+    kinds = []
+    for d in dict.fromkeys(d.split(":")[0] for d in devices):
+        gpu = next((x for x in devices if x.startswith("cuda")), None) if d == "cuda" else None
+        kinds.append(f"cuda {torch.cuda.get_device_name(torch.device(gpu))}" if gpu else d)
+    return {"device": ", ".join(kinds), "torch_threads": threads if "cpu" in devices else None}
 
 
 class LocalLauncher:
@@ -149,6 +167,11 @@ class LocalLauncher:
     def __init__(self, cfg: ExtractConfig, specs: list[Any], devices: list[str]) -> None:
         self.cfg, self.specs, self.devices = cfg, specs, devices
         self.where = ", ".join(devices)
+        n_cpu = sum(d == "cpu" for d in devices)
+        # torch threads per CPU worker: $OMP_NUM_THREADS when set (on a busy machine 1 can be fastest), else
+        # the cores shared out between the CPU workers
+        self.threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // max(1, n_cpu))
+        self.numerics = numerics(devices, self.threads)
 
     def abort(self, reason: str) -> None:
         pass  # no worker was started
@@ -157,34 +180,40 @@ class LocalLauncher:
         pass
 
     def run(self, path: str, work: Sequence[AuthorWork]) -> WorkerStats:
-        devices = self.devices
+        devices, threads = self.devices, self.threads
         n_cpu = sum(d == "cpu" for d in devices)
-        # torch threads per CPU worker: $OMP_NUM_THREADS when set (on a busy machine 1 can be fastest), else
-        # the cores shared out between the CPU workers
-        threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // max(1, n_cpu))
         shares = [list(work[i :: len(devices)]) for i in range(len(devices))]
         if len(devices) == 1:
             return run_worker(path, self.cfg, self.specs, shares[0], devices[0], 0, threads if n_cpu else None)
         ctx = mp.get_context("spawn")
         queue = ctx.Queue()
         procs = []
-        for rank, (device, share) in enumerate(zip(devices, shares, strict=True)):
-            if not share:
-                log.info("worker %d (%s) has no author: %d workers for %d authors", rank, device, len(devices),
-                         len(work))
-                continue
-            p = ctx.Process(target=_worker_entry, args=(path, self.cfg, self.specs, share, device, rank,
-                                                        threads if device == "cpu" else 0, queue, os.getpid()),
-                            name=f"saestore-worker-{rank}")
-            p.start()
-            procs.append((rank, p, share))
-        results: dict[int, WorkerStats] = {}
-        while len(results) < len(procs) and any(p.is_alive() for _, p, _ in procs):
-            try:
-                rank, stats = queue.get(timeout=1.0)
-                results[rank] = stats
-            except queue_mod.Empty:
-                continue
+        try:
+            for rank, (device, share) in enumerate(zip(devices, shares, strict=True)):
+                if not share:
+                    log.info("worker %d (%s) has no author: %d workers for %d authors", rank, device, len(devices),
+                             len(work))
+                    continue
+                p = ctx.Process(target=_worker_entry, args=(path, self.cfg, self.specs, share, device, rank,
+                                                            threads if device == "cpu" else 0, queue, os.getpid()),
+                                name=f"saestore-worker-{rank}")
+                with interrupt.sigint_ignored():  # a Ctrl-C is for the coordinator, which stops the workers
+                    p.start()
+                procs.append((rank, p, share))
+            results: dict[int, WorkerStats] = {}
+            while len(results) < len(procs) and any(p.is_alive() for _, p, _ in procs):
+                try:
+                    rank, stats = queue.get(timeout=1.0)
+                    results[rank] = stats
+                except queue_mod.Empty:
+                    continue
+        except BaseException:  # interrupted (or failing): stop the workers, each writes its finished doc-chunks
+            for _, p, _ in procs:
+                if p.is_alive():
+                    p.terminate()
+            for _, p, _ in procs:
+                p.join()
+            raise
         while not queue.empty():
             rank, stats = queue.get()
             results[rank] = stats
@@ -196,11 +225,15 @@ class LocalLauncher:
         return WorkerStats.merge(results.values())
 
 
-def extract(cfg: ExtractConfig) -> int:
-    """Run an extraction; returns the process exit code (0 complete; failed authors raise WorkerFailedError)."""
+Plan = tuple[list[Any], dict[str, list[Any]], RunLayout, protocol.RunAttrs]
+
+
+def extract(cfg: ExtractConfig, planned: Plan | None = None) -> int:
+    """Run an extraction (``planned``: its :func:`plan` already made); returns the process exit code (0
+    complete; failed authors raise WorkerFailedError)."""
     t0 = time.perf_counter()
     cfg = resolve_defaults(cfg)
-    specs, by_author, layout, attrs = plan(cfg)
+    specs, by_author, layout, attrs = planned or plan(cfg)
     coordinator = Coordinator(cfg, layout, attrs, cfg.run_path(), t0)
     work = coordinator.work(by_author)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -214,12 +247,23 @@ def extract(cfg: ExtractConfig) -> int:
 
 
 def extract_many(configs: list[ExtractConfig]) -> int:
-    """One run per model, on the same document selection; a failing model does not stop the others."""
+    """One run per model, on the same document selection. Every model's request is checked first
+    (nothing is extracted if one is refused); a model failing during extraction does not stop the others."""
+    plans: dict[str, Plan] = {}
+    refused: dict[str, str] = {}
+    for cfg in configs:
+        try:
+            plans[cfg.model] = plan(resolve_defaults(cfg))
+        except SaestoreError as e:
+            refused[cfg.model] = f"{type(e).__name__}: {e}"
+    if refused:
+        raise ExtractionConfigError(f"{len(refused)} of {len(configs)} models refused, nothing extracted: "
+                                    + "; ".join(f"{m}: {msg}" for m, msg in refused.items()))
     failures: dict[str, str] = {}
     for cfg in configs:
         log.info("model %s (%d of %d)", cfg.model, configs.index(cfg) + 1, len(configs))
         try:
-            extract(cfg)
+            extract(cfg, plans[cfg.model])
         except SaestoreError as e:
             failures[cfg.model] = f"{type(e).__name__}: {e}"
             log.error("model %s failed: %s", cfg.model, e)
@@ -230,16 +274,40 @@ def extract_many(configs: list[ExtractConfig]) -> int:
     return 0
 
 
+def _interrupted(stop: interrupt.Interrupted, argv: list[str], configs: list[ExtractConfig]) -> str:
+    """The one line an interrupted extraction ends with."""
+    rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    if rank:
+        return f"rank {rank} stopped by {stop.name}; rank 0 saves the run and prints how to resume it"
+    if stop.run is None:  # stopped before the coordinator started (or resumed) a run: nothing changed
+        existing = next((str(p) for c in configs for p in [c.run_path()] if p.exists()), None)
+        return (f"interrupted by {stop.name} before the run was started; "
+                + (f"{existing} is as it was" if existing else "nothing was written") + ". Rerun: "
+                + interrupt.resume_command(argv, resume=False))
+    run = stop.run
+    # several models: the same command (complete runs are skipped, the interrupted one resumes)
+    return (f"interrupted by {stop.name}: {run} is saved as {stop.status or 'interrupted'}"
+            + (f" with {stop.progress}" if stop.progress else "") + "; finished doc-chunks are kept. Resume with: "
+            + interrupt.resume_command(argv, resume=len(configs) == 1))
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "huggingface_hub", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    argv = list(sys.argv[1:] if argv is None else argv)
     configs: list[ExtractConfig] = []
     try:
-        configs = parse_all(argv)
-        if len(configs) > 1:
-            return extract_many(configs)
-        return extract(configs[0])
+        with interrupt.handle_signals():
+            configs = parse_all(argv)
+            if len(configs) > 1:
+                return extract_many(configs)
+            return extract(configs[0])
+    except KeyboardInterrupt as e:  # SIGINT or SIGTERM: one line, and the command that finishes the run
+        stop = interrupt.of(e)
+        assert stop is not None
+        print(f"saestore.extract: {_interrupted(stop, argv, configs)}", file=sys.stderr, flush=True)
+        return stop.exit_code
     except WorkerFailedError as e:
         print(f"saestore.extract: error: {e}", file=sys.stderr)
         return 1
