@@ -249,3 +249,18 @@ def test_zone_map_keeps_every_block_that_can_hold_a_top_k_value():
             kth = vals[k - 1][0] if len(vals) >= k else -np.inf
             assert all(b in kept for v, b in vals if v >= kth), (smax, k, f)
         assert all(np.isfinite(smax[b]).any() for b in kept)
+
+
+def test_validate_names_a_summary_array_that_breaks_the_layout(tmp_path):
+    """A summary variable with the wrong dimension names is a layout problem, like any variable's."""
+    import json
+    from pathlib import Path
+
+    ref = write_run(tmp_path / "run.zarr")
+    meta_path = Path(ref.path) / "res_summary" / "zarr.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta["dimension_names"] = ["author", "layer", "doc", "feature", "summary"]
+    meta_path.write_text(json.dumps(meta), encoding="utf-8")
+    report = validate_run(ref.path)
+    assert [(p.kind, p.where) for p in report.problems] == [("layout", "res_summary")]
+    assert "dimension_names" in report.problems[0].message
