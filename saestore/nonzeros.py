@@ -170,6 +170,23 @@ class SparseActs:
                           sorted=True, fill_value=0.0)
 
 
+def summarize(acts: SparseActs) -> np.ndarray:
+    """``(n_features, 4)`` float64 per feature: [count, sum, max, sum of squares] of the nonzeros,
+    max 0 where count is 0 (PROTOCOL.md §2.8, the ``summary`` coordinate's order). The writer
+    stores it per doc-chunk and ``validate`` recomputes it from the decoded chunk with this one
+    function, so the two agree bit for bit."""
+    n = acts.n_features
+    v = np.asarray(acts.values, dtype=np.float64)
+    out = np.zeros((n, 4), dtype=np.float64)
+    out[:, 0] = np.bincount(acts.cols, minlength=n)
+    out[:, 1] = np.bincount(acts.cols, weights=acts.values, minlength=n)
+    vmax = np.full(n, -np.inf)
+    np.maximum.at(vmax, acts.cols, v)
+    out[:, 2] = np.where(out[:, 0] > 0, vmax, 0.0)
+    out[:, 3] = np.bincount(acts.cols, weights=v * v, minlength=n)
+    return out
+
+
 POOLS = ("mean", "max", "sum")
 """How :func:`pool` combines a document's tokens."""
 

@@ -35,12 +35,13 @@ TOKEN_DIMS: Final = ("author", "doc", "tok")
 DOC_DIMS: Final = ("author", "doc")
 SAE_DOC_DIMS: Final = ("author", "layer", "doc")
 METRIC_DIMS: Final = ("author", "layer", "doc", "tok", "metric")
-COORDS: Final = ("author", "layer", "doc", "tok", "feature", "metric", "doc_column", "logit_rank")
+SUMMARY_DIMS: Final = ("author", "layer", "doc_chunk", "feature", "summary")
+COORDS: Final = ("author", "layer", "doc", "tok", "feature", "metric", "doc_column", "logit_rank", "summary")
 #: the protocol version that added each coordinate (absent: 1.0)
-COORDS_SINCE: Final = {"metric": "1.2", "doc_column": "1.2", "logit_rank": "1.2"}
+COORDS_SINCE: Final = {"metric": "1.2", "doc_column": "1.2", "logit_rank": "1.2", "summary": "1.2"}
 #: optional coordinates: coordinate → the extraction option (the table's ``when``) that adds it with
-#: its variables; a run without the option has neither (PROTOCOL.md §2.7)
-OPTIONAL_COORDS: Final = {"doc_column": "doc_columns", "logit_rank": "logit_effects"}
+#: its variables; a run without the option has neither (PROTOCOL.md §2.7, §2.8)
+OPTIONAL_COORDS: Final = {"doc_column": "doc_columns", "logit_rank": "logit_effects", "summary": "summaries"}
 #: the default documents per shard (a multiple of chunk_docs near it is used; PROTOCOL.md §2.3)
 DEFAULT_SHARD_DOCS: Final = 128
 Status = Literal["running", "complete", "failed", "interrupted"]
@@ -96,20 +97,27 @@ class VariableSpec:
         """The fill value as zarr takes it (``"NaN"`` → float NaN)."""
         return float("nan") if self.fill_value == "NaN" else self.fill_value
 
-    def chunk_shape(self, shape: tuple[int, ...], chunk_docs: int) -> tuple[int, ...]:
-        """§2.3: one chunk per author, layer and doc-chunk, whole along ``tok``, ``feature`` and
-        ``metric``; a variable without a ``doc`` dim is one chunk."""
-        if "doc" not in self.dims:
+    @property
+    def per_doc_chunk(self) -> bool:
+        """True for variables with a ``doc`` or a ``doc_chunk`` dim: chunked (and sharded) by doc-chunk."""
+        return "doc" in self.dims or "doc_chunk" in self.dims
+
+    def chunk_shape(self, shape: tuple[int, ...], chunk_docs: int, doc_chunks: int = 1) -> tuple[int, ...]:
+        """§2.3: one chunk per author, layer and doc-chunk (``doc_chunks`` of them along ``doc_chunk``),
+        whole along ``tok``, ``feature``, ``metric`` and ``summary``; a variable without a ``doc`` or
+        ``doc_chunk`` dim is one chunk."""
+        if not self.per_doc_chunk:
             return tuple(shape)
-        per_dim = {"author": 1, "layer": 1, "doc": chunk_docs}
+        per_dim = {"author": 1, "layer": 1, "doc": chunk_docs, "doc_chunk": doc_chunks}
         return tuple(per_dim.get(d, n) for d, n in zip(self.dims, shape, strict=True))
 
     def shard_shape(self, shape: tuple[int, ...], storage: StorageInfo) -> tuple[int, ...] | None:
-        """§2.3: the shard of a variable with a ``doc`` dim is its chunk with ``shard_docs`` documents;
-        None for variables without one and for unsharded (1.1) stores."""
-        if "doc" not in self.dims or storage.shard_docs is None:
+        """§2.3: the shard of a variable with a ``doc`` (``doc_chunk``) dim is its chunk with
+        ``shard_docs`` documents (``shard_docs / chunk_docs`` doc-chunks); None for variables without
+        one and for unsharded (1.1) stores."""
+        if not self.per_doc_chunk or storage.shard_docs is None:
             return None
-        return self.chunk_shape(shape, storage.shard_docs)
+        return self.chunk_shape(shape, storage.shard_docs, storage.chunks_per_shard)
 
     def data_type(self, storage: StorageInfo) -> str:
         """The array's Zarr data type: dense SAE arrays store their value dtype, the rest as listed."""
@@ -158,8 +166,8 @@ def _load_table() -> tuple[VariableSpec, ...]:
     return tuple(VariableSpec(**{**v, "dims": tuple(v["dims"])}) for v in _load_variables_json()["variables"])
 
 
-def _load_metrics() -> dict[str, str]:
-    return {m["name"]: m["meaning"] for m in _load_variables_json()["metrics"]}
+def _load_metrics(key: str = "metrics") -> dict[str, str]:
+    return {m["name"]: m["meaning"] for m in _load_variables_json()[key]}
 
 
 #: every row of schema/variables.json, in its order (``T`` rows are templates, one per layer type)
@@ -170,6 +178,9 @@ VARIABLES: Final = tuple(v for v in VARIABLE_TABLE if not v.per_layer_type and v
 #: of the ``{layer_type}_quality`` variables, in order, and what each means
 QUALITY_METRICS: Final = _load_metrics()
 QUALITY_FIELDS: Final = QUALITY_METRICS  # the name 1.1 code used
+#: per-feature summaries of a doc-chunk (PROTOCOL.md §2.8): the ``summary`` coordinate of the
+#: ``{layer_type}_summary`` variables, in order, and what each means
+SUMMARY_FIELDS: Final = _load_metrics("summaries")
 
 
 def quality_name(layer_type: str) -> str:
@@ -215,6 +226,11 @@ def stored_options(names: typing.Container[str]) -> tuple[str, ...]:
     marks = {o: c for c, o in OPTIONAL_COORDS.items()}  # an option with a coordinate: the coordinate
     return tuple(o for o in OPTIONS if (marks.get(o) or next(v.name for v in VARIABLE_TABLE
                                                               if v.when == o and not v.per_layer_type)) in names)
+
+
+def summary_name(layer_type: str) -> str:
+    """The variable holding the §2.8 per-feature doc-chunk summaries of one layer type (``res_summary`` …)."""
+    return next(v for v in VARIABLE_TABLE if v.dims == SUMMARY_DIMS).for_layer_type(layer_type).name
 
 
 def sae_variable(layer_type: str) -> VariableSpec:

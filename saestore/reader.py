@@ -225,6 +225,23 @@ def warn_incomplete(path: str, attrs: protocol.RunAttrs, group: zarr.Group, only
                   IncompleteRunWarning, stacklevel=3)
 
 
+#: small variables read one author at a time (one dask block per author, not per doc-chunk): the
+#: §2.8 summaries and ``doc_length``, all a statistic over whole doc-chunks reads (stats/_select.py)
+WHOLE_AUTHOR_VARIABLES = ("doc_length", *(protocol.summary_name(lt) for lt in protocol.LAYER_TYPES))
+
+
+def _whole_author_chunks(path: str, ds: xr.Dataset, open_kwargs: dict[str, Any]) -> xr.Dataset:
+    """``ds`` with :data:`WHOLE_AUTHOR_VARIABLES` chunked one block per author (and layer): a few
+    reads of whole shards instead of one task per doc-chunk."""
+    names = [n for n in WHOLE_AUTHOR_VARIABLES if n in ds.data_vars]
+    if not names:
+        return ds
+    keep = set(names) | set(ds.coords)
+    kwargs = {**open_kwargs, "chunks": {"author": 1, "layer": 1, "doc": -1, "doc_chunk": -1}}
+    whole = xr.open_zarr(path, drop_variables=[n for n in ds.data_vars if n not in keep], **kwargs)
+    return ds.assign({n: whole[n] for n in names})
+
+
 def run_group(path: str | Path, **kwargs: Any) -> zarr.Group:
     """The Zarr group of the run at ``path`` (read-only); :class:`RunNotFoundError` when nothing is
     there or it is not a Zarr store. The one check of "is there a store" that readers and
@@ -255,6 +272,8 @@ def open_run(path: str | Path, *, sparse_variables: bool = True, check: bool = T
     run_group(path)  # nothing there, or not a Zarr store: one line
     ds = xr.open_zarr(path, **open_kwargs)
     group = zarr.open_group(path, mode="r")
+    if open_kwargs["chunks"] == {}:
+        ds = _whole_author_chunks(path, ds, open_kwargs)
     if check:
         attrs = protocol.read_attrs(ds.attrs, where=path)
         if attrs.status != "complete":
@@ -269,9 +288,13 @@ def open_run(path: str | Path, *, sparse_variables: bool = True, check: bool = T
     if done is not None and only_done and n_done < total:
         pending = frozenset((int(a), int(c)) for a, c in zip(*np.nonzero(~chunks), strict=True))
         keep = xr.DataArray(done, dims=("author", "doc"))
+        keep_chunks = xr.DataArray(chunks, dims=("author", "doc_chunk"))  # §2.8 summaries
         for name in list(ds.data_vars):
             var = ds[name]
-            if "doc" in var.dims and not (sparse_variables and is_sparse_variable(group[name])):
+            if "doc_chunk" in var.dims:
+                ds[name] = var.where(keep_chunks, np.asarray(group[name].fill_value, dtype=var.dtype)).transpose(*var.dims)
+                ds[name].attrs, ds[name].encoding = var.attrs, var.encoding
+            elif "doc" in var.dims and not (sparse_variables and is_sparse_variable(group[name])):
                 fill = group[name].fill_value
                 ds[name] = var.where(keep, np.asarray(fill, dtype=var.dtype)).transpose(*var.dims)
                 ds[name].attrs, ds[name].encoding = var.attrs, var.encoding

@@ -25,6 +25,7 @@ import zarr
 
 from saestore import chunkio, protocol
 from saestore.errors import SaestoreError
+from saestore.nonzeros import SparseActs, summarize
 from saestore.reader import is_sparse_variable, read_chunk_acts, run_group
 from saestore.writer import RunLayout, finalize_run, read_layout
 
@@ -346,7 +347,14 @@ def _decode_chunks(group: zarr.Group, specs: Sequence[protocol.VariableSpec], la
                 where += f" (author {layout.authors[a]!r}" + (f", layer {layout.layers[coords[1]]}" if layered else "") \
                          + (f", doc-chunk {c})" if c is not None else ")")
             try:
-                if sparse_var:
+                if spec.dims == protocol.SUMMARY_DIMS:
+                    if mismatch := _summary_problem(group, spec, coords):
+                        report.problems.append(Problem(kind="chunk", where=where, message=mismatch,
+                                                       author_idx=a, doc_chunk=c))
+                        stored.bad.add((a, c))
+                        continue
+                    count = 0
+                elif sparse_var:
                     count = read_chunk_acts(arr, coords).nnz
                 else:
                     block = _block(arr, coords)
@@ -366,6 +374,28 @@ def _decode_chunks(group: zarr.Group, specs: Sequence[protocol.VariableSpec], la
                     stored.empty[(a, c)].append(
                         f"{spec.name} layer {layout.layers[coords[1]]} (chunk {'/'.join(map(str, coords))})")
     return stored
+
+
+def _summary_problem(group: zarr.Group, spec: protocol.VariableSpec, coords: tuple[int, ...]) -> str | None:
+    """§2.8: a doc-chunk's stored summary against the one its decoded SAE chunk and valid mask give."""
+    lt = spec.name[: -len(protocol.summary_name(""))]
+    a, li, c = coords[:3]
+    stored = _block(group[spec.name], coords, 2)
+    sae = group[lt]
+    if is_sparse_variable(sae):
+        acts = read_chunk_acts(sae, (a, li, c, 0, 0))
+    else:
+        acts = SparseActs.from_dense(_block(sae, (a, li, c, 0, 0), 3))
+    valid = _block(group["valid_mask"], (a, c, 0), 2).astype(bool)
+    rows = valid.shape[0]
+    if acts.n_docs != rows:  # the array edge: the chunk is stored at its nominal shape
+        acts = acts.docs(0, rows)
+    want = summarize(acts.at_valid(valid))
+    if np.array_equal(stored, want):
+        return None
+    bad = int((~(stored == want).all(axis=1)).sum())
+    return (f"summary differs from the decoded {lt} chunk for {bad} feature(s) (PROTOCOL.md §2.8: a chunk file was "
+            "replaced or the summary is stale); --repair recomputes the shard")
 
 
 def _check_markers(group: zarr.Group, specs: Sequence[protocol.VariableSpec], layout: RunLayout,

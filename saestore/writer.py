@@ -37,7 +37,7 @@ from zarr.registry import get_codec_class
 from saestore import chunkio, faults, protocol, sparse_coo
 from saestore.errors import ConfigMismatchError, CorruptChunkError, ProtocolError, SaestoreError, StoreWriteError
 from saestore.location import is_url
-from saestore.nonzeros import SparseActs
+from saestore.nonzeros import SparseActs, summarize
 from saestore.protocol import RunAttrs, StorageInfo
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,9 @@ class RunLayout:
     """the source columns stored per document (``doc_meta`` along the ``doc_column`` coordinate, §2.7)."""
     logit_k: int = 0
     """output tokens stored per feature and direction (``T_logit_*`` along ``logit_rank``, §2.7); 0: none."""
+    summaries: bool = True
+    """whether the per-feature doc-chunk summaries ``T_summary`` exist (PROTOCOL.md §2.8; runs
+    written before them have none)."""
 
     def __post_init__(self) -> None:
         if not self.authors:
@@ -121,7 +124,8 @@ class RunLayout:
     def options(self) -> tuple[str, ...]:
         """The extraction options that add variables (the table's ``when``)."""
         on = {"loss_recovered": self.loss_recovered, "char_offsets": self.char_offsets,
-              "doc_columns": bool(self.doc_columns), "logit_effects": self.logit_k > 0}
+              "doc_columns": bool(self.doc_columns), "logit_effects": self.logit_k > 0,
+              "summaries": self.summaries}
         return tuple(o for o in protocol.OPTIONS if on[o])
 
     def variables(self) -> tuple[protocol.VariableSpec, ...]:
@@ -315,9 +319,12 @@ def _create(path: str, final_path: str, layout: RunLayout, attrs: RunAttrs, *, l
         coord("doc_column", np.array(layout.doc_columns, dtype=object), str)
     if layout.logit_k:
         coord("logit_rank", logit_ranks(layout.logit_k), "int64")
+    if layout.summaries:
+        coord("summary", np.array(list(protocol.SUMMARY_FIELDS), dtype=object), str)
 
     sizes = {"author": A, "layer": L, "doc": D, "tok": T, "feature": F, "metric": len(protocol.QUALITY_METRICS),
-             "doc_column": len(layout.doc_columns), "logit_rank": 2 * layout.logit_k}
+             "doc_column": len(layout.doc_columns), "logit_rank": 2 * layout.logit_k,
+             "doc_chunk": layout.n_chunks_max, "summary": len(protocol.SUMMARY_FIELDS)}
     for spec in layout.variables():
         shape = tuple(sizes[d] for d in spec.dims)
         dtype = spec.data_type(layout.storage)
@@ -391,8 +398,8 @@ def _check_existing(path: str, layout: RunLayout, attrs: RunAttrs) -> RunAttrs:
     except (ValueError, TypeError, KeyError) as e:  # array metadata that zarr or a codec refuses
         raise ProtocolError(f"{path} has array metadata saestore cannot read ({e}); pass --overwrite to recreate "
                             "the run") from e
-    # a 1.2 run created before token offsets were stored is resumed as it is (without them)
-    if stored != replace(layout, char_offsets=stored.char_offsets):
+    # a 1.2 run created before token offsets or summaries were stored is resumed as it is (without them)
+    if stored != replace(layout, char_offsets=stored.char_offsets, summaries=stored.summaries):
         raise ConfigMismatchError(
             f"{path} has the same configuration but another layout (the dataset changed?); pass --overwrite"
         )
@@ -432,7 +439,8 @@ def _stored_options(group: zarr.Group) -> dict[str, Any]:
     options = protocol.stored_options(group)
     return {"loss_recovered": "loss_recovered" in options, "char_offsets": "char_offsets" in options,
             "doc_columns": tuple(str(c) for c in group["doc_column"][...]) if "doc_columns" in options else (),
-            "logit_k": int(group["logit_rank"].shape[0]) // 2 if "logit_effects" in options else 0}
+            "logit_k": int(group["logit_rank"].shape[0]) // 2 if "logit_effects" in options else 0,
+            "summaries": "summaries" in options}
 
 
 def logit_ranks(k: int) -> np.ndarray:
@@ -553,6 +561,9 @@ class RunWriter:
             chunks = shard.sae.setdefault((lt, layer), {})
             if raw is not None:
                 chunks[pos] = raw
+            if layout.summaries:  # §2.8: from the values as stored, at valid tokens, before the marker
+                shard.values.setdefault((protocol.summary_name(lt), layer), {})[chunk_idx] = \
+                    self._summary(acts, data.valid_DT)[None]
         for spec in layout.variables():
             if not spec.is_sae:
                 for layer, values in self._values_of(spec, given, data):
@@ -599,6 +610,16 @@ class RunWriter:
         count = int(np.count_nonzero(full))
         return (full.tobytes() if count else None), count
 
+    def _summary(self, acts: SparseActs | np.ndarray, valid_DT: np.ndarray) -> np.ndarray:
+        """The §2.8 summary ``(F, len(SUMMARY_FIELDS))`` of one SAE chunk: of its values as stored
+        (rounded to ``value_dtype``) at valid tokens."""
+        if not isinstance(acts, SparseActs):
+            acts = SparseActs.from_dense(np.asarray(acts))
+        acts = acts.at_valid(valid_DT)
+        _, readback = sparse_coo.quantize(acts.values, self.layout.storage.value_dtype)
+        acts = replace(acts, values=readback).where(readback != 0)
+        return summarize(acts)
+
     def _store_shard(self, shard: _OpenShard) -> None:
         """Every payload of one (author, shard), then the markers of its doc-chunks (PROTOCOL.md §3)."""
         layout = self.layout
@@ -622,10 +643,13 @@ class RunWriter:
                     continue
                 arr = self.arrays[name]
                 index = (a,) if layer is None else (a, layout.layers.index(layer))
-                full = np.full((len(span), *arr.shape[len(index) + 1:]), spec.zarr_fill_value,
+                # along doc: the shard's documents; along doc_chunk (§2.8 summaries): its doc-chunks
+                by_doc = "doc" in spec.dims
+                region = span if by_doc else range(s * k, min((s + 1) * k, layout.n_chunks_max))
+                full = np.full((len(region), *arr.shape[len(index) + 1:]), spec.zarr_fill_value,
                                dtype=object if spec.dtype == "string" else spec.dtype)
                 for c, values in by_chunk.items():
-                    start = c * layout.storage.chunk_docs - span.start
+                    start = (c * layout.storage.chunk_docs if by_doc else c) - region.start
                     full[start : start + len(values)] = values
                 label = name if layer is None else f"{name} layer {layer}"
                 if layout.storage.shard_docs is not None:
@@ -633,7 +657,7 @@ class RunWriter:
                     # damaged or not); remove it first, so that the shard is written whole
                     key = (*index, s, *(0,) * (arr.ndim - len(index) - 1))
                     self._guarded(label, a, what, partial(chunkio.delete_chunk, arr, key))
-                self._guarded(label, a, what, partial(arr.__setitem__, (*index, slice(span.start, span.stop)), full))
+                self._guarded(label, a, what, partial(arr.__setitem__, (*index, slice(region.start, region.stop)), full))
                 faults.point("payload")
         faults.point("before_marker")
         first = s * k

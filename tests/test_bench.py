@@ -24,7 +24,7 @@ from saestore.bench.baselines import delphi_split_bounds
 from saestore.bench.report import LIBRARIES
 from saestore.bench.run import SECTIONS
 
-SECTION_KEYS = {"bytes", "write", "stats", "access", "extract", "pipeline", "layout"}
+SECTION_KEYS = {"bytes", "write", "stats", "access", "extract", "pipeline", "layout", "scale"}
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_markdown_tables_are_well_formed(quick_report):
     md = (out / "bench.md").read_text(encoding="utf-8")
     for heading in ("## Targets", "## 1. Bytes per nonzero — synthetic", "## 1. Bytes per nonzero — tiny",
                     "## 2. Write", "## 3. Statistics", "## 4. Random access", "## 5. Extraction",
-                    "## 6. Storage overlapping"):
+                    "## 6. Storage overlapping", "## 8. Statistics at corpus scale"):
         assert heading in md, heading
     tables = [block.splitlines() for block in re.findall(r"(?m)(?:^\|.*\n?)+", md)]
     assert len(tables) >= 7
@@ -118,6 +118,29 @@ def test_markdown_tables_are_well_formed(quick_report):
     target_rows = tables[0][2:]
     assert len(target_rows) == len(report["targets"])
     assert all(("PASS" in r) != ("MISS" in r) for r in target_rows)
+
+
+def test_scale_section_quick(tmp_path):
+    """``--only scale --quick --tokens N``: the run has about N tokens, the three frequency paths and
+    the pruned and full-scan top-k paths agree, every row has a time and a peak RSS, and the section
+    renders with its targets."""
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "saestore.bench", "--quick", "--only", "scale", "--tokens", "120000",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text(encoding="utf-8"))
+    sc = report["sections"]["scale"]
+    assert set(report["sections"]) == {"scale"}
+    assert 0.8 * 120000 <= sc["n_tokens"] <= 1.25 * 120000 and sc["requested_tokens"] == 120000
+    assert set(sc["rows"]) == {"freq_summary", "freq_scan", "freq_seed", "topk_1_pruned", "topk_1_scan",
+                               "topk_64_pruned", "topk_64_scan"}
+    assert all(r["seconds"] > 0 and r["peak_rss_mb"] > 0 for r in sc["rows"].values())
+    assert sc["agree"], sc["check"]
+    assert sc["check"]["topk_64_pruned_vs_scan"] == 0.0 and sc["check"]["freq_summary_vs_scan"] <= 1e-12
+    assert all(math.isfinite(v) and v > 0 for v in sc["ratios"].values())
+    assert {t["section"] for t in report["targets"]} == {"scale"}
+    md = (out / "bench.md").read_text(encoding="utf-8")
+    assert "## 8. Statistics at corpus scale" in md and "| topk_64_pruned |" in md
 
 
 def test_seed_csr_from_nonzeros_equals_the_dense_path(tmp_path):

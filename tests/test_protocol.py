@@ -127,10 +127,10 @@ def test_quality_table_matches_code():
 
 
 def _optional_variables() -> list[protocol.VariableSpec]:
-    """The §2.7 variables: those of the options other than §2.6's ``loss_recovered``."""
+    """The §2.7 variables: those of the options other than §2.6's ``loss_recovered`` and §2.8's ``summaries``."""
     return [dataclasses.replace(v, name=v.name.replace("res_", "T_"))
             for v in protocol.run_variables(("res",), options=protocol.OPTIONS)
-            if v.when is not None and v.when != "loss_recovered"]
+            if v.when is not None and v.when not in ("loss_recovered", "summaries")]
 
 
 def test_optional_table_matches_code():
@@ -158,14 +158,23 @@ def test_variables_json_is_valid_and_matches_code():
     code = [protocol.sae_variable("T"), *protocol.VARIABLES,
             *(protocol.VariableSpec(name=v.name.replace("res_", "T_"), dims=v.dims, dtype=v.dtype,
                                     fill_value=v.fill_value, meaning=v.meaning)
-              for v in protocol.quality_variables(("res",), loss_recovered=True)), *_optional_variables()]
+              for v in protocol.quality_variables(("res",), loss_recovered=True)), *_optional_variables(),
+            *(protocol.VariableSpec(name=v.name.replace("res_", "T_"), dims=v.dims, dtype=v.dtype,
+                                    fill_value=v.fill_value, meaning=v.meaning)
+              for v in protocol.run_variables(("res",), options=("summaries",)) if v.dims == protocol.SUMMARY_DIMS)]
     assert set(listed) == {v.name for v in code}
     for v in code:
         assert (tuple(listed[v.name]["dims"]), listed[v.name]["dtype"], listed[v.name]["fill_value"]) == \
             (v.dims, v.dtype, v.fill_value), v.name
-    quality = {v["name"] for v in data["variables"] if v["since"] != "1.0"} - {v.name for v in _optional_variables()}
+    quality = ({v["name"] for v in data["variables"] if v["since"] != "1.0" and v.get("when") != "summaries"}
+               - {v.name for v in _optional_variables()})
     documented = {r[0].strip("`") for r in _table("<!-- quality:begin -->", "<!-- quality:end -->")}
     assert quality == documented
+    # §2.8: the summary variable and the summary coordinate's values, in order
+    rows = _table("<!-- summaries:begin -->", "<!-- summaries:end -->")
+    assert [r[0].strip("`") for r in rows] == [m["name"] for m in data["summaries"]] == list(protocol.SUMMARY_FIELDS)
+    summary = listed[protocol.summary_name("T")]
+    assert (tuple(summary["dims"]), summary["when"]) == (protocol.SUMMARY_DIMS, "summaries")
     metrics = [(r[0].strip("`"), r[1]) for r in _table("<!-- metrics:begin -->", "<!-- metrics:end -->")]
     assert [m for m, _ in metrics] == [m["name"] for m in data["metrics"]] == list(protocol.QUALITY_METRICS)
 

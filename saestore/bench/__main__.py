@@ -4,7 +4,8 @@ Sections: 1 bytes per nonzero (synthetic and a tiny-model run; saestore vs the s
 delphi-style cache), 2 write throughput and peak RSS (saestore writer vs the seed's save path),
 3 statistics throughput (sparse dask vs dense ``xr.open_zarr`` vs the seed), 4 one-document
 random reads, 5 storage share and peak RSS of a real extraction, 6 storage overlapping a simulated
-device (the worker loop with a fixed-latency forward). Prints the markdown report and
+device (the worker loop with a fixed-latency forward), 7 files of an unsharded and a sharded run,
+8 statistics at corpus scale (``--tokens N``: summaries vs full scan vs the seed, pruned top-k). Prints the markdown report and
 writes ``bench.json`` and ``bench.md`` to DIR (default ``bench_out/``). BENCHMARKS.md holds the last
 full run. ``--docs``, ``--n-tok``, ``--features``, ``--l0``, ``--chunk-docs`` and ``--stats-growth``
 resize the synthetic workload (e.g. ``--only stats --docs 4 --n-tok 256``). ``--codec`` instead
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     sizes.add_argument("--chunk-docs", type=_positive(int), help="documents per doc-chunk")
     sizes.add_argument("--stats-growth", type=_positive(int),
                        help="the larger run of sections 3 and 4 has this many times the documents per author")
+    sizes.add_argument("--tokens", type=_positive(int),
+                       help="token positions of section 8's run (statistics at corpus scale; default 10M, "
+                            "--quick 200k)")
     codec = parser.add_argument_group("codec chain", "bytes per nonzero and throughput of the sparse codec chain on "
                                       "one synthetic chunk, against dense, naive COO, the seed's CSR and the bound")
     codec.add_argument("--codec", action="store_true",
@@ -85,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     workload = {k: v for k, v in (("n_docs", args.docs), ("n_tok", args.n_tok), ("n_features", args.features),
                                   ("l0", args.l0), ("chunk_docs", args.chunk_docs)) if v is not None}
     cfg = dataclasses.replace(cfg, synthetic=dataclasses.replace(cfg.synthetic, **workload),
-                              stats_growth=args.stats_growth or cfg.stats_growth)
+                              stats_growth=args.stats_growth or cfg.stats_growth,
+                              scale_tokens=args.tokens or cfg.scale_tokens)
     try:
         report = run_benchmarks(cfg, args.out, sections=tuple(args.only), keep=args.keep)
     except BenchError as e:

@@ -27,6 +27,7 @@ TASKS: dict[str, str] = {
     "write_saestore": "saestore.bench.write:child_write_saestore",
     "write_seed": "saestore.bench.write:child_write_seed",
     "stats": "saestore.bench.stats_speed:child_stats",
+    "scale": "saestore.bench.scale:child_scale",
     "extract": "saestore.bench.extraction:child_extract",
     "prepare_tiny": "saestore.bench.extraction:child_prepare_tiny",
 }

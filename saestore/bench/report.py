@@ -172,6 +172,18 @@ def evaluate_targets(sections: dict[str, Any]) -> list[Target]:
                    value=r["read_one_doc_sharded_over_unsharded"],
                    basis="median open_run latency of one document of one SAE"),
         ]
+    sc = sections.get("scale")
+    if sc:
+        r, n = sc["ratios"], f"{sc['n_tokens'] / 1e6:.1f}M tokens"
+        out += [
+            Target(name=f"frequency by author, summaries vs seed ({n})", section="scale", op=">=", threshold=20.0,
+                   value=r["seed_over_summary_time"], basis="seed seconds / summary-path seconds (issue 14: on 10M)"),
+            Target(name=f"frequency by author, full scan vs seed ({n})", section="scale", op=">=", threshold=2.0,
+                   value=r["seed_over_scan_time"], basis="seed seconds / full-scan seconds (issue 14: on 10M)"),
+            Target(name=f"top_examples peak RSS ({n})", section="scale", op="<=", threshold=1024.0,
+                   value=max(sc["rows"][k]["peak_rss_mb"] for k in sc["rows"] if k.startswith("topk")),
+                   basis="MiB, the largest of the pruned and full-scan top-k paths"),
+        ]
     return out
 
 
@@ -292,4 +304,11 @@ def render_markdown(report: dict[str, Any]) -> str:
                           r["nnz"], r["bytes_per_nnz"], r["write_nnz_per_s"] / 1e6, r["read_one_doc_median_s"] * 1e3]
                          for name, r in lay["layouts"].items()])
         lines += ["", "Ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in lay["ratios"].items())]
+    sc = sec.get("scale")
+    if sc:
+        lines += ["", "## 8. Statistics at corpus scale", "", sc["description"], ""]
+        lines += _table(["path", "seconds", "peak RSS MiB", "RSS before MiB"],
+                        [[name, r["seconds"], r["peak_rss_mb"], r["base_rss_mb"]] for name, r in sc["rows"].items()])
+        lines += ["", "Agreement (max rel diff): " + ", ".join(f"{k} {v:.2g}" for k, v in sc["check"].items())]
+        lines += ["", "Ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in sc["ratios"].items())]
     return "\n".join(lines) + "\n"

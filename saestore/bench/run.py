@@ -35,7 +35,7 @@ __all__ = ["BenchConfig", "FULL", "QUICK", "SECTIONS", "run_benchmarks"]
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("bytes", "write", "stats", "access", "extract", "pipeline", "layout")
+SECTIONS = ("bytes", "write", "stats", "access", "extract", "pipeline", "layout", "scale")
 REPORT_SCHEMA = "saestore.bench/1"
 
 
@@ -66,6 +66,8 @@ class BenchConfig:
     layout: SyntheticWorkload = SyntheticWorkload(n_authors=40, n_docs=256, n_tok=1023, layer_types=("res",),
                                                   pad_frac=0.0)
     """section 7's run: 10.5M tokens of one 16k SAE, written unsharded (1.1) and sharded (1.2)."""
+    scale_tokens: int = 10_000_000
+    """section 8's run: about this many token positions (``--tokens``)."""
 
 
 FULL = BenchConfig(mode="full", synthetic=SyntheticWorkload(n_authors=4, n_docs=8, n_tok=511))
@@ -75,7 +77,8 @@ QUICK = BenchConfig(mode="quick",
                     child_timeout_s=300.0,
                     pipeline=SyntheticWorkload(n_authors=2, n_docs=8, n_tok=127, layer_types=("res",)),
                     layout=SyntheticWorkload(n_authors=3, n_docs=40, n_tok=127, n_features=2048, l0=20,
-                                             layer_types=("res",)))
+                                             layer_types=("res",)),
+                    scale_tokens=200_000)
 
 
 def write_run_and_seed(wl: SyntheticWorkload, run_path: Path, seed_root: Path, layer_type: str, layer: int) -> None:
@@ -361,6 +364,12 @@ def run_benchmarks(cfg: BenchConfig, out_dir: Path, *, sections: tuple[str, ...]
             with _timed(timings, "layout", "section 7: files of an unsharded and a sharded run (%d authors × %d docs "
                         "× %d tok)", lw.n_authors, lw.n_docs, lw.n_tok):
                 results["layout"] = _section_layout(cfg, work)
+        if "scale" in sections:
+            from saestore.bench.scale import section_scale
+
+            with _timed(timings, "scale", "section 8: statistics at corpus scale (%d tokens)", cfg.scale_tokens):
+                results["scale"] = section_scale(cfg.scale_tokens, cfg.mode == "quick", work, cfg.child_timeout_s,
+                                                 write_run_and_seed)
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)

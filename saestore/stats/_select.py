@@ -33,6 +33,7 @@ from saestore import protocol, selection
 from saestore.errors import StatsError
 
 __all__ = ["Selection", "SelectionKw", "StatsError", "make_selection", "sae_array", "token_array", "doc_array", "per_block",
+           "summary_chunks", "summary_array",
            "check_by", "By", "group_coords", "over_layer_types", "renamed_n"]
 
 LAYER_TYPES = protocol.LAYER_TYPES
@@ -204,6 +205,40 @@ def sae_array(ds: xr.Dataset, sel: Selection, layer_type: str) -> da.Array:
     x = _take(x, 1, sel.layer_idx)
     x = x.rechunk({0: 1, 1: 1, 3: -1, 4: -1})
     return _take_docs(x, 2, sel.doc_idx)
+
+
+def summary_chunks(ds: xr.Dataset, sel: Selection, layer_type: str) -> np.ndarray | None:
+    """The doc-chunks whose union is the selection's documents, when the run stores the §2.8
+    summaries of ``layer_type`` and ``ds`` still has every document and token as stored (so the
+    summaries describe exactly its blocks); None otherwise: the statistic scans the SAE blocks."""
+    name = protocol.summary_name(layer_type)
+    if name not in ds.data_vars or "doc_chunk" not in ds[name].dims:
+        return None
+    stored = ds[layer_type].encoding.get("preferred_chunks") or {}
+    cd, n_doc, n_tok = stored.get("doc"), int(ds.sizes["doc"]), int(ds.sizes["tok"])
+    if not cd or stored.get("tok") != n_tok or ds.sizes["doc_chunk"] != -(-n_doc // cd):
+        return None  # the dataset was cut along tok or doc after opening
+    if not (np.asarray(ds["doc"].values) == np.arange(n_doc)).all() or sel.doc_idx.size == 0:
+        return None
+    chunks = np.unique(sel.doc_idx // cd)
+    whole = sum(min((c + 1) * cd, n_doc) - c * cd for c in chunks)
+    return chunks if whole == np.unique(sel.doc_idx).size else None
+
+
+def summary_array(ds: xr.Dataset, sel: Selection, layer_type: str,
+                  chunks: np.ndarray) -> tuple[da.Array, da.Array]:
+    """``summary_ALCF4`` of the selection (doc-chunks ``chunks``, from :func:`summary_chunks`; the
+    ``summary`` axis in §2.8 order) and the valid tokens per selected author ``(A',)`` from
+    ``doc_length`` (§2.5: it counts the document's valid tokens)."""
+    x = _dask(ds, protocol.summary_name(layer_type))
+    x = _take(_take(x, 0, sel.author_idx), 1, sel.layer_idx)
+    x = _take(x, 2, chunks)
+    if sel.feature_idx is not None:
+        x = x[:, :, :, sel.feature_idx]
+    cd = int(ds[layer_type].encoding["preferred_chunks"]["doc"])
+    docs = np.concatenate([np.arange(c * cd, min((c + 1) * cd, int(ds.sizes["doc"]))) for c in chunks])
+    lengths = _take(_dask(ds, "doc_length"), 0, sel.author_idx)
+    return x, _take(lengths, 1, docs).sum(axis=1, dtype=np.int64)
 
 
 def token_array(ds: xr.Dataset, sel: Selection, name: str, like: da.Array) -> da.Array:

@@ -33,6 +33,8 @@ from saestore.stats._select import (
     over_layer_types,
     per_block,
     sae_array,
+    summary_array,
+    summary_chunks,
     token_array,
 )
 
@@ -75,24 +77,37 @@ def feature_stats(
       ``mean_active`` = sum / count (NaN if never active);
     * ``max``: the largest value over valid tokens (zeros included, so 0 for a never-active feature
       of a non-negative SAE; NaN if the selection has no valid token).
+
+    When the run stores the §2.8 doc-chunk summaries and the selection's documents are a union of
+    whole doc-chunks, only the summaries (and ``doc_length``) are read; otherwise every selected SAE
+    block is scanned. Both give the same numbers.
     """
     by = check_by(by)
     sel = make_selection(ds, layer_type, **selection)
 
     def one(lt: str) -> xr.Dataset:
-        acts = sae_array(ds, sel, lt)
-        valid = token_array(ds, sel, "valid_mask", acts)
-        parts = per_block(kernels.feature_moments, acts, [valid], new_axes={"g": sel.n_features, "s": 3},
-                          dtype=np.float64, feature_idx=sel.feature_idx)
-        count = parts[..., 0].sum(axis=2)
-        total = parts[..., 1].sum(axis=2)
-        vmax = parts[..., 2].max(axis=2)
+        chunks = summary_chunks(ds, sel, lt)
+        if chunks is not None:  # the summaries: count, sum, max per (author, layer, doc-chunk, feature)
+            parts, n_author = summary_array(ds, sel, lt, chunks)
+            count = parts[..., 0].sum(axis=2)
+            total = parts[..., 1].sum(axis=2)
+            vmax = da.where(parts[..., 0] > 0, parts[..., 2], -np.inf).max(axis=2)
+            n_valid_da = n_author if by == "author" else n_author.sum()
+        else:
+            acts = sae_array(ds, sel, lt)
+            valid = token_array(ds, sel, "valid_mask", acts)
+            parts = per_block(kernels.feature_moments, acts, [valid], new_axes={"g": sel.n_features, "s": 3},
+                              dtype=np.float64, feature_idx=sel.feature_idx)
+            count = parts[..., 0].sum(axis=2)
+            total = parts[..., 1].sum(axis=2)
+            vmax = parts[..., 2].max(axis=2)
+            n_valid_da = _n_valid(valid, by)
         if by is None:
             count, total, vmax = count.sum(axis=0), total.sum(axis=0), vmax.max(axis=0)
         dims, coords = group_coords(sel, by)
         dims = [*dims, "feature"]
         coords["feature"] = ("feature", sel.features)
-        n_valid = xr.DataArray(_n_valid(valid, by), dims=dims[:-2], name="n_valid")
+        n_valid = xr.DataArray(n_valid_da, dims=dims[:-2], name="n_valid")
         count_x = xr.DataArray(count.astype(np.int64), dims=dims, coords=coords)
         total_x = xr.DataArray(total, dims=dims, coords=coords)
         vmax_x = xr.DataArray(vmax, dims=dims, coords=coords)

@@ -38,6 +38,8 @@ from saestore.stats._select import (
     per_block,
     renamed_n,
     sae_array,
+    summary_array,
+    summary_chunks,
     token_array,
 )
 
@@ -76,17 +78,44 @@ def _assemble(pos: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray]], width
     return out.reshape(pos.shape if width is None else (*pos.shape, width))
 
 
+class _Unscheduled:
+    """A dask array handed to a task without making its blocks the task's inputs: the task computes
+    only the blocks it needs (:func:`_gather_hit_blocks`, :func:`_pruned_top_k`)."""
+
+    def __init__(self, x: da.Array) -> None:
+        self.x = x
+        self._delayed: np.ndarray | None = None
+
+    def block(self, *index: int) -> Any:
+        if self._delayed is None:  # one Delayed per block, sharing the array's graph (no per-block slicing)
+            self._delayed = self.x.to_delayed(optimize_graph=False)
+        return self._delayed[index].compute(scheduler="sync")
+
+
+def _gather_hit_blocks(pos: np.ndarray, blocks: _Unscheduled, starts: np.ndarray, n_docs_sel: int, n_tok: int,
+                       window: int | None, width: int | None, fill: Any, dtype: Any) -> np.ndarray:
+    """:func:`_gather` from the blocks holding a position of ``pos`` only (the others are never read)."""
+    p = np.asarray(pos).ravel()
+    p = p[p >= 0]
+    a, d = p // (n_docs_sel * n_tok), (p // n_tok) % n_docs_sel
+    parts = []
+    for ai, c in sorted({(int(x), int(y)) for x, y in zip(a, np.searchsorted(starts, d, side="right") - 1,
+                                                             strict=True)}):
+        parts.append(_gather(pos, blocks.block(ai, c, *(0,) * (blocks.x.ndim - 2)), ai, int(starts[c]),
+                             n_docs_sel, n_tok, window))
+    return _assemble(pos, parts, width, fill, dtype)
+
+
 def _gathered(pos: da.Array, blocks: da.Array, n_docs_sel: int, n_tok: int, window: int | None, fill: Any,
               dtype: Any) -> da.Array:
-    """Lazily gather ``blocks`` (per-doc ``(A', D')`` or per-token ``(A', D', T)``) at ``pos``."""
-    pos_one = pos.rechunk(pos.shape).to_delayed().ravel()[0]
+    """Lazily gather ``blocks`` (per-doc ``(A', D')`` or per-token ``(A', D', T)``) at ``pos``,
+    reading only the blocks that hold one of the positions (memory: those, one at a time)."""
+    # not optimized: an optimized copy of the graph would compute the top k a second time
+    pos_one = pos.rechunk(pos.shape).to_delayed(optimize_graph=False).ravel()[0]
     starts = np.concatenate([[0], np.cumsum(blocks.chunks[1])])
-    parts = []
-    for idx, blk in np.ndenumerate(blocks.to_delayed()):
-        a, c = idx[0], idx[1]
-        parts.append(dask.delayed(_gather)(pos_one, blk, a, int(starts[c]), n_docs_sel, n_tok, window, fill))
     width = None if window is None else 2 * window + 1
-    result = dask.delayed(_assemble)(pos_one, parts, width, fill, dtype)
+    result = dask.delayed(_gather_hit_blocks)(pos_one, _Unscheduled(blocks), starts, n_docs_sel, n_tok, window,
+                                              width, fill, dtype)
     shape = pos.shape if width is None else (*pos.shape, width)
     return da.from_delayed(result, shape=shape, dtype=dtype)
 
@@ -146,6 +175,77 @@ def window_pieces(ds: xr.Dataset, sel: Selection, acts: da.Array, pos: da.Array,
     return da.from_delayed(dask.delayed(_pieces)(*one), shape=start.shape, dtype=object)
 
 
+def zone_map_blocks(smax_BF: np.ndarray, k: int) -> np.ndarray:
+    """The blocks (rows of ``smax_BF``: each block's stored max per feature, -inf where inactive)
+    that can hold one of a feature's k largest values: the k-th largest block max ``T_f`` is a
+    value with at least k values at or above it, so a block whose max is below ``T_f`` for every
+    feature holds none (ties are kept). At most k blocks per feature, plus ties."""
+    if smax_BF.shape[0] > k:
+        threshold = -np.partition(-smax_BF, k - 1, axis=0)[k - 1]
+    else:
+        threshold = np.full(smax_BF.shape[1], -np.inf)
+    return np.flatnonzero((np.isfinite(smax_BF) & (smax_BF >= threshold)).any(axis=1))
+
+
+def _pruned_top_k(smax_ACF: np.ndarray, acts: _Unscheduled, valid: _Unscheduled, authors: list[int], li: int,
+                  starts: np.ndarray, *, feature_idx: np.ndarray | None, k: int, window: int,
+                  n_docs_sel: int) -> np.ndarray:
+    """``(F', k, P)``: the merged :func:`kernels.top_k` of the blocks of ``authors`` at layer
+    position ``li``, decoding only blocks whose stored max (``smax_ACF``, -inf where a feature is
+    inactive) can enter some feature's top k (:func:`zone_map_blocks`), largest max first, a few at
+    a time in threads; before each batch, blocks whose max is below every feature's current k-th
+    value are dropped. Memory: the running top k and a batch of blocks."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    n_f = smax_ACF.shape[-1]
+    best = np.full((n_f, k, 3 + 2 * window), np.nan)
+    best[..., 0], best[..., 1] = -np.inf, kernels.NO_POS
+    smax = np.asarray(smax_ACF, dtype=np.float64).reshape(-1, n_f)
+    todo = zone_map_blocks(smax, k)
+    todo = todo[np.argsort(-smax[todo].max(axis=1), kind="stable")]
+    n_par = max(1, min(8, os.cpu_count() or 1))
+
+    def partial_of(b: int) -> np.ndarray:
+        ai, c = divmod(int(b), smax_ACF.shape[1])
+        a = authors[ai]
+        return kernels.top_k(acts.block(a, li, c, 0, 0), valid.block(a, c, 0), np.array([a]),
+                             np.arange(starts[c], starts[c + 1]), feature_idx=feature_idx, k=k, window=window,
+                             n_docs_sel=n_docs_sel)[0, 0, 0]
+
+    with ThreadPoolExecutor(n_par) as pool:
+        while todo.size:
+            kth = best[:, k - 1, 0]
+            todo = todo[(smax[todo] >= kth).any(axis=1)]
+            batch, todo = todo[:n_par], todo[n_par:]
+            if batch.size:
+                best = kernels.merge_top_k(np.stack([best, *pool.map(partial_of, batch)]), axis=0, keepdims=False,
+                                           k=k)
+    return best
+
+
+def _zone_map_best(ds: xr.Dataset, sel: Selection, lt: str, acts: da.Array, valid: da.Array, chunks: np.ndarray,
+                   by: str | None, k: int, window: int) -> da.Array:
+    """The top-k partials of :func:`top_examples` through the §2.8 per-chunk max (see
+    :func:`_pruned_top_k`), one task per (author group, layer): ``[A',] L', F', k, P``."""
+    summ, _ = summary_array(ds, sel, lt, chunks)
+    smax = da.where(summ[..., 0] > 0, summ[..., 2], -np.inf)  # (A', L', C', F')
+    starts = np.concatenate([[0], np.cumsum(acts.chunks[2])])
+    n_a, n_l = acts.shape[0], acts.shape[1]
+    groups = [[a] for a in range(n_a)] if by == "author" else [list(range(n_a))]
+    shape = (sel.n_features, k, 3 + 2 * window)
+    out = []
+    for g in groups:
+        per_layer = []
+        for li in range(n_l):
+            res = dask.delayed(_pruned_top_k)(smax[g[0]:g[-1] + 1, li], _Unscheduled(acts), _Unscheduled(valid), g,
+                                              li, starts, feature_idx=sel.feature_idx, k=k, window=window,
+                                              n_docs_sel=acts.shape[2])
+            per_layer.append(da.from_delayed(res, shape=shape, dtype=np.float64))
+        out.append(da.stack(per_layer))
+    return da.stack(out) if by == "author" else out[0]
+
+
 def top_examples(ds: xr.Dataset, layer_type: LayerTypes = None, *, k: int = 10, window: int = 5,
                  by: str | None = None, **selection: Unpack[SelectionKw]) -> xr.Dataset:
     """The ``k`` largest activations of each feature over valid tokens, dims
@@ -160,6 +260,9 @@ def top_examples(ds: xr.Dataset, layer_type: LayerTypes = None, *, k: int = 10, 
     * ``text``: the document text.
 
     Ties are broken by position (author, doc, tok), so every scheduler gives the same examples.
+    With the §2.8 summaries and a selection of whole doc-chunks, only the doc-chunks whose stored
+    max can still enter a feature's top k are decoded; otherwise every block is scanned. Either
+    way memory is bounded by k × features × window (plus one block), and the examples are the same.
     """
     by = check_by(by)
     if k < 1 or window < 0:
@@ -172,12 +275,16 @@ def top_examples(ds: xr.Dataset, layer_type: LayerTypes = None, *, k: int = 10, 
         acts = sae_array(ds, sel, lt)
         valid = token_array(ds, sel, "valid_mask", acts)
         n_docs_sel = acts.shape[2]
-        parts = per_block(kernels.top_k, acts, [valid], positions=index_arrays(sel, acts),
-                          new_axes={"g": sel.n_features, "k": k, "p": 2 + n_w}, dtype=np.float64,
-                          feature_idx=sel.feature_idx, k=k, window=window, n_docs_sel=n_docs_sel)
-        axes = (2,) if by == "author" else (0, 2)
-        best = da.reduction(parts, chunk=merge, combine=merge, aggregate=merge, axis=axes, keepdims=False,
-                            dtype=np.float64, concatenate=True, meta=np.empty((0,) * (parts.ndim - len(axes))))
+        chunks = summary_chunks(ds, sel, lt)
+        if chunks is not None:
+            best = _zone_map_best(ds, sel, lt, acts, valid, chunks, by, k, window)
+        else:
+            parts = per_block(kernels.top_k, acts, [valid], positions=index_arrays(sel, acts),
+                              new_axes={"g": sel.n_features, "k": k, "p": 2 + n_w}, dtype=np.float64,
+                              feature_idx=sel.feature_idx, k=k, window=window, n_docs_sel=n_docs_sel)
+            axes = (2,) if by == "author" else (0, 2)
+            best = da.reduction(parts, chunk=merge, combine=merge, aggregate=merge, axis=axes, keepdims=False,
+                                dtype=np.float64, concatenate=True, meta=np.empty((0,) * (parts.ndim - len(axes))))
         dims, coords = group_coords(sel, by)
         coords.update(feature=("feature", sel.features), rank=("rank", np.arange(k)),
                       offset=("offset", np.arange(-window, window + 1)))
