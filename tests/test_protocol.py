@@ -147,7 +147,7 @@ def test_optional_table_matches_code():
     assert set(protocol.OPTIONAL_COORDS.values()) <= set(protocol.OPTIONS)
     for coord, option in protocol.OPTIONAL_COORDS.items():
         assert all(coord in v.dims for v in code.values() if v.when == option), coord
-    assert protocol.stored_options(["char_start", "doc_column", "logit_rank", "ce_clean"]) == protocol.OPTIONS
+    assert protocol.stored_options(["char_start", "doc_column", "logit_rank", "ce_clean", "summary"]) == protocol.OPTIONS
 
 
 def test_variables_json_is_valid_and_matches_code():

@@ -102,7 +102,7 @@ def _gather_hit_blocks(pos: np.ndarray, blocks: _Unscheduled, starts: np.ndarray
     for ai, c in sorted({(int(x), int(y)) for x, y in zip(a, np.searchsorted(starts, d, side="right") - 1,
                                                              strict=True)}):
         parts.append(_gather(pos, blocks.block(ai, c, *(0,) * (blocks.x.ndim - 2)), ai, int(starts[c]),
-                             n_docs_sel, n_tok, window))
+                             n_docs_sel, n_tok, window, fill))
     return _assemble(pos, parts, width, fill, dtype)
 
 
