@@ -120,6 +120,7 @@ def test_markdown_tables_are_well_formed(quick_report):
     assert all(("PASS" in r) != ("MISS" in r) for r in target_rows)
 
 
+@pytest.mark.extract
 def test_scale_section_quick(tmp_path):
     """``--only scale --quick --tokens N``: the run has about N tokens, the three frequency paths and
     the pruned and full-scan top-k paths agree, every row has a time and a peak RSS, and the section
