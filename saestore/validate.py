@@ -27,7 +27,7 @@ from saestore import chunkio, protocol
 from saestore.errors import SaestoreError
 from saestore.nonzeros import SparseActs, summarize
 from saestore.reader import is_sparse_variable, read_chunk_acts, run_group
-from saestore.writer import RunLayout, finalize_run, read_layout
+from saestore.writer import RunLayout, consolidate, finalize_run, read_layout
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -441,7 +441,7 @@ def _repair(path: str, attrs: protocol.RunAttrs, layout: RunLayout, bad: set[tup
         group = zarr.open_group(path, mode="r+", use_consolidated=False)
         group.attrs[protocol.ATTRS_KEY] = replace(
             attrs, status="failed", failed_authors=sorted({layout.authors[a] for a, _ in bad})).to_json()
-        zarr.consolidate_metadata(path)
+        consolidate(path)
         writable = zarr.open_array(path, path=protocol.PROGRESS_PATH, mode="r+")
         k = layout.chunks_per_shard
         for a, s in sorted({(a, c // k) for a, c in bad}):  # one marker chunk per shard: remove it whole

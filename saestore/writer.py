@@ -23,6 +23,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -205,6 +206,14 @@ def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
+def consolidate(path: str) -> None:
+    """Consolidate the run's metadata (PROTOCOL.md §2), which the protocol requires: zarr's warning
+    that consolidated metadata is not part of the Zarr v3 specification is not news to a user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        zarr.consolidate_metadata(path)
+
+
 def run_exists(path: str) -> bool:
     """Whether something is at a run's path (a local folder, or objects under a URL)."""
     if is_url(path):
@@ -345,7 +354,7 @@ def _create(path: str, final_path: str, layout: RunLayout, attrs: RunAttrs, *, l
     protocol.validate_json(attrs.to_json(), "run_attributes")
     faults.point("create_array")
     group.attrs[protocol.ATTRS_KEY] = attrs.to_json()
-    zarr.consolidate_metadata(path)
+    consolidate(path)
     if local:
         if replacing:  # the old run is set aside, the new one put in its place, then the old one deleted
             aside = final_path.rstrip("/") + REPLACED_SUFFIX
@@ -413,7 +422,7 @@ def _reopen(path: str, layout: RunLayout, attrs: RunAttrs) -> RunAttrs:
     group = zarr.open_group(path, mode="r+", use_consolidated=False)
     group.attrs[protocol.ATTRS_KEY] = new.to_json()
     faults.point("reopen")
-    zarr.consolidate_metadata(path)
+    consolidate(path)
     log.info("resuming %s", path)
     return new
 
@@ -478,7 +487,7 @@ def finalize_run(path: str | Path, *, failed_authors: Sequence[str] = (), interr
     attrs = replace(attrs, status=status, finalized_at=_now(), failed_authors=failed)
     group.attrs[protocol.ATTRS_KEY] = attrs.to_json()
     faults.point("finalize_attrs")
-    zarr.consolidate_metadata(path)
+    consolidate(path)
     return attrs
 
 
