@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import uuid
 import warnings
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,8 +29,8 @@ from saestore.nonzeros import SparseActs
 
 T = TypeVar("T")
 
-__all__ = ["open_run", "is_sparse_variable", "SparseChunkSource", "read_sparse_chunk", "read_chunk_acts",
-           "done_docs"]
+__all__ = ["open_run", "is_sparse_variable", "SparseChunkSource", "chunk_source", "read_sparse_chunk",
+           "read_chunk_acts", "done_docs"]
 
 
 def is_sparse_variable(arr: zarr.Array) -> bool:
@@ -66,19 +67,21 @@ def _raw_chunk(arr: zarr.Array, coords: tuple[int, ...], decode: Callable[[bytes
                                 "Run `python -m saestore validate RUN --repair`, then extract --resume") from e
 
 
-def read_chunk_acts(arr: zarr.Array, coords: tuple[int, ...]) -> SparseActs:
+def read_chunk_acts(arr: zarr.Array, coords: tuple[int, ...], fmap: np.ndarray | None = None) -> SparseActs:
     """One stored chunk of an SAE variable as :class:`~saestore.nonzeros.SparseActs` of the chunk's
     ``(doc, tok, feature)`` shape, straight from the format's rows (its leading author/layer axes
-    have size 1)."""
+    have size 1). With ``fmap`` (one int64 per feature; negative: dropped) only the selected
+    features are kept, renumbered ``fmap[c]`` (:func:`saestore.sparse_coo.decode_selected`)."""
     shape = chunkio.chunk_shape(arr)
-    acts_shape = (int(shape[-3]), int(shape[-2]), int(shape[-1]))
+    n_feat = int(shape[-1]) if fmap is None else int(fmap.max(initial=-1)) + 1
+    acts_shape = (int(shape[-3]), int(shape[-2]), n_feat)
     if len(shape) < 3 or math.prod(shape[:-3]) != 1:
         raise CorruptChunkError(f"{arr.store_path.path} has chunks {shape}, not (1, …, 1, doc, tok, feature)")
     n_rows = acts_shape[0] * acts_shape[1]
     value_dtype = chunkio.serializer(arr).value_dtype
 
     def decode(raw: bytes) -> SparseActs:
-        _, rows, cols, values = sparse_coo.decode_rows(raw, n_rows, acts_shape[2], value_dtype=value_dtype)
+        _, rows, cols, values = sparse_coo.decode_selected(raw, fmap, n_rows, int(shape[-1]), value_dtype=value_dtype)
         return SparseActs(rows=rows, cols=cols, values=values, shape=acts_shape)
 
     acts = _raw_chunk(arr, coords, decode)
@@ -160,6 +163,29 @@ class SparseChunkSource:
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_arr": None}
 
+    def accumulate(self, coords: tuple[int, ...], acc: np.ndarray, fmap: np.ndarray) -> None:
+        """Add chunk ``coords`` (author, layer, doc-chunk, 0, 0) into ``acc`` with
+        :func:`saestore.sparse_coo.accumulate` -- read, decode and reduce in one pass, no block
+        built. A chunk never written or pending adds nothing."""
+        if (coords[0], coords[2]) in self.pending:
+            return
+        arr = self.array
+        n_rows = math.prod(self.chunks[:-1])
+        value_dtype = chunkio.serializer(arr).value_dtype
+        _raw_chunk(arr, coords, lambda raw: sparse_coo.accumulate(raw, acc, fmap, n_rows, self.chunks[-1],
+                                                                  value_dtype=value_dtype))
+
+    def read_acts(self, coords: tuple[int, ...], fmap: np.ndarray | None = None) -> SparseActs:
+        """Chunk ``coords`` (author, layer, doc-chunk, 0, 0) as :class:`~saestore.nonzeros.SparseActs`
+        cut at the array's doc edge (:func:`read_chunk_acts`; ``fmap`` keeps selected features only).
+        A pending chunk reads as empty."""
+        n_docs = min(self.chunks[2], self.shape[2] - coords[2] * self.chunks[2])
+        if (coords[0], coords[2]) in self.pending:
+            n_feat = self.chunks[-1] if fmap is None else int(fmap.max(initial=-1)) + 1
+            return SparseActs.empty((n_docs, self.chunks[3], n_feat))
+        acts = read_chunk_acts(self.array, coords, fmap)
+        return acts if n_docs == acts.n_docs else acts.docs(0, n_docs)
+
     def __getitem__(self, key: tuple[slice, ...]) -> sparse.COO:
         key = key if isinstance(key, tuple) else (key,)
         starts = [s.start or 0 for s in key]
@@ -190,6 +216,17 @@ def store_token(path: str) -> str:
     return tokenize(path, dict(group.attrs), markers)
 
 
+_SOURCES: weakref.WeakValueDictionary[str, SparseChunkSource] = weakref.WeakValueDictionary()
+"""dask array name -> its source, for the arrays :func:`open_run` made (the graph holds the source)."""
+
+
+def chunk_source(x: da.Array) -> SparseChunkSource | None:
+    """The :class:`SparseChunkSource` of ``x`` when ``x`` is a sparse variable exactly as
+    :func:`open_run` made it (no operation applied since), else None. Statistics use it to read
+    chunk bytes themselves (a fused read-decode-reduce per chunk) instead of ``sparse.COO`` blocks."""
+    return _SOURCES.get(x.name)
+
+
 def _sparse_dask(path: str, name: str, token: str, pending: frozenset[tuple[int, int]]) -> da.Array:
     src = SparseChunkSource(path, name, pending)
     chunks = tuple(
@@ -197,8 +234,10 @@ def _sparse_dask(path: str, name: str, token: str, pending: frozenset[tuple[int,
         for dim, c in zip(src.shape, src.chunks, strict=True)
     )
     meta = sparse.COO.from_numpy(np.zeros((0,) * src.ndim, dtype=src.dtype))
-    return da.from_array(src, chunks=chunks, meta=meta, asarray=False, fancy=False,
-                         name=f"saestore-{name}-{tokenize(token, name, src.array.metadata.to_dict())}")
+    x = da.from_array(src, chunks=chunks, meta=meta, asarray=False, fancy=False,
+                      name=f"saestore-{name}-{tokenize(token, name, src.array.metadata.to_dict())}")
+    _SOURCES[x.name] = src
+    return x
 
 
 def doc_chunk_counts(group: zarr.Group, chunks: np.ndarray | None = None) -> tuple[int, int]:

@@ -1,4 +1,5 @@
-"""The ``saestore.sparse_coo`` byte format, in pure numpy (PROTOCOL.md, section "Codec").
+"""The ``saestore.sparse_coo`` byte format (PROTOCOL.md, section "Codec"): numpy to encode, one
+numba-compiled walk to decode.
 
 A chunk of shape ``(..., n_cols)`` is viewed as a row-major matrix of ``n_rows = prod(shape[:-1])``
 rows and ``n_cols = shape[-1]`` columns (for SAE variables: one row per token, one column per
@@ -21,6 +22,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
+import numba
 import numpy as np
 
 from saestore.errors import CodecEncodeError, CorruptChunkError
@@ -73,14 +75,6 @@ def _shuffle(a: np.ndarray) -> bytes:
     if width == 1 or a.size == 0:
         return a.tobytes()
     return np.ascontiguousarray(a.view(np.uint8).reshape(-1, width).T).tobytes()
-
-
-def _unshuffle(buf: memoryview | bytes, dtype: np.dtype, n: int) -> np.ndarray:
-    width = dtype.itemsize
-    raw = np.frombuffer(buf, dtype=np.uint8, count=n * width)
-    if width == 1 or n == 0:
-        return raw.view(dtype).copy()
-    return np.ascontiguousarray(raw.reshape(width, n).T).view(dtype).reshape(n)
 
 
 def to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
@@ -247,18 +241,117 @@ def read_header(data: bytes | memoryview) -> Header:
     return header
 
 
-def decode_rows(
-    data: bytes | memoryview, n_rows: int | None = None, n_cols: int | None = None, *,
-    value_dtype: str | None = None,
-) -> tuple[Header, np.ndarray, np.ndarray, np.ndarray]:
-    """Decode to (header, rows int64, cols int64, values float32), in row-major order.
+# The one walk over a chunk's sections: unshuffles counts, column deltas and values straight from the
+# decompressed bytes, checks every invariant, and either writes (row, col, value) triples or adds
+# each value into per-feature (count, sum, max, sum of squares) -- read, decode and reduce in one
+# pass, with no intermediate array per section. Compiled once per machine (numba's cache).
+_OK, _BAD_COUNTS, _UNSORTED, _COL_RANGE, _BAD_VALUE = 0, 1, 2, 3, 4
 
-    ``n_rows``/``n_cols``, when given, are the chunk shape the caller expects, each checked on its
-    own (a transposed header of the same size is corrupt); ``value_dtype``, when given, is the codec
-    configuration's, which the header's value dtype code must match. A mismatch is a
-    CorruptChunkError. Every invariant is checked: the header before any allocation, then counts,
-    column range and strict ordering.
-    """
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _u16(buf: np.ndarray, start: int, n: int, i: int) -> int:
+    """Element ``i`` of a shuffled little-endian uint16 section of ``n`` elements at ``start``."""
+    return int(buf[start + i]) | int(buf[start + n + i]) << 8
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _u32(buf: np.ndarray, start: int, n: int, i: int) -> int:
+    """Element ``i`` of a shuffled little-endian uint32 section of ``n`` elements at ``start``."""
+    return (int(buf[start + i]) | int(buf[start + n + i]) << 8 | int(buf[start + 2 * n + i]) << 16
+            | int(buf[start + 3 * n + i]) << 24)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _half_to_float(h: int) -> float:
+    e, m = (h >> 10) & 0x1F, h & 0x3FF
+    if e == 0:
+        v = m * 2.0**-24
+    elif e == 31:
+        v = np.inf if m == 0 else np.nan
+    else:
+        v = (1.0 + m / 1024.0) * 2.0 ** (e - 15)
+    return -v if h >> 15 else v
+
+
+@numba.njit(cache=True, nogil=True)
+def _walk(buf: np.ndarray, n_rows: int, n_cols: int, nnz: int, width: int, code: int, fmap: np.ndarray,
+          rows: np.ndarray, cols: np.ndarray, values: np.ndarray, acc: np.ndarray, detail: np.ndarray) -> int:
+    pc = 32  # HEADER_SIZE
+    pd = pc + 4 * n_rows
+    pv = pd + width * nnz
+    total = 0
+    for r in range(n_rows):
+        c = _u32(buf, pc, n_rows, r)
+        if c > n_cols:
+            detail[0] = -1
+            return _BAD_COUNTS
+        total += c
+    if total != nnz:
+        detail[0] = total
+        return _BAD_COUNTS
+    decode, reduce = cols.size > 0, acc.shape[0] > 0
+    select = decode and fmap.size > 0
+    kept = 0
+    tmp = np.empty(1, dtype=np.uint32)
+    tmp_f = tmp.view(np.float32)
+    k = 0
+    for r in range(n_rows):
+        c = _u32(buf, pc, n_rows, r)
+        col = np.int64(0)
+        for j in range(c):
+            if width == 2:
+                d = np.int64(_u16(buf, pd, nnz, k))
+            else:
+                d = np.int64(_u32(buf, pd, nnz, k))
+            if j == 0:
+                col = d
+            elif d == 0:
+                return _UNSORTED
+            else:
+                col += d
+            if col >= n_cols:
+                detail[0] = col
+                return _COL_RANGE
+            if code == 0:
+                tmp[0] = _u32(buf, pv, nnz, k)
+                v = tmp_f[0]
+            elif code == 2:
+                tmp[0] = _u16(buf, pv, nnz, k) << 16
+                v = tmp_f[0]
+            else:
+                v = np.float32(_half_to_float(_u16(buf, pv, nnz, k)))
+            if v == 0 or not np.isfinite(v):
+                return _BAD_VALUE
+            if decode:
+                if select:
+                    g = fmap[col]
+                    if g >= 0:
+                        rows[kept], cols[kept], values[kept] = r, g, v
+                        kept += 1
+                else:
+                    rows[k], cols[k], values[k] = r, col, v
+            if reduce:
+                g = fmap[col]
+                if g >= 0:
+                    x = np.float64(v)
+                    acc[g, 0] += 1.0
+                    acc[g, 1] += x
+                    if acc[g, 0] == 1.0 or x > acc[g, 2]:
+                        acc[g, 2] = x
+                    acc[g, 3] += x * x
+            k += 1
+    detail[1] = kept if select else nnz
+    return _OK
+
+
+_NO_FMAP: Final = np.zeros(0, dtype=np.int64)
+_NO_ACC: Final = np.zeros((0, 4), dtype=np.float64)
+_NO_INT: Final = np.zeros(0, dtype=np.int64)
+_NO_F32: Final = np.zeros(0, dtype=np.float32)
+
+
+def _checked_header(data: bytes | memoryview, n_rows: int | None, n_cols: int | None,
+                    value_dtype: str | None) -> Header:
     header = read_header(data)
     if n_rows is not None and header.n_rows != n_rows or n_cols is not None and header.n_cols != n_cols:
         raise CorruptChunkError(
@@ -269,42 +362,75 @@ def decode_rows(
             f"sparse_coo chunk stores {header.value_dtype} values (code {VALUE_DTYPES[header.value_dtype][0]}) "
             f"but the codec configuration says value_dtype {value_dtype!r}; the chunk belongs to another array or is corrupt"
         )
-    view = memoryview(data)
-    pos = HEADER_SIZE
-    counts = _unshuffle(view[pos:], COUNT_DTYPE, header.n_rows)
-    pos += COUNT_DTYPE.itemsize * header.n_rows
-    nnz = header.nnz
-    deltas = _unshuffle(view[pos:], np.dtype(f"<u{header.index_width}"), nnz).astype(np.int64)
-    pos += header.index_width * nnz
-    if header.value_dtype == "float32":
-        values = _unshuffle(view[pos:], np.dtype("<f4"), nnz)
-    elif header.value_dtype == "float16":
-        values = _unshuffle(view[pos:], np.dtype("<f2"), nnz).astype(np.float32)
-    else:
-        values = from_bfloat16_bits(_unshuffle(view[pos:], np.dtype("<u2"), nnz))
-    if int(counts.sum(dtype=np.int64)) != nnz or (counts > header.n_cols).any():
-        raise CorruptChunkError(
-            f"sparse_coo row counts sum to {int(counts.sum(dtype=np.int64))}, header says {nnz} nonzeros"
-        )
-    rows = np.repeat(np.arange(header.n_rows, dtype=np.int64), counts)
-    starts = np.cumsum(counts, dtype=np.int64) - counts
-    starts = starts[counts > 0]
-    first = np.zeros(nnz, dtype=bool)
-    first[starts] = True
-    if nnz and (deltas[~first] == 0).any():
+    return header
+
+
+def _run_walk(data: bytes | memoryview, header: Header, fmap: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+              values: np.ndarray, acc: np.ndarray) -> int:
+    """Run :func:`_walk`; raise its error as one CorruptChunkError; return the nonzeros written."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    detail = np.zeros(2, dtype=np.int64)
+    err = _walk(buf, header.n_rows, header.n_cols, header.nnz, header.index_width,
+                VALUE_DTYPES[header.value_dtype][0], fmap, rows, cols, values, acc, detail)
+    if err == _BAD_COUNTS:
+        got = f"sum to {int(detail[0])}" if detail[0] >= 0 else f"exceed the {header.n_cols} columns"
+        raise CorruptChunkError(f"sparse_coo row counts {got}, header says {header.nnz} nonzeros")
+    if err == _UNSORTED:
         raise CorruptChunkError("sparse_coo columns are not strictly increasing within a row (duplicate or unsorted)")
-    csum = np.cumsum(deltas)
-    base = np.zeros(nnz, dtype=np.int64)
-    base[starts] = csum[starts] - deltas[starts]
-    np.maximum.accumulate(base, out=base)
-    cols = csum - base
-    if nnz and cols.max() >= header.n_cols:
+    if err == _COL_RANGE:
         raise CorruptChunkError(
-            f"sparse_coo column index {int(cols.max())} out of range for {header.n_cols} columns"
+            f"sparse_coo column index {int(detail[0])} out of range for {header.n_cols} columns"
         )
-    if not np.isfinite(values).all() or (values == 0).any():
+    if err == _BAD_VALUE:
         raise CorruptChunkError("sparse_coo values contain NaN, inf or explicit zeros")
-    return header, rows, cols, values
+    return int(detail[1])
+
+
+def decode_rows(
+    data: bytes | memoryview, n_rows: int | None = None, n_cols: int | None = None, *,
+    value_dtype: str | None = None,
+) -> tuple[Header, np.ndarray, np.ndarray, np.ndarray]:
+    """Decode to (header, rows int64, cols int64, values float32), in row-major order.
+
+    ``n_rows``/``n_cols``, when given, are the chunk shape the caller expects, each checked on its
+    own (a transposed header of the same size is corrupt); ``value_dtype``, when given, is the codec
+    configuration's, which the header's value dtype code must match. A mismatch is a
+    CorruptChunkError. Every invariant is checked: the header before any allocation, then counts,
+    column range, strict ordering and the values (finite, nonzero).
+    """
+    return decode_selected(data, None, n_rows, n_cols, value_dtype=value_dtype)
+
+
+def decode_selected(
+    data: bytes | memoryview, fmap: np.ndarray | None, n_rows: int | None = None, n_cols: int | None = None, *,
+    value_dtype: str | None = None,
+) -> tuple[Header, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`decode_rows` keeping only the nonzeros of selected columns: column ``c`` is kept as
+    ``fmap[c]`` (int64, one entry per column; negative: dropped). ``fmap`` None keeps every column
+    as it is. The whole chunk is checked either way."""
+    header = _checked_header(data, n_rows, n_cols, value_dtype)
+    if fmap is not None and fmap.shape != (header.n_cols,):
+        raise ValueError(f"decode_selected needs fmap of shape ({header.n_cols},), got {fmap.shape}")
+    rows = np.empty(header.nnz, dtype=np.int64)
+    cols = np.empty(header.nnz, dtype=np.int64)
+    values = np.empty(header.nnz, dtype=np.float32)
+    fm = _NO_FMAP if fmap is None else np.asarray(fmap, dtype=np.int64)
+    n = _run_walk(data, header, fm, rows, cols, values, _NO_ACC)
+    return header, rows[:n], cols[:n], values[:n]
+
+
+def accumulate(data: bytes | memoryview, acc: np.ndarray, fmap: np.ndarray, n_rows: int | None = None,
+               n_cols: int | None = None, *, value_dtype: str | None = None) -> Header:
+    """Add one chunk into ``acc`` (float64 ``(F', 4)``: per selected feature the count, sum, max and
+    sum of squares of its nonzeros, the §2.8 summaries' order) without materializing it: feature
+    ``c`` goes to row ``fmap[c]`` (int64, one entry per column; negative: not selected). ``max``
+    starts from the first value seen (a row whose count is still 0 holds no maximum). The same
+    checks as :func:`decode_rows`; a corrupt chunk may have added part of its values."""
+    header = _checked_header(data, n_rows, n_cols, value_dtype)
+    if fmap.shape != (header.n_cols,) or acc.ndim != 2 or acc.shape[1] != 4 or acc.dtype != np.float64:
+        raise ValueError(f"accumulate needs fmap of shape ({header.n_cols},) and a float64 (F', 4) acc")
+    _run_walk(data, header, np.asarray(fmap, dtype=np.int64), _NO_INT, _NO_INT, _NO_F32, acc)
+    return header
 
 
 def decode_dense(data: bytes | memoryview, shape: tuple[int, ...], dtype: np.dtype | str = "float32", *,

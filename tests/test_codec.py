@@ -403,6 +403,11 @@ def _decoders(data: bytes, shape: tuple[int, ...] = SMALL.shape):
     yield lambda: sparse_coo.decode_dense(data, shape)
     yield lambda: sparse_coo.decode_coords(data, shape)
     yield lambda: SparseCOONumcodec(n_cols=n_cols, value_dtype=value_dtype).decode(data)
+    n_rows = math.prod(shape[:-1])
+    if n_cols > 4096:  # the fused walk's feature map and accumulator are the caller's, sized by n_cols
+        return
+    yield lambda: sparse_coo.decode_selected(data, np.arange(n_cols)[::-1].copy(), n_rows, n_cols)
+    yield lambda: sparse_coo.accumulate(data, np.zeros((n_cols, 4)), np.arange(n_cols), n_rows, n_cols)
 
 
 def assert_corrupt(data: bytes, match: str | None = None, shape: tuple[int, ...] = SMALL.shape,
@@ -995,3 +1000,44 @@ def test_synthetic_run_data_fits_a_layout():
             assert data.valid_DT[acts.doc, acts.tok].all() and (acts.feature < 64).all()
     assert [d.token_id_DT.tolist() for *_, d in synthetic_run_data(layout, l0=5, pad_frac=0.3, seed=4)] == \
         [d.token_id_DT.tolist() for *_, d in units]
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), value_dtype=st.sampled_from(VALUE_DTYPES))
+def test_the_fused_walk_agrees_with_decoding(data, value_dtype):
+    """``accumulate`` (read, decode and reduce in one pass) adds exactly the §2.8 summary that
+    ``nonzeros.summarize`` computes from the decoded chunk, for any feature selection; and
+    ``decode_selected`` keeps exactly the selected nonzeros of ``decode_rows``."""
+    from saestore.nonzeros import SparseActs, summarize
+
+    n_rows, n_cols = data.draw(st.integers(0, 12)), data.draw(st.integers(1, 40))
+    dense = data.draw(arrays(np.float32, (n_rows, n_cols), elements=st.sampled_from(
+        [0.0, 0.0, 0.0, 1.0, -2.5, 3e-3, 7.25, 1e-30, -0.0, 65000.0])))
+    enc = sparse_coo.encode_dense(dense, value_dtype)
+    _, rows, cols, values = sparse_coo.decode_rows(enc)
+    want = summarize(SparseActs(rows=rows, cols=cols, values=values, shape=(1, n_rows, n_cols)))
+    acc = np.zeros((n_cols, 4))
+    sparse_coo.accumulate(enc, acc, np.arange(n_cols))
+    np.testing.assert_array_equal(acc, want)
+    chosen = np.asarray(data.draw(st.lists(st.integers(0, n_cols - 1), unique=True)), dtype=np.int64)
+    fmap = np.full(n_cols, -1, dtype=np.int64)
+    fmap[chosen] = np.arange(chosen.size)
+    acc = np.zeros((chosen.size, 4))
+    sparse_coo.accumulate(enc, acc, fmap)
+    np.testing.assert_array_equal(acc, want[chosen])
+    _, r2, c2, v2 = sparse_coo.decode_selected(enc, fmap)
+    keep = fmap[cols] >= 0
+    np.testing.assert_array_equal(r2, rows[keep])
+    np.testing.assert_array_equal(c2, fmap[cols[keep]])
+    np.testing.assert_array_equal(v2, values[keep])
+
+
+def test_accumulate_adds_chunk_after_chunk():
+    """Two chunks into one accumulator: counts and sums add, max is the larger, a feature seen first
+    in the second chunk takes its max from there (not from the 0 it started at)."""
+    a = np.array([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0]], np.float32)
+    b = np.array([[0.5, -3.0, 0.0]], np.float32)
+    acc = np.zeros((3, 4))
+    for chunk in (a, b):
+        sparse_coo.accumulate(sparse_coo.encode_dense(chunk), acc, np.arange(3))
+    np.testing.assert_array_equal(acc, [[3, 3.5, 2.0, 5.25], [1, -3.0, -3.0, 9.0], [0, 0, 0, 0]])

@@ -197,13 +197,15 @@ def test_pruned_top_examples_decode_only_chunks_that_can_enter(sp, monkeypatch):
     author with by='author'), of the run's 7 doc-chunks per layer; the window tokens and the text
     are read from that chunk's blocks alone."""
     calls = []
-    real = reader.read_sparse_chunk
 
-    def counting(arr, coords):
-        calls.append(tuple(coords))
-        return real(arr, coords)
+    def counting(real):
+        def read(arr, coords, *args):
+            calls.append(tuple(coords))
+            return real(arr, coords, *args)
+        return read
 
-    monkeypatch.setattr(reader, "read_sparse_chunk", counting)
+    for name in ("read_sparse_chunk", "read_chunk_acts"):  # as sparse.COO blocks, or straight from the bytes
+        monkeypatch.setattr(reader, name, counting(getattr(reader, name)))
     out = st.top_examples(sp, "res", layer=2, feature=4, k=1, window=1).compute()
     assert len(calls) == 1
     full = st.top_examples(_full_scan(sp), "res", layer=2, feature=4, k=1, window=1).compute()
@@ -264,3 +266,63 @@ def test_validate_names_a_summary_array_that_breaks_the_layout(tmp_path):
     report = validate_run(ref.path)
     assert [(p.kind, p.where) for p in report.problems] == [("layout", "res_summary")]
     assert "dimension_names" in report.problems[0].message
+
+
+def _block_scan(ds: xr.Dataset, fn, *args, **kw):
+    """``fn`` with every SAE block decoded as ``sparse.COO`` (the path for datasets changed after
+    opening): the reference for the fused read-decode-reduce of the chunk bytes."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(reader, "chunk_source", lambda x: None)
+        return fn(ds, *args, **kw).compute()
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=hs.data())
+def test_fused_scan_equals_the_block_scan(sp, data):
+    """Without stored summaries, a whole-doc-chunk selection is reduced straight from the chunk bytes
+    (``_select.scanned_summary_array``): the same statistics as scanning sparse.COO blocks, for any
+    selection of features."""
+    n_chunks = -(-max(N_DOCS) // CHUNK_DOCS)
+    chunks = data.draw(hs.lists(hs.integers(0, n_chunks - 1), min_size=1, max_size=n_chunks, unique=True))
+    docs = sorted(d for c in chunks for d in range(c * CHUNK_DOCS, min((c + 1) * CHUNK_DOCS, max(N_DOCS))))
+    authors = data.draw(hs.lists(hs.sampled_from(AUTHORS), min_size=1, max_size=3, unique=True))
+    features = data.draw(hs.none() | hs.lists(hs.integers(0, N_FEAT - 1), min_size=1, max_size=6, unique=True))
+    kw = dict(by=data.draw(hs.sampled_from([None, "author"])), author=authors, doc=docs, feature=features,
+              layer=data.draw(hs.none() | hs.sampled_from(LAYERS)))
+    lt = data.draw(hs.sampled_from([None, "res", "mlp"]))
+    scan = _full_scan(sp)
+    _assert_same(st.feature_stats(scan, lt, **kw).compute(), _block_scan(scan, st.feature_stats, lt, **kw))
+
+
+def test_fused_scan_builds_no_block(sp, monkeypatch):
+    blocks = _block_scan(_full_scan(sp), st.feature_stats, by="author")
+
+    def refuse(*a, **k):
+        raise AssertionError("an SAE chunk was decoded into a sparse.COO block")
+
+    monkeypatch.setattr(reader, "read_sparse_chunk", refuse)
+    _assert_same(st.feature_stats(_full_scan(sp), by="author").compute(), blocks)
+
+
+def test_fused_scan_of_an_unfinished_run_skips_unfinished_chunks(tmp_path):
+    ref = write_run(tmp_path / "run.zarr", authors=[0, 2], finalize=False)
+    with pytest.warns(IncompleteRunWarning):
+        ds = _full_scan(saestore.open_run(ref.path))
+    _assert_same(st.feature_stats(ds, by="author").compute(), _block_scan(ds, st.feature_stats, by="author"))
+    assert int(st.feature_stats(ds, by="author")["count"].isel(author=1).sum()) == 0
+
+
+@pytest.mark.parametrize("summaries", [True, False], ids=["pruned", "scan"])
+@pytest.mark.parametrize("feature", [None, 6, [5, 3, 0]], ids=["all", "one", "list"])
+def test_top_examples_from_the_chunk_bytes_equal_the_block_path(sp, summaries, feature):
+    """Blocks read straight from the bytes with the selected features only (``_select.DirectBlocks``,
+    valid masks from ``doc_length``) give the examples the sparse.COO blocks give."""
+    ds = sp if summaries else _full_scan(sp)
+    direct = st.top_examples(ds, k=3, window=2, feature=feature).compute()
+    blocks = _block_scan(ds, st.top_examples, k=3, window=2, feature=feature)
+    for name in direct.data_vars:
+        a, b = direct[name].values, blocks[name].values
+        if a.dtype.kind == "f":
+            np.testing.assert_array_equal(a, b, err_msg=name)
+        else:
+            assert (a == b).all(), name

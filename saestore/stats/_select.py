@@ -28,12 +28,14 @@ import numpy as np
 import pandas as pd
 import sparse
 import xarray as xr
+from dask.base import tokenize
 
-from saestore import protocol, selection
+from saestore import chunkio, protocol, reader, selection
 from saestore.errors import StatsError
 
 __all__ = ["Selection", "SelectionKw", "StatsError", "make_selection", "sae_array", "token_array", "doc_array", "per_block",
-           "summary_chunks", "summary_array",
+           "whole_doc_chunks", "summary_chunks", "summary_array", "scanned_summary_array", "DirectBlocks",
+           "ValidFromLengths",
            "check_by", "By", "group_coords", "over_layer_types", "renamed_n"]
 
 LAYER_TYPES = protocol.LAYER_TYPES
@@ -207,17 +209,16 @@ def sae_array(ds: xr.Dataset, sel: Selection, layer_type: str) -> da.Array:
     return _take_docs(x, 2, sel.doc_idx)
 
 
-def summary_chunks(ds: xr.Dataset, sel: Selection, layer_type: str) -> np.ndarray | None:
-    """The doc-chunks whose union is the selection's documents, when the run stores the §2.8
-    summaries of ``layer_type`` and ``ds`` still has every document and token as stored (so the
-    summaries describe exactly its blocks); None otherwise: the statistic scans the SAE blocks."""
-    name = protocol.summary_name(layer_type)
-    if name not in ds.data_vars or "doc_chunk" not in ds[name].dims:
-        return None
+def whole_doc_chunks(ds: xr.Dataset, sel: Selection, layer_type: str) -> np.ndarray | None:
+    """The doc-chunks whose union is the selection's documents, when ``ds`` still has every
+    document and token of ``layer_type`` as stored (so stored chunks are exactly its blocks); None
+    otherwise."""
     stored = ds[layer_type].encoding.get("preferred_chunks") or {}
     cd, n_doc, n_tok = stored.get("doc"), int(ds.sizes["doc"]), int(ds.sizes["tok"])
-    if not cd or stored.get("tok") != n_tok or ds.sizes["doc_chunk"] != -(-n_doc // cd):
-        return None  # the dataset was cut along tok or doc after opening
+    if not cd or stored.get("tok") != n_tok:
+        return None  # the dataset was cut along tok after opening
+    if "doc_chunk" in ds.sizes and ds.sizes["doc_chunk"] != -(-n_doc // cd):
+        return None  # ... or along doc
     if not (np.asarray(ds["doc"].values) == np.arange(n_doc)).all() or sel.doc_idx.size == 0:
         return None
     chunks = np.unique(sel.doc_idx // cd)
@@ -225,20 +226,132 @@ def summary_chunks(ds: xr.Dataset, sel: Selection, layer_type: str) -> np.ndarra
     return chunks if whole == np.unique(sel.doc_idx).size else None
 
 
+def summary_chunks(ds: xr.Dataset, sel: Selection, layer_type: str) -> np.ndarray | None:
+    """:func:`whole_doc_chunks` when the run stores the §2.8 summaries of ``layer_type`` (the
+    statistic reads them); None otherwise: the statistic scans the SAE blocks."""
+    name = protocol.summary_name(layer_type)
+    if name not in ds.data_vars or "doc_chunk" not in ds[name].dims:
+        return None
+    return whole_doc_chunks(ds, sel, layer_type)
+
+
+def _valid_per_author(ds: xr.Dataset, sel: Selection, layer_type: str, chunks: np.ndarray) -> da.Array:
+    """Valid tokens per selected author ``(A',)`` in doc-chunks ``chunks``, from ``doc_length``
+    (§2.5: it counts the document's valid tokens)."""
+    cd = int(ds[layer_type].encoding["preferred_chunks"]["doc"])
+    docs = np.concatenate([np.arange(c * cd, min((c + 1) * cd, int(ds.sizes["doc"]))) for c in chunks])
+    lengths = _take(_dask(ds, "doc_length"), 0, sel.author_idx)
+    return _take(lengths, 1, docs).sum(axis=1, dtype=np.int64)
+
+
 def summary_array(ds: xr.Dataset, sel: Selection, layer_type: str,
                   chunks: np.ndarray) -> tuple[da.Array, da.Array]:
     """``summary_ALCF4`` of the selection (doc-chunks ``chunks``, from :func:`summary_chunks`; the
-    ``summary`` axis in §2.8 order) and the valid tokens per selected author ``(A',)`` from
-    ``doc_length`` (§2.5: it counts the document's valid tokens)."""
+    ``summary`` axis in §2.8 order) and the valid tokens per selected author ``(A',)``."""
     x = _dask(ds, protocol.summary_name(layer_type))
     x = _take(_take(x, 0, sel.author_idx), 1, sel.layer_idx)
     x = _take(x, 2, chunks)
     if sel.feature_idx is not None:
         x = x[:, :, :, sel.feature_idx]
-    cd = int(ds[layer_type].encoding["preferred_chunks"]["doc"])
-    docs = np.concatenate([np.arange(c * cd, min((c + 1) * cd, int(ds.sizes["doc"]))) for c in chunks])
-    lengths = _take(_dask(ds, "doc_length"), 0, sel.author_idx)
-    return x, _take(lengths, 1, docs).sum(axis=1, dtype=np.int64)
+    return x, _valid_per_author(ds, sel, layer_type, chunks)
+
+
+def feature_map(sel: Selection) -> np.ndarray | None:
+    """The selection's features as a map over all features (int64; position in the selection, -1
+    where not selected) for :mod:`saestore.sparse_coo`'s walk; None when every feature is selected."""
+    if sel.feature_idx is None:
+        return None
+    fmap = np.full(sel.n_features_total, -1, dtype=np.int64)
+    fmap[sel.feature_idx] = np.arange(sel.feature_idx.size)
+    return fmap
+
+
+def _scan_block(a_1: np.ndarray, l_1: np.ndarray, g_1: np.ndarray, *, src: reader.SparseChunkSource,
+                groups: list[np.ndarray], fmap: np.ndarray, n_out: int) -> np.ndarray:
+    a, layer, group = int(a_1[0]), int(l_1[0]), groups[int(g_1[0])]
+    out = np.zeros((1, 1, group.size, n_out, len(protocol.SUMMARY_FIELDS)), dtype=np.float64)
+    for i, c in enumerate(group):
+        src.accumulate((a, layer, int(c), 0, 0), out[0, 0, i], fmap)
+    return out
+
+
+def scanned_summary_array(ds: xr.Dataset, sel: Selection, layer_type: str,
+                          chunks: np.ndarray) -> tuple[da.Array, da.Array] | None:
+    """:func:`summary_array`'s result computed from the SAE chunks themselves, for runs without
+    stored summaries (or a caller that drops them): one task per (author, layer, shard) reads its
+    chunks' bytes and decodes and reduces them in one compiled pass
+    (:func:`saestore.sparse_coo.accumulate`), no ``sparse.COO`` block, coordinates or valid-mask
+    product (§2.5: SAE values are exactly 0 at padding). None when ``ds[layer_type]`` is not a
+    sparse variable exactly as :func:`~saestore.open_run` made it."""
+    src = reader.chunk_source(_dask(ds, layer_type))
+    if src is None:
+        return None
+    per_shard = chunkio.chunks_per_shard(src.array)[2]
+    groups = [chunks[chunks // per_shard == s] for s in np.unique(chunks // per_shard)]
+    fmap = feature_map(sel)
+    fmap = np.arange(sel.n_features_total, dtype=np.int64) if fmap is None else fmap
+    idx = [da.from_array(np.asarray(v, dtype=np.int64), chunks=1)
+           for v in (sel.author_idx, sel.layer_idx, np.arange(len(groups)))]
+    name = "saestore-scan-" + tokenize(_dask(ds, layer_type).name, sel.author_idx, sel.layer_idx, chunks, fmap)
+    x = da.blockwise(_scan_block, "alcfs", idx[0], "a", idx[1], "l", idx[2], "c",
+                     new_axes={"f": sel.n_features, "s": len(protocol.SUMMARY_FIELDS)},
+                     adjust_chunks={"c": tuple(g.size for g in groups)}, dtype=np.float64, name=name,
+                     src=src, groups=groups, fmap=fmap, n_out=sel.n_features,
+                     meta=np.empty((0,) * 5, dtype=np.float64))
+    return x, _valid_per_author(ds, sel, layer_type, chunks)
+
+
+@dataclass(frozen=True)
+class DirectBlocks:
+    """The SAE blocks of a selection of whole doc-chunks read straight from the chunk bytes as
+    :class:`~saestore.nonzeros.SparseActs` with only the selected features kept, renumbered in
+    selection order (so kernels get ``feature_idx=None``): no ``sparse.COO`` block, no dask task
+    and no coordinates of unselected features. Block ``(a, l, c)`` is selection author ``a``,
+    layer ``l`` and doc-block ``c`` (doc-chunk ``chunks[c]``), like :func:`sae_array`'s blocks."""
+
+    src: reader.SparseChunkSource
+    authors: np.ndarray
+    layers: np.ndarray
+    chunks: np.ndarray
+    fmap: np.ndarray | None
+
+    @classmethod
+    def of(cls, ds: xr.Dataset, sel: Selection, layer_type: str) -> DirectBlocks | None:
+        """None when ``ds[layer_type]`` is not a sparse variable exactly as
+        :func:`~saestore.open_run` made it or the documents are not whole doc-chunks."""
+        src = reader.chunk_source(_dask(ds, layer_type))
+        chunks = whole_doc_chunks(ds, sel, layer_type)
+        if src is None or chunks is None:
+            return None
+        return cls(src, np.asarray(sel.author_idx), np.asarray(sel.layer_idx), chunks, feature_map(sel))
+
+    def block(self, a: int, layer: int, c: int, *_: int) -> Any:
+        return self.src.read_acts((int(self.authors[a]), int(self.layers[layer]), int(self.chunks[c]), 0, 0),
+                                  self.fmap)
+
+    def array(self, like: da.Array) -> da.Array:
+        """The blocks as a dask array chunked like ``like`` (:func:`sae_array` of the selection)."""
+        idx = [da.arange(n, chunks=1, dtype=np.int64) for n in (self.authors.size, self.layers.size, self.chunks.size)]
+        name = "saestore-acts-" + tokenize(like.name, self.chunks, self.fmap)
+        return da.blockwise(_direct_block, "aldtf", idx[0], "a", idx[1], "l", idx[2], "d",
+                            new_axes={"t": like.shape[3], "f": like.shape[4]}, adjust_chunks={"d": like.chunks[2]},
+                            dtype=like.dtype, name=name, meta=like._meta, blocks=self)
+
+
+def _direct_block(a_1: np.ndarray, l_1: np.ndarray, c_1: np.ndarray, *, blocks: DirectBlocks) -> Any:
+    return blocks.block(int(a_1[0]), int(l_1[0]), int(c_1[0]))
+
+
+class ValidFromLengths:
+    """``valid_mask`` blocks ``(1, D_c, T)`` of a selection from its ``doc_length`` ``(A', D')``
+    (§2.5: the valid tokens of a document are exactly its first ``doc_length``), no read."""
+
+    def __init__(self, lengths_AD: np.ndarray, starts: np.ndarray, n_tok: int) -> None:
+        self.lengths, self.starts, self.tok = np.asarray(lengths_AD), starts, np.arange(n_tok)
+
+    def block(self, a: int, c: int, *_: int) -> np.ndarray:
+        d = self.lengths[a, self.starts[c]:self.starts[c + 1]]
+        return (self.tok[None, :] < d[:, None])[None]
 
 
 def token_array(ds: xr.Dataset, sel: Selection, name: str, like: da.Array) -> da.Array:

@@ -33,9 +33,11 @@ from saestore.stats._select import (
     over_layer_types,
     per_block,
     sae_array,
+    scanned_summary_array,
     summary_array,
     summary_chunks,
     token_array,
+    whole_doc_chunks,
 )
 
 __all__ = [
@@ -86,9 +88,13 @@ def feature_stats(
     sel = make_selection(ds, layer_type, **selection)
 
     def one(lt: str) -> xr.Dataset:
-        chunks = summary_chunks(ds, sel, lt)
-        if chunks is not None:  # the summaries: count, sum, max per (author, layer, doc-chunk, feature)
-            parts, n_author = summary_array(ds, sel, lt, chunks)
+        summarized = None
+        if (chunks := summary_chunks(ds, sel, lt)) is not None:  # the stored §2.8 summaries
+            summarized = summary_array(ds, sel, lt, chunks)
+        elif (chunks := whole_doc_chunks(ds, sel, lt)) is not None:  # the same, from the SAE chunks' bytes
+            summarized = scanned_summary_array(ds, sel, lt, chunks)
+        if summarized is not None:  # count, sum, max per (author, layer, doc-chunk, feature)
+            parts, n_author = summarized
             count = parts[..., 0].sum(axis=2)
             total = parts[..., 1].sum(axis=2)
             vmax = da.where(parts[..., 0] > 0, parts[..., 2], -np.inf).max(axis=2)

@@ -25,10 +25,12 @@ from dask.delayed import Delayed
 
 from saestore.stats import kernels
 from saestore.stats._select import (
+    DirectBlocks,
     LayerTypes,
     Selection,
     SelectionKw,
     StatsError,
+    ValidFromLengths,
     check_by,
     doc_array,
     group_coords,
@@ -224,23 +226,37 @@ def _pruned_top_k(smax_ACF: np.ndarray, acts: _Unscheduled, valid: _Unscheduled,
     return best
 
 
+def _pruned_direct(smax_ACF: np.ndarray, blocks: DirectBlocks, lengths_AD: np.ndarray, authors: list[int], li: int,
+                   starts: np.ndarray, n_tok: int, **kw: Any) -> np.ndarray:
+    return _pruned_top_k(smax_ACF, blocks, ValidFromLengths(lengths_AD, starts, n_tok), authors, li, starts, **kw)
+
+
 def _zone_map_best(ds: xr.Dataset, sel: Selection, lt: str, acts: da.Array, valid: da.Array, chunks: np.ndarray,
-                   by: str | None, k: int, window: int) -> da.Array:
+                   by: str | None, k: int, window: int, direct: DirectBlocks | None) -> da.Array:
     """The top-k partials of :func:`top_examples` through the §2.8 per-chunk max (see
-    :func:`_pruned_top_k`), one task per (author group, layer): ``[A',] L', F', k, P``."""
+    :func:`_pruned_top_k`), one task per (author group, layer): ``[A',] L', F', k, P``. With
+    ``direct`` blocks are read straight from the chunk bytes and valid masks come from
+    ``doc_length``; else both are computed from their dask arrays."""
     summ, _ = summary_array(ds, sel, lt, chunks)
     smax = da.where(summ[..., 0] > 0, summ[..., 2], -np.inf)  # (A', L', C', F')
     starts = np.concatenate([[0], np.cumsum(acts.chunks[2])])
     n_a, n_l = acts.shape[0], acts.shape[1]
     groups = [[a] for a in range(n_a)] if by == "author" else [list(range(n_a))]
     shape = (sel.n_features, k, 3 + 2 * window)
+    kw = {"k": k, "window": window, "n_docs_sel": acts.shape[2]}
+    if direct is not None:
+        lengths = doc_array(ds, sel, "doc_length", acts).rechunk(-1)
     out = []
     for g in groups:
         per_layer = []
         for li in range(n_l):
-            res = dask.delayed(_pruned_top_k)(smax[g[0]:g[-1] + 1, li], _Unscheduled(acts), _Unscheduled(valid), g,
-                                              li, starts, feature_idx=sel.feature_idx, k=k, window=window,
-                                              n_docs_sel=acts.shape[2])
+            g_smax = smax[g[0]:g[-1] + 1, li]
+            if direct is None:
+                res = dask.delayed(_pruned_top_k)(g_smax, _Unscheduled(acts), _Unscheduled(valid), g, li, starts,
+                                                  feature_idx=sel.feature_idx, **kw)
+            else:
+                res = dask.delayed(_pruned_direct)(g_smax, direct, lengths, g, li, starts, acts.shape[3],
+                                                   feature_idx=None, **kw)
             per_layer.append(da.from_delayed(res, shape=shape, dtype=np.float64))
         out.append(da.stack(per_layer))
     return da.stack(out) if by == "author" else out[0]
@@ -275,13 +291,17 @@ def top_examples(ds: xr.Dataset, layer_type: LayerTypes = None, *, k: int = 10, 
         acts = sae_array(ds, sel, lt)
         valid = token_array(ds, sel, "valid_mask", acts)
         n_docs_sel = acts.shape[2]
+        # blocks straight from the chunk bytes, selected features only, when the run allows it
+        direct = DirectBlocks.of(ds, sel, lt)
+        feature_idx = sel.feature_idx if direct is None else None
         chunks = summary_chunks(ds, sel, lt)
         if chunks is not None:
-            best = _zone_map_best(ds, sel, lt, acts, valid, chunks, by, k, window)
+            best = _zone_map_best(ds, sel, lt, acts, valid, chunks, by, k, window, direct)
         else:
-            parts = per_block(kernels.top_k, acts, [valid], positions=index_arrays(sel, acts),
+            blocks = acts if direct is None else direct.array(acts)
+            parts = per_block(kernels.top_k, blocks, [valid], positions=index_arrays(sel, acts),
                               new_axes={"g": sel.n_features, "k": k, "p": 2 + n_w}, dtype=np.float64,
-                              feature_idx=sel.feature_idx, k=k, window=window, n_docs_sel=n_docs_sel)
+                              feature_idx=feature_idx, k=k, window=window, n_docs_sel=n_docs_sel)
             axes = (2,) if by == "author" else (0, 2)
             best = da.reduction(parts, chunk=merge, combine=merge, aggregate=merge, axis=axes, keepdims=False,
                                 dtype=np.float64, concatenate=True, meta=np.empty((0,) * (parts.ndim - len(axes))))

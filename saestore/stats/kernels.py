@@ -1,4 +1,4 @@
-"""Per-block kernels: one SAE block (sparse.COO or numpy) plus its per-token blocks in, a small
+"""Per-block kernels: one SAE block (sparse.COO, numpy or SparseActs) plus its per-token blocks in, a small
 dense partial out. Pure numpy on the nonzeros — no dense copy of a sparse block, no numba.
 
 Shapes: an SAE block is ``acts_11DTF`` (one author, one layer, D docs, T tokens, F features);
@@ -25,7 +25,9 @@ def block_nonzeros(acts_11DTF: Any, valid_1DT: np.ndarray,
     """The nonzeros of a block on valid tokens, features renumbered to ``feature_idx`` order
     (:class:`~saestore.nonzeros.SparseActs`), and the block's ``(D, T)`` valid mask."""
     valid_DT = np.asarray(valid_1DT, dtype=bool)[0]
-    if isinstance(acts_11DTF, sparse.SparseArray):
+    if isinstance(acts_11DTF, SparseActs):  # decoded straight from the chunk (_select.source_sae_array)
+        nz = acts_11DTF.select_features(feature_idx)
+    elif isinstance(acts_11DTF, sparse.SparseArray):
         x = acts_11DTF if isinstance(acts_11DTF, sparse.COO) else sparse.COO(acts_11DTF)
         if x.fill_value != 0:
             raise StatsError(f"SAE blocks must have fill value 0, got {x.fill_value}")
