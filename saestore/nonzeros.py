@@ -187,6 +187,18 @@ def summarize(acts: SparseActs) -> np.ndarray:
     return out
 
 
+def combine_summaries(parts_CF4: np.ndarray) -> np.ndarray:
+    """``(F, 4)``: the summaries of the union of the doc-chunks whose :func:`summarize` rows are
+    ``parts_CF4`` -- counts, sums and sums of squares add, max is the largest where the feature
+    is active (0 where it never is). The shard summaries of PROTOCOL.md §2.8: the writer stores
+    them and ``validate`` recomputes them with this one function."""
+    parts = np.asarray(parts_CF4, dtype=np.float64)
+    out = parts.sum(axis=0)
+    active = parts[..., 0] > 0
+    out[:, 2] = np.where(active.any(axis=0), np.where(active, parts[..., 2], -np.inf).max(axis=0), 0.0)
+    return out
+
+
 POOLS = ("mean", "max", "sum")
 """How :func:`pool` combines a document's tokens."""
 

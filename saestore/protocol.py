@@ -24,7 +24,7 @@ from saestore.errors import ProtocolError, ProtocolVersionError
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION: Final = "1.2"
+PROTOCOL_VERSION: Final = "1.3"
 LAYOUT: Final = "saestore.run"
 ATTRS_KEY: Final = "saestore"  # the root attribute holding RunAttrs
 PROGRESS_PATH: Final = "_saestore/progress"
@@ -36,6 +36,7 @@ DOC_DIMS: Final = ("author", "doc")
 SAE_DOC_DIMS: Final = ("author", "layer", "doc")
 METRIC_DIMS: Final = ("author", "layer", "doc", "tok", "metric")
 SUMMARY_DIMS: Final = ("author", "layer", "doc_chunk", "feature", "summary")
+SHARD_SUMMARY_DIMS: Final = ("author", "layer", "shard", "feature", "summary")
 COORDS: Final = ("author", "layer", "doc", "tok", "feature", "metric", "doc_column", "logit_rank", "summary")
 #: the protocol version that added each coordinate (absent: 1.0)
 COORDS_SINCE: Final = {"metric": "1.2", "doc_column": "1.2", "logit_rank": "1.2", "summary": "1.2"}
@@ -104,8 +105,10 @@ class VariableSpec:
 
     def chunk_shape(self, shape: tuple[int, ...], chunk_docs: int, doc_chunks: int = 1) -> tuple[int, ...]:
         """§2.3: one chunk per author, layer and doc-chunk (``doc_chunks`` of them along ``doc_chunk``),
-        whole along ``tok``, ``feature``, ``metric`` and ``summary``; a variable without a ``doc`` or
-        ``doc_chunk`` dim is one chunk."""
+        whole along ``tok``, ``feature``, ``metric`` and ``summary``; one chunk per author, layer and
+        shard for a variable with a ``shard`` dim (§2.8); a variable without any of them is one chunk."""
+        if "shard" in self.dims:  # §2.8: one chunk per author, layer and shard
+            return tuple(1 if d in ("author", "layer", "shard") else n for d, n in zip(self.dims, shape, strict=True))
         if not self.per_doc_chunk:
             return tuple(shape)
         per_dim = {"author": 1, "layer": 1, "doc": chunk_docs, "doc_chunk": doc_chunks}
@@ -231,6 +234,11 @@ def stored_options(names: typing.Container[str]) -> tuple[str, ...]:
 def summary_name(layer_type: str) -> str:
     """The variable holding the §2.8 per-feature doc-chunk summaries of one layer type (``res_summary`` …)."""
     return next(v for v in VARIABLE_TABLE if v.dims == SUMMARY_DIMS).for_layer_type(layer_type).name
+
+
+def shard_summary_name(layer_type: str) -> str:
+    """The variable holding the §2.8 per-feature shard summaries of one layer type (``res_shard_summary`` …)."""
+    return next(v for v in VARIABLE_TABLE if v.dims == SHARD_SUMMARY_DIMS).for_layer_type(layer_type).name
 
 
 def sae_variable(layer_type: str) -> VariableSpec:

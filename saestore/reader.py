@@ -112,12 +112,12 @@ def _crop(block: sparse.COO, region: tuple[slice, ...]) -> sparse.COO:
     return sparse.COO(coords[:, keep] - starts, block.data[keep], shape=shape, has_duplicates=False, sorted=True)
 
 
-def done_chunks(group: zarr.Group) -> np.ndarray:
+def done_chunks(group: zarr.Group, markers: np.ndarray | None = None) -> np.ndarray:
     """bool ``(author, doc-chunk)``: True where the doc-chunk is finished, i.e. its progress marker
     is set (PROTOCOL.md §3), or it holds no document of its author (nothing to write), so a
     complete run is all True. One read of the progress array: a snapshot, so what it marks finished
     stays finished while the run is written (payloads always precede their marker)."""
-    marked = np.asarray(group[protocol.PROGRESS_PATH][..., 0]) == 1
+    marked = (np.asarray(group[protocol.PROGRESS_PATH][..., 0]) if markers is None else markers[..., 0]) == 1
     marked |= np.arange(marked.shape[1])[None, :] >= _n_chunks(group)[:, None]
     return marked
 
@@ -126,6 +126,16 @@ def _n_chunks(group: zarr.Group) -> np.ndarray:
     """Doc-chunks holding at least one document, per author."""
     k = protocol.read_attrs(dict(group.attrs)).storage.chunk_docs
     return -(-np.asarray(group["n_docs"][...], dtype=np.int64) // k)
+
+
+def done_shards(group: zarr.Group, chunks: np.ndarray | None = None) -> np.ndarray:
+    """bool ``(author, shard)``: every doc-chunk of the shard is :func:`done_chunks` (or the given
+    snapshot of it)."""
+    chunks = done_chunks(group) if chunks is None else chunks
+    k = protocol.read_attrs(dict(group.attrs)).storage.chunks_per_shard
+    pad = -chunks.shape[1] % k
+    full = np.concatenate([chunks, np.ones((chunks.shape[0], pad), dtype=bool)], axis=1)
+    return full.reshape(chunks.shape[0], -1, k).all(axis=2)
 
 
 def done_docs(group: zarr.Group, chunks: np.ndarray | None = None) -> np.ndarray:
@@ -266,7 +276,8 @@ def warn_incomplete(path: str, attrs: protocol.RunAttrs, group: zarr.Group, only
 
 #: small variables read one author at a time (one dask block per author, not per doc-chunk): the
 #: §2.8 summaries and ``doc_length``, all a statistic over whole doc-chunks reads (stats/_select.py)
-WHOLE_AUTHOR_VARIABLES = ("doc_length", *(protocol.summary_name(lt) for lt in protocol.LAYER_TYPES))
+WHOLE_AUTHOR_VARIABLES = ("doc_length", *(protocol.summary_name(lt) for lt in protocol.LAYER_TYPES),
+                          *(protocol.shard_summary_name(lt) for lt in protocol.LAYER_TYPES))
 
 
 def _whole_author_chunks(path: str, ds: xr.Dataset, open_kwargs: dict[str, Any]) -> xr.Dataset:
@@ -276,7 +287,7 @@ def _whole_author_chunks(path: str, ds: xr.Dataset, open_kwargs: dict[str, Any])
     if not names:
         return ds
     keep = set(names) | set(ds.coords)
-    kwargs = {**open_kwargs, "chunks": {"author": 1, "layer": 1, "doc": -1, "doc_chunk": -1}}
+    kwargs = {**open_kwargs, "chunks": {"author": 1, "layer": 1, "doc": -1, "doc_chunk": -1, "shard": -1}}
     whole = xr.open_zarr(path, drop_variables=[n for n in ds.data_vars if n not in keep], **kwargs)
     return ds.assign({n: whole[n] for n in names})
 
@@ -318,7 +329,8 @@ def open_run(path: str | Path, *, sparse_variables: bool = True, check: bool = T
         if attrs.status != "complete":
             warn_incomplete(path, attrs, group, only_done)
     try:
-        chunks = done_chunks(group)
+        markers = np.asarray(group[protocol.PROGRESS_PATH][...])
+        chunks = done_chunks(group, markers)
         done = done_docs(group, chunks)
         n_done, total = doc_chunk_counts(group, chunks)
     except (ValueError, RuntimeError, OSError, KeyError):  # damaged markers (validate names them): read as stored
@@ -328,10 +340,12 @@ def open_run(path: str | Path, *, sparse_variables: bool = True, check: bool = T
         pending = frozenset((int(a), int(c)) for a, c in zip(*np.nonzero(~chunks), strict=True))
         keep = xr.DataArray(done, dims=("author", "doc"))
         keep_chunks = xr.DataArray(chunks, dims=("author", "doc_chunk"))  # §2.8 summaries
+        keep_shards = xr.DataArray(done_shards(group, chunks), dims=("author", "shard"))  # ... and shard summaries
         for name in list(ds.data_vars):
             var = ds[name]
-            if "doc_chunk" in var.dims:
-                ds[name] = var.where(keep_chunks, np.asarray(group[name].fill_value, dtype=var.dtype)).transpose(*var.dims)
+            if "doc_chunk" in var.dims or "shard" in var.dims:
+                keep_var = keep_chunks if "doc_chunk" in var.dims else keep_shards
+                ds[name] = var.where(keep_var, np.asarray(group[name].fill_value, dtype=var.dtype)).transpose(*var.dims)
                 ds[name].attrs, ds[name].encoding = var.attrs, var.encoding
             elif "doc" in var.dims and not (sparse_variables and is_sparse_variable(group[name])):
                 fill = group[name].fill_value
@@ -348,4 +362,8 @@ def open_run(path: str | Path, *, sparse_variables: bool = True, check: bool = T
     if done is not None:
         ds["done"] = xr.DataArray(done, dims=("author", "doc"), attrs={
             "description": "the document's doc-chunk is finished (progress marker set when the run was opened)"})
+        if only_done:
+            n_valid = np.where(markers[..., 0] == 1, markers[..., 1], 0)
+            ds["chunk_tokens"] = xr.DataArray(n_valid, dims=("author", "doc_chunk"), attrs={
+                "description": "valid tokens of each finished doc-chunk, from its progress marker (0 if unfinished)"})
     return ds

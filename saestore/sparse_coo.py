@@ -25,7 +25,7 @@ from typing import Final
 import numba
 import numpy as np
 
-from saestore.errors import CodecEncodeError, CorruptChunkError
+from saestore.errors import CodecEncodeError, CorruptChunkError, SaestoreError
 
 MAGIC: Final = b"SCOO"
 FORMAT_VERSION: Final = 1
@@ -410,7 +410,7 @@ def decode_selected(
     as it is. The whole chunk is checked either way."""
     header = _checked_header(data, n_rows, n_cols, value_dtype)
     if fmap is not None and fmap.shape != (header.n_cols,):
-        raise ValueError(f"decode_selected needs fmap of shape ({header.n_cols},), got {fmap.shape}")
+        raise SaestoreError(f"decode_selected needs fmap of shape ({header.n_cols},), got {fmap.shape}")
     rows = np.empty(header.nnz, dtype=np.int64)
     cols = np.empty(header.nnz, dtype=np.int64)
     values = np.empty(header.nnz, dtype=np.float32)
@@ -428,7 +428,7 @@ def accumulate(data: bytes | memoryview, acc: np.ndarray, fmap: np.ndarray, n_ro
     checks as :func:`decode_rows`; a corrupt chunk may have added part of its values."""
     header = _checked_header(data, n_rows, n_cols, value_dtype)
     if fmap.shape != (header.n_cols,) or acc.ndim != 2 or acc.shape[1] != 4 or acc.dtype != np.float64:
-        raise ValueError(f"accumulate needs fmap of shape ({header.n_cols},) and a float64 (F', 4) acc")
+        raise SaestoreError(f"accumulate needs fmap of shape ({header.n_cols},) and a float64 (F', 4) acc")
     _run_walk(data, header, np.asarray(fmap, dtype=np.int64), _NO_INT, _NO_INT, _NO_F32, acc)
     return header
 

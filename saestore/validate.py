@@ -25,7 +25,7 @@ import zarr
 
 from saestore import chunkio, protocol
 from saestore.errors import SaestoreError
-from saestore.nonzeros import SparseActs, summarize
+from saestore.nonzeros import SparseActs, combine_summaries, summarize
 from saestore.reader import is_sparse_variable, read_chunk_acts, run_group
 from saestore.writer import RunLayout, consolidate, finalize_run, read_layout
 
@@ -339,6 +339,9 @@ def _decode_chunks(group: zarr.Group, specs: Sequence[protocol.VariableSpec], la
         layered = spec.dims[:2] == ("author", "layer")
         for coords in _grid(arr):
             a = coords[0] if spec.dims[0] == "author" else None
+            if spec.dims == protocol.SHARD_SUMMARY_DIMS:
+                _check_shard_summary(group, spec, coords, layout, pending, stored, report)
+                continue
             c = coords[2] if layered else (coords[1] if len(coords) > 1 else None)
             if (a, c) in pending:
                 continue
@@ -374,6 +377,35 @@ def _decode_chunks(group: zarr.Group, specs: Sequence[protocol.VariableSpec], la
                     stored.empty[(a, c)].append(
                         f"{spec.name} layer {layout.layers[coords[1]]} (chunk {'/'.join(map(str, coords))})")
     return stored
+
+
+def _check_shard_summary(group: zarr.Group, spec: protocol.VariableSpec, coords: tuple[int, ...], layout: RunLayout,
+                         pending: set[tuple[int, int]], stored: _Stored, report: Report) -> None:
+    """§2.8: a finished shard's stored shard summary against its doc-chunks' summaries combined
+    (:func:`~saestore.nonzeros.combine_summaries`; those are checked against the SAE chunks)."""
+    a, li, s = coords[:3]
+    chunks = list(layout.shard_chunks(a, s))
+    if any((a, c) in pending for c in chunks):
+        return
+    where = f"{spec.name} chunk {'/'.join(map(str, coords))} (author {layout.authors[a]!r}, layer " \
+            f"{layout.layers[li]}, shard {s})"
+    try:
+        have = _block(group[spec.name], coords, 2)
+        lt = spec.name[: -len(protocol.shard_summary_name(""))]
+        parts = group[protocol.summary_name(lt)][a, li, chunks[0]:chunks[-1] + 1] if chunks else None
+        want = np.zeros_like(have) if parts is None else combine_summaries(parts)
+        bad = int((~(have == want).all(axis=1)).sum())
+        message = None if bad == 0 else (
+            f"shard summary differs from its doc-chunks' summaries for {bad} feature(s) (PROTOCOL.md §2.8: "
+            "stale or replaced); --repair recomputes the shard")
+    except Exception as e:
+        message = f"{type(e).__name__}: {e}"
+    if message is None:
+        report.n_chunks_checked += 1
+        return
+    report.problems.append(Problem(kind="chunk", where=where, message=message, author_idx=a,
+                                   doc_chunk=chunks[0] if chunks else None))
+    stored.bad.update((a, c) for c in chunks)
 
 
 def _summary_problem(group: zarr.Group, spec: protocol.VariableSpec, coords: tuple[int, ...]) -> str | None:

@@ -38,7 +38,7 @@ from zarr.registry import get_codec_class
 from saestore import chunkio, faults, protocol, sparse_coo
 from saestore.errors import ConfigMismatchError, CorruptChunkError, ProtocolError, SaestoreError, StoreWriteError
 from saestore.location import is_url
-from saestore.nonzeros import SparseActs, summarize
+from saestore.nonzeros import SparseActs, combine_summaries, summarize
 from saestore.protocol import RunAttrs, StorageInfo
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,9 @@ class RunLayout:
     summaries: bool = True
     """whether the per-feature doc-chunk summaries ``T_summary`` exist (PROTOCOL.md §2.8; runs
     written before them have none)."""
+    shard_summaries: bool = True
+    """whether the shard summaries ``T_shard_summary`` exist with them (§2.8, since 1.3: a 1.2 run
+    with summaries has none, and is resumed without them)."""
 
     def __post_init__(self) -> None:
         if not self.authors:
@@ -131,7 +134,12 @@ class RunLayout:
 
     def variables(self) -> tuple[protocol.VariableSpec, ...]:
         """Every variable of the run, from the variable table (schema/variables.json)."""
-        return protocol.run_variables(self.layer_types, options=self.options)
+        specs = protocol.run_variables(self.layer_types, options=self.options)
+        return specs if self.shard_summaries else tuple(v for v in specs if "shard" not in v.dims)
+
+    @property
+    def n_shards_max(self) -> int:
+        return math.ceil(self.n_chunks_max / self.chunks_per_shard)
 
     def doc_chunks(self, author_idx: int | None = None) -> Iterator[DocChunk]:
         """Every (author, doc-chunk) holding documents, author by author (or of one author)."""
@@ -333,7 +341,7 @@ def _create(path: str, final_path: str, layout: RunLayout, attrs: RunAttrs, *, l
 
     sizes = {"author": A, "layer": L, "doc": D, "tok": T, "feature": F, "metric": len(protocol.QUALITY_METRICS),
              "doc_column": len(layout.doc_columns), "logit_rank": 2 * layout.logit_k,
-             "doc_chunk": layout.n_chunks_max, "summary": len(protocol.SUMMARY_FIELDS)}
+             "doc_chunk": layout.n_chunks_max, "shard": layout.n_shards_max, "summary": len(protocol.SUMMARY_FIELDS)}
     for spec in layout.variables():
         shape = tuple(sizes[d] for d in spec.dims)
         dtype = spec.data_type(layout.storage)
@@ -407,8 +415,9 @@ def _check_existing(path: str, layout: RunLayout, attrs: RunAttrs) -> RunAttrs:
     except (ValueError, TypeError, KeyError) as e:  # array metadata that zarr or a codec refuses
         raise ProtocolError(f"{path} has array metadata saestore cannot read ({e}); pass --overwrite to recreate "
                             "the run") from e
-    # a 1.2 run created before token offsets or summaries were stored is resumed as it is (without them)
-    if stored != replace(layout, char_offsets=stored.char_offsets, summaries=stored.summaries):
+    # a 1.2 run created before token offsets or (shard) summaries were stored is resumed as it is (without them)
+    if stored != replace(layout, char_offsets=stored.char_offsets, summaries=stored.summaries,
+                         shard_summaries=stored.shard_summaries):
         raise ConfigMismatchError(
             f"{path} has the same configuration but another layout (the dataset changed?); pass --overwrite"
         )
@@ -449,7 +458,10 @@ def _stored_options(group: zarr.Group) -> dict[str, Any]:
     return {"loss_recovered": "loss_recovered" in options, "char_offsets": "char_offsets" in options,
             "doc_columns": tuple(str(c) for c in group["doc_column"][...]) if "doc_columns" in options else (),
             "logit_k": int(group["logit_rank"].shape[0]) // 2 if "logit_effects" in options else 0,
-            "summaries": "summaries" in options}
+            "summaries": "summaries" in options,
+            # with summaries: whether the 1.3 shard summaries are there too (without: as a new layout says)
+            "shard_summaries": "summaries" not in options
+            or any(protocol.shard_summary_name(lt) in group for lt in protocol.LAYER_TYPES)}
 
 
 def logit_ranks(k: int) -> np.ndarray:
@@ -647,6 +659,15 @@ class RunWriter:
             faults.point("payload")
         # every other variable is written over the whole shard up to the array edge (no partial writes)
         for spec in layout.variables():
+            if "shard" in spec.dims:  # §2.8: the shard's doc-chunk summaries combined, one chunk
+                lt = next(t for t in layout.layer_types if protocol.shard_summary_name(t) == spec.name)
+                for (name, layer), by_chunk in shard.values.items():
+                    if name == protocol.summary_name(lt):
+                        rolled = combine_summaries(np.concatenate([by_chunk[c] for c in sorted(by_chunk)]))
+                        self._guarded(f"{spec.name} layer {layer}", a, what, partial(
+                            self.arrays[spec.name].__setitem__, (a, layout.layers.index(layer), s), rolled))
+                        faults.point("payload")
+                continue
             for (name, layer), by_chunk in shard.values.items():
                 if name != spec.name:
                     continue

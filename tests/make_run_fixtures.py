@@ -2,8 +2,8 @@
 
 Each ``P/zarr-X.Y.zarr`` is the synthetic statistics run (tests/helpers/stats_run.py, seed 0, sparse)
 written through the writer API with zarr X.Y installed, in protocol version P (``1.1/``: archived
-stores of the last 1.1 writer, kept so that every newer reader is held to them; ``1.2/``: the
-current writer). tests/test_compat.py reads every one of
+stores of the last 1.1 writer, kept so that every newer reader is held to them; ``1.2/``: archived
+stores of the last 1.2 writer; ``1.3/``: the current writer). tests/test_compat.py reads every one of
 them with whatever zarr is installed and checks it against the reference it was drawn from, so a
 store written on one zarr line must read identically on every other (CI runs zarr 3.1 on Python
 3.11 and the newest zarr on Python 3.13).

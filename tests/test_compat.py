@@ -2,9 +2,10 @@
 
 tests/fixtures/runs/P/zarr-X.Y.zarr were written by tests/make_run_fixtures.py with zarr X.Y (3.1 on
 Python 3.11, 3.4 on Python 3.13) in protocol version P: ``1.1/`` are archived unsharded stores of the
-last 1.1 writer, ``1.2/`` sharded stores of the current one. Each is read here with the installed zarr
-and checked against the reference it was drawn from; CI runs this module on both lines, so 3.1 -> 3.4
-and 3.4 -> 3.1 are both exercised, for both protocol versions. Writing the same run now gives
+last 1.1 writer, ``1.2/`` archived sharded stores of the last 1.2 writer (no shard summaries),
+``1.3/`` stores of the current one. Each is read here with the installed zarr and checked against the
+reference it was drawn from; CI runs this module on both lines, so 3.1 -> 3.4 and 3.4 -> 3.1 are both
+exercised, for every protocol version. Writing the same run now gives
 byte-identical chunk files to the current version's fixtures (the same zstd on both lines; PROTOCOL.md
 §5.3 does not promise that across zstd builds, so a failure there after a zstd upgrade means: compare
 decoded payloads instead).
@@ -31,8 +32,9 @@ WRITTEN_BY = sorted(p.relative_to(FIXTURES).as_posix() for p in FIXTURES.glob("*
 CURRENT = [name for name in WRITTEN_BY if name.startswith(protocol.PROTOCOL_VERSION + "/")]
 
 
-def test_fixtures_of_both_zarr_lines_and_both_protocol_versions_exist():
-    assert {f"{p}/zarr-{z}.zarr" for p in ("1.1", protocol.PROTOCOL_VERSION) for z in ("3.1", "3.4")} <= set(WRITTEN_BY)
+def test_fixtures_of_both_zarr_lines_and_every_protocol_version_exist():
+    versions = ("1.1", "1.2", protocol.PROTOCOL_VERSION)
+    assert {f"{p}/zarr-{z}.zarr" for p in versions for z in ("3.1", "3.4")} <= set(WRITTEN_BY)
 
 
 @pytest.fixture(params=WRITTEN_BY)
@@ -43,8 +45,8 @@ def fixture_run(request, tmp_path) -> Path:
 
 
 def test_fixture_layout_of_its_protocol_version(fixture_run):
-    """1.1 fixtures are unsharded with one variable per quality metric, 1.2 ones sharded with T_quality;
-    the quality statistics read both."""
+    """1.1 fixtures are unsharded with one variable per quality metric, 1.2 ones sharded with T_quality,
+    1.3 ones have shard summaries too; the quality statistics read them all."""
     import json
 
     attrs = protocol.read_attrs(xr.open_zarr(fixture_run).attrs)
@@ -58,6 +60,7 @@ def test_fixture_layout_of_its_protocol_version(fixture_run):
     else:
         assert attrs.storage.shard_docs == 4 and meta["codecs"][0]["name"] == "sharding_indexed"
         assert "res_cos" not in ds and list(ds.metric.values) == list(protocol.QUALITY_METRICS)
+        assert (protocol.shard_summary_name("res") in ds) == (attrs.protocol_version != "1.2")
     np.testing.assert_array_equal(np.isnan(cos.values), True)  # the fixture stores no metric values
 
 
@@ -105,10 +108,6 @@ def test_writing_now_gives_the_fixtures_chunk_bytes(tmp_path):
     now = chunk_files(path)
     assert len(now) > 40
     assert len(CURRENT) == 2
-    # the 1.2 fixtures predate the optional §2.8 summaries: every other file must be byte-identical
-    summaries = {k for k in now if k.split("/")[0] in {"summary", *(protocol.summary_name(lt) for lt in LAYER_TYPES)}}
-    assert {k.split("/")[0] for k in summaries} == {"summary", *(protocol.summary_name(lt) for lt in LAYER_TYPES)}
-    now = {k: v for k, v in now.items() if k not in summaries}
     for name in CURRENT:
         then = chunk_files(FIXTURES / name)
         assert then.keys() == now.keys(), name

@@ -161,7 +161,8 @@ def test_variables_json_is_valid_and_matches_code():
               for v in protocol.quality_variables(("res",), loss_recovered=True)), *_optional_variables(),
             *(protocol.VariableSpec(name=v.name.replace("res_", "T_"), dims=v.dims, dtype=v.dtype,
                                     fill_value=v.fill_value, meaning=v.meaning)
-              for v in protocol.run_variables(("res",), options=("summaries",)) if v.dims == protocol.SUMMARY_DIMS)]
+              for v in protocol.run_variables(("res",), options=("summaries",))
+                  if v.dims in (protocol.SUMMARY_DIMS, protocol.SHARD_SUMMARY_DIMS))]
     assert set(listed) == {v.name for v in code}
     for v in code:
         assert (tuple(listed[v.name]["dims"]), listed[v.name]["dtype"], listed[v.name]["fill_value"]) == \
@@ -175,6 +176,9 @@ def test_variables_json_is_valid_and_matches_code():
     assert [r[0].strip("`") for r in rows] == [m["name"] for m in data["summaries"]] == list(protocol.SUMMARY_FIELDS)
     summary = listed[protocol.summary_name("T")]
     assert (tuple(summary["dims"]), summary["when"]) == (protocol.SUMMARY_DIMS, "summaries")
+    shard_summary = listed[protocol.shard_summary_name("T")]
+    assert (tuple(shard_summary["dims"]), shard_summary["when"], shard_summary["since"]) == \
+        (protocol.SHARD_SUMMARY_DIMS, "summaries", "1.3")
     metrics = [(r[0].strip("`"), r[1]) for r in _table("<!-- metrics:begin -->", "<!-- metrics:end -->")]
     assert [m for m, _ in metrics] == [m["name"] for m in data["metrics"]] == list(protocol.QUALITY_METRICS)
 

@@ -82,10 +82,44 @@ def test_validate_names_a_stale_summary_and_repair_clears_its_shard(tmp_path):
     arr[2, 1, 1] = block
     report = validate_run(ref.path)
     assert not report.ok
-    [problem] = report.problems
+    problem, shard_problem = report.problems  # the shard summary no longer adds up either
     assert "mlp_summary" in problem.where and "doc-chunk 1" in problem.where and "1 feature(s)" in problem.message
+    assert "mlp_shard_summary" in shard_problem.where and "shard 0" in shard_problem.where
     repaired = validate_run(ref.path, repair=True)
     assert repaired.repaired == [("c", 0), ("c", 1)]  # the whole shard (2 doc-chunks) is redone
+
+
+def test_shard_summaries_combine_the_doc_chunk_summaries_and_validate_checks_them(tmp_path):
+    """§2.8 (1.3): each shard summary is its doc-chunks' summaries combined; a stale one is named and
+    its shard redone; statistics over whole shards read them (same numbers as the doc-chunk rows)."""
+    from saestore.nonzeros import combine_summaries
+
+    ref = write_run(tmp_path / "run.zarr")
+    group = zarr.open_group(ref.path, mode="r+")
+    per_chunk, per_shard = group[protocol.summary_name("res")], group[protocol.shard_summary_name("res")]
+    assert per_shard.metadata.dimension_names == protocol.SHARD_SUMMARY_DIMS and per_shard.chunks == (1, 1, 1, N_FEAT, 4)
+    k = 2  # doc-chunks per shard: shard_docs = 2 · chunk_docs in tests/helpers/stats_run.py
+    for a in range(len(AUTHORS)):
+        for s in range(per_shard.shape[2]):
+            chunks = per_chunk[a, 0, s * k:(s + 1) * k]
+            np.testing.assert_array_equal(per_shard[a, 0, s], combine_summaries(chunks))
+    ds = saestore.open_run(ref.path)
+    _assert_same(st.feature_stats(ds, by="author").compute(),
+                 st.feature_stats(ds.drop_vars([protocol.shard_summary_name(lt) for lt in LAYER_TYPES]),
+                                  by="author").compute())
+    block = per_shard[1, 1, 0]
+    block[3, 2] += 0.5  # one feature's max in author 'zoë', layer 5, shard 0
+    per_shard[1, 1, 0] = block
+    [problem] = validate_run(ref.path).problems
+    assert "res_shard_summary" in problem.where and "'zoë'" in problem.where and "1 feature(s)" in problem.message
+    assert validate_run(ref.path, repair=True).repaired[:1] == [("zoë", 0)]
+
+
+def test_combine_summaries_takes_max_where_active_only():
+    from saestore.nonzeros import combine_summaries
+
+    parts = np.array([[[2, 1.0, -0.5, 0.5], [0, 0, 0, 0]], [[1, -3.0, -3.0, 9.0], [0, 0, 0, 0]]])
+    np.testing.assert_array_equal(combine_summaries(parts), [[3, -2.0, -0.5, 9.5], [0, 0, 0, 0]])
 
 
 def test_runs_without_summaries_still_validate_and_read(tmp_path):

@@ -236,23 +236,46 @@ def summary_chunks(ds: xr.Dataset, sel: Selection, layer_type: str) -> np.ndarra
 
 
 def _valid_per_author(ds: xr.Dataset, sel: Selection, layer_type: str, chunks: np.ndarray) -> da.Array:
-    """Valid tokens per selected author ``(A',)`` in doc-chunks ``chunks``, from ``doc_length``
-    (§2.5: it counts the document's valid tokens)."""
+    """Valid tokens per selected author ``(A',)`` in doc-chunks ``chunks``: from ``chunk_tokens``
+    (``open_run``'s snapshot of the progress markers, §3: one small read per shard) when the
+    dataset has it, else from ``doc_length`` (§2.5: it counts the document's valid tokens; one
+    inner chunk per doc-chunk)."""
+    if "chunk_tokens" in ds.data_vars and ds["chunk_tokens"].dims == ("author", "doc_chunk"):
+        per_chunk = _take(_dask(ds, "chunk_tokens"), 0, sel.author_idx)
+        return _take(per_chunk, 1, chunks).sum(axis=1, dtype=np.int64)
     cd = int(ds[layer_type].encoding["preferred_chunks"]["doc"])
     docs = np.concatenate([np.arange(c * cd, min((c + 1) * cd, int(ds.sizes["doc"]))) for c in chunks])
     lengths = _take(_dask(ds, "doc_length"), 0, sel.author_idx)
     return _take(lengths, 1, docs).sum(axis=1, dtype=np.int64)
 
 
-def summary_array(ds: xr.Dataset, sel: Selection, layer_type: str,
-                  chunks: np.ndarray) -> tuple[da.Array, da.Array]:
-    """``summary_ALCF4`` of the selection (doc-chunks ``chunks``, from :func:`summary_chunks`; the
-    ``summary`` axis in §2.8 order) and the valid tokens per selected author ``(A',)``."""
-    x = _dask(ds, protocol.summary_name(layer_type))
+def _summary_rows(ds: xr.Dataset, sel: Selection, name: str, rows: np.ndarray) -> da.Array:
+    x = _dask(ds, name)
     x = _take(_take(x, 0, sel.author_idx), 1, sel.layer_idx)
-    x = _take(x, 2, chunks)
-    if sel.feature_idx is not None:
-        x = x[:, :, :, sel.feature_idx]
+    x = _take(x, 2, rows)
+    return x if sel.feature_idx is None else x[:, :, :, sel.feature_idx]
+
+
+def summary_array(ds: xr.Dataset, sel: Selection, layer_type: str, chunks: np.ndarray, *,
+                  rollup: bool = False) -> tuple[da.Array, da.Array]:
+    """``summary_ALCF4`` of the selection (doc-chunks ``chunks``, from :func:`summary_chunks`; the
+    ``summary`` axis in §2.8 order) and the valid tokens per selected author ``(A',)``. With
+    ``rollup`` (for sums and maxima over the chunks, not per-chunk zone maps) a shard whose every
+    doc-chunk is selected is one row of the run's shard summaries instead of its doc-chunks' rows
+    (``shard_docs / chunk_docs`` times fewer bytes); runs without them (1.2) use the doc-chunks'."""
+    shard_name = protocol.shard_summary_name(layer_type)
+    rows = [_summary_rows(ds, sel, protocol.summary_name(layer_type), chunks)]
+    if rollup and shard_name in ds.data_vars and "shard" in ds[shard_name].dims:
+        storage = protocol.read_attrs(ds.attrs).storage
+        k, n_c = storage.chunks_per_shard, int(ds.sizes["doc_chunk"])
+        covered = np.asarray([s for s in np.unique(chunks // k)
+                              if np.isin(np.arange(s * k, min((s + 1) * k, n_c)), chunks).all()], dtype=np.int64)
+        if covered.size:
+            rest = chunks[~np.isin(chunks // k, covered)]
+            rows = [_summary_rows(ds, sel, shard_name, covered)]
+            if rest.size:
+                rows.append(_summary_rows(ds, sel, protocol.summary_name(layer_type), rest))
+    x = rows[0] if len(rows) == 1 else da.concatenate(rows, axis=2)
     return x, _valid_per_author(ds, sel, layer_type, chunks)
 
 

@@ -90,7 +90,7 @@ def feature_stats(
     def one(lt: str) -> xr.Dataset:
         summarized = None
         if (chunks := summary_chunks(ds, sel, lt)) is not None:  # the stored §2.8 summaries
-            summarized = summary_array(ds, sel, lt, chunks)
+            summarized = summary_array(ds, sel, lt, chunks, rollup=True)
         elif (chunks := whole_doc_chunks(ds, sel, lt)) is not None:  # the same, from the SAE chunks' bytes
             summarized = scanned_summary_array(ds, sel, lt, chunks)
         if summarized is not None:  # count, sum, max per (author, layer, doc-chunk, feature)
