@@ -139,6 +139,8 @@ def test_scale_section_quick(tmp_path):
     assert sc["agree"], sc["check"]
     assert sc["check"]["topk_64_pruned_vs_scan"] == 0.0 and sc["check"]["freq_summary_vs_scan"] <= 1e-12
     assert all(math.isfinite(v) and v > 0 for v in sc["ratios"].values())
+    assert set(sc["small_rows"]) == set(sc["rows"]) == set(sc["rss_growth"]) and sc["growth"] == 4
+    assert 0.8 * 30000 <= sc["small_n_tokens"] <= 1.25 * 30000
     assert {t["section"] for t in report["targets"]} == {"scale"}
     md = (out / "bench.md").read_text(encoding="utf-8")
     assert "## 8. Statistics at corpus scale" in md and "| topk_64_pruned |" in md

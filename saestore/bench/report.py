@@ -183,7 +183,15 @@ def evaluate_targets(sections: dict[str, Any]) -> list[Target]:
             Target(name=f"top_examples peak RSS ({n})", section="scale", op="<=", threshold=1024.0,
                    value=max(sc["rows"][k]["peak_rss_mb"] for k in sc["rows"] if k.startswith("topk")),
                    basis="MiB, the largest of the pruned and full-scan top-k paths"),
+            Target(name=f"top_examples k=16, 1 feature ({n})", section="scale", op="<=", threshold=15.0,
+                   value=sc["rows"]["topk_1_pruned"]["seconds"], basis="seconds, pruned by the summaries"),
+            Target(name=f"top_examples k=16, 64 features ({n})", section="scale", op="<=", threshold=60.0,
+                   value=sc["rows"]["topk_64_pruned"]["seconds"], basis="seconds, pruned by the summaries"),
         ]
+        if "rss_growth" in sc:
+            out.append(Target(name=f"peak RSS growth, run {sc['growth']}× larger ({n})", section="scale", op="<=",
+                              threshold=1.25, value=max(sc["rss_growth"].values()),
+                              basis="the largest over every path of peak RSS(N) / peak RSS(N / growth)"))
     return out
 
 
@@ -307,8 +315,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     sc = sec.get("scale")
     if sc:
         lines += ["", "## 8. Statistics at corpus scale", "", sc["description"], ""]
-        lines += _table(["path", "seconds", "peak RSS MiB", "RSS before MiB"],
-                        [[name, r["seconds"], r["peak_rss_mb"], r["base_rss_mb"]] for name, r in sc["rows"].items()])
+        small = sc.get("small_rows", {})
+        lines += _table(["path", "seconds", "peak RSS MiB", "RSS before MiB", "seconds, run / growth",
+                         "peak RSS MiB, run / growth", "peak RSS growth"],
+                        [[name, r["seconds"], r["peak_rss_mb"], r["base_rss_mb"], small.get(name, {}).get("seconds"),
+                          small.get(name, {}).get("peak_rss_mb"), sc.get("rss_growth", {}).get(name)]
+                         for name, r in sc["rows"].items()])
         lines += ["", "Agreement (max rel diff): " + ", ".join(f"{k} {v:.2g}" for k, v in sc["check"].items())]
         lines += ["", "Ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in sc["ratios"].items())]
     return "\n".join(lines) + "\n"

@@ -108,15 +108,13 @@ def _same(a: Path, b: Path) -> float:
     return worst
 
 
-def section_scale(tokens: int, quick: bool, work: Path, timeout: float,
-                  write_run_and_seed: Callable[[SyntheticWorkload, Path, Path, str, int], None]) -> dict[str, Any]:
-    """Write the run and the seed's files with ``write_run_and_seed`` (untimed; the driver's, in
-    ``bench/run.py``), then measure every path of section 8."""
+def _measure(wl: SyntheticWorkload, tag: str, work: Path, timeout: float,
+             write_run_and_seed: Callable[[SyntheticWorkload, Path, Path, str, int], None]) -> dict[str, Any]:
+    """Write one run and its seed files (untimed), then run every path of section 8 on it."""
     from saestore.bench.seed import seed_stem
 
-    wl = scale_workload(tokens, quick)
     layer = wl.layers[0]
-    run_path, seed_root = work / "runs" / "scale.zarr", work / "seed" / "scale"
+    run_path, seed_root = work / "runs" / f"{tag}.zarr", work / "seed" / tag
     t0 = time.perf_counter()
     write_run_and_seed(wl, run_path, seed_root, "res", layer)
     setup_s = time.perf_counter() - t0
@@ -128,23 +126,39 @@ def section_scale(tokens: int, quick: bool, work: Path, timeout: float,
         paths[f"{key}_scan"] = {"summaries": False, "features": features}
     rows, outs = {}, {}
     for name, extra in paths.items():
-        outs[name] = work / f"scale-{name}.npz"
+        outs[name] = work / f"{tag}-{name}.npz"
         rows[name] = run_child("scale", {**base, **extra, "path_name": name, "out": str(outs[name])}, timeout=timeout)
+    return {"rows": rows, "outs": outs, "setup_s": setup_s, "n_tokens": wl.n_authors * wl.n_docs * wl.n_tok}
+
+
+def section_scale(tokens: int, quick: bool, work: Path, timeout: float,
+                  write_run_and_seed: Callable[[SyntheticWorkload, Path, Path, str, int], None],
+                  growth: int = 4) -> dict[str, Any]:
+    """Write the run and the seed's files with ``write_run_and_seed`` (untimed; the driver's, in
+    ``bench/run.py``), then measure every path of section 8; then the same on a run ``growth``
+    times smaller, for the peak-RSS growth of each path."""
+    wl = scale_workload(tokens, quick)
+    big = _measure(wl, "scale", work, timeout, write_run_and_seed)
+    small = _measure(scale_workload(tokens // growth, quick), "scale-small", work, timeout, write_run_and_seed)
+    rows, outs, setup_s, n_tokens = big["rows"], big["outs"], big["setup_s"], big["n_tokens"]
     t = {name: r["seconds"] for name, r in rows.items()}
     ratios = {"seed_over_summary_time": t["freq_seed"] / t["freq_summary"],
               "seed_over_scan_time": t["freq_seed"] / t["freq_scan"],
               "scan_over_summary_time": t["freq_scan"] / t["freq_summary"]}
     for key in TOPK_FEATURES:
         ratios[f"{key}_scan_over_pruned_time"] = t[f"{key}_scan"] / t[f"{key}_pruned"]
+    rss_growth = {name: rows[name]["peak_rss_mb"] / small["rows"][name]["peak_rss_mb"] for name in rows}
     check = {"freq_summary_vs_scan": _same(outs["freq_summary"], outs["freq_scan"]),
              "freq_summary_vs_seed": _same(outs["freq_summary"], outs["freq_seed"]),
              **{f"{key}_pruned_vs_scan": _same(outs[f"{key}_pruned"], outs[f"{key}_scan"])
                 for key in TOPK_FEATURES}}
-    n_tokens = wl.n_authors * wl.n_docs * wl.n_tok
     desc = (f"Synthetic run of {n_tokens:,} token positions ({wl.n_authors} authors × {wl.n_docs} docs × {wl.n_tok} "
             f"tok, no padding), one res SAE of {wl.n_features:,} features, L0 {wl.l0:g}, chunk_docs "
             f"{wl.chunk_docs}; written untimed in {setup_s:.0f} s. top_examples: k = {TOP_K}, window {WINDOW}. "
-            "Each path in a fresh process after a warm-up; 'peak RSS' is the high-water mark of the timed part.")
+            "Each path in a fresh process after a warm-up; 'peak RSS' is the high-water mark of the timed part. "
+            f"The same paths ran on a run of {small['n_tokens']:,} token positions ({growth}× smaller) for the "
+            "growth of each path's peak RSS.")
     return {"description": desc, "workload": wl.to_json(), "n_tokens": n_tokens, "rows": rows, "ratios": ratios,
             "check": check, "agree": all(v <= (1e-4 if "seed" in k else 1e-12) for k, v in check.items()),
-            "setup_s": setup_s, "requested_tokens": tokens, "quick": quick}
+            "setup_s": setup_s, "requested_tokens": tokens, "quick": quick, "growth": growth,
+            "small_rows": small["rows"], "small_n_tokens": small["n_tokens"], "rss_growth": rss_growth}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Unpack
 
@@ -21,6 +22,7 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 import xarray as xr
+import zarr
 from dask.delayed import Delayed
 
 from saestore.stats import kernels
@@ -108,28 +110,72 @@ def _gather_hit_blocks(pos: np.ndarray, blocks: _Unscheduled, starts: np.ndarray
     return _assemble(pos, parts, width, fill, dtype)
 
 
-def _gathered(pos: da.Array, blocks: da.Array, n_docs_sel: int, n_tok: int, window: int | None, fill: Any,
-              dtype: Any) -> da.Array:
-    """Lazily gather ``blocks`` (per-doc ``(A', D')`` or per-token ``(A', D', T)``) at ``pos``,
-    reading only the blocks that hold one of the positions (memory: those, one at a time)."""
+@dataclass(frozen=True)
+class _StoreVar:
+    """A per-doc or per-token variable read straight from the run's store at the examples'
+    positions (``blocks.src.path``; selection author and doc positions ``authors``/``docs``): one
+    zarr coordinate selection fetches every inner chunk it needs concurrently. Used with
+    :class:`DirectBlocks`, whose examples come from finished doc-chunks only, which are final."""
+
+    path: str
+    name: str
+    authors: np.ndarray
+    docs: np.ndarray
+
+
+def _var(ds: xr.Dataset, sel: Selection, name: str, acts: da.Array, direct: DirectBlocks | None,
+         per_token: bool) -> da.Array | _StoreVar:
+    if direct is not None:
+        return _StoreVar(direct.src.path, name, np.asarray(sel.author_idx), np.asarray(sel.doc_idx))
+    return (token_array if per_token else doc_array)(ds, sel, name, acts)
+
+
+def _gather_from_store(pos: np.ndarray, var: _StoreVar, n_docs_sel: int, n_tok: int, window: int | None,
+                       width: int | None, fill: Any, dtype: Any) -> np.ndarray:
+    p = np.asarray(pos).ravel()
+    hit = np.flatnonzero(p >= 0)
+    a, rem = np.divmod(p[hit], n_docs_sel * n_tok)
+    d, t = np.divmod(rem, n_tok)
+    arr = zarr.open_array(var.path, path=var.name, mode="r")
+    if window is None:
+        idx: tuple[np.ndarray, ...] = (var.authors[a], var.docs[d])
+        inside = np.ones(hit.size, dtype=bool)
+    else:
+        tt = t[:, None] + np.arange(-window, window + 1)[None, :]
+        inside = (tt >= 0) & (tt < n_tok)
+        idx = tuple(np.broadcast_arrays(var.authors[a][:, None], var.docs[d][:, None], np.clip(tt, 0, n_tok - 1)))
+    vals = np.asarray(arr.vindex[tuple(i.ravel() for i in idx)] if hit.size else np.zeros(0))
+    vals = vals.astype(dtype).reshape(inside.shape)
+    return _assemble(pos, [(hit, np.where(inside, vals, np.asarray(fill, dtype=dtype)))], width, fill, dtype)
+
+
+def _gathered(pos: da.Array, blocks: da.Array | _StoreVar, n_docs_sel: int, n_tok: int, window: int | None,
+              fill: Any, dtype: Any) -> da.Array:
+    """Lazily gather ``blocks`` (per-doc ``(A', D')`` or per-token ``(A', D', T)``, or a
+    :class:`_StoreVar`) at ``pos``, reading only the blocks that hold one of the positions
+    (memory: those, one at a time)."""
     # not optimized: an optimized copy of the graph would compute the top k a second time
     pos_one = pos.rechunk(pos.shape).to_delayed(optimize_graph=False).ravel()[0]
-    starts = np.concatenate([[0], np.cumsum(blocks.chunks[1])])
     width = None if window is None else 2 * window + 1
-    result = dask.delayed(_gather_hit_blocks)(pos_one, _Unscheduled(blocks), starts, n_docs_sel, n_tok, window,
-                                              width, fill, dtype)
+    if isinstance(blocks, _StoreVar):
+        result = dask.delayed(_gather_from_store)(pos_one, blocks, n_docs_sel, n_tok, window, width, fill, dtype)
+    else:
+        starts = np.concatenate([[0], np.cumsum(blocks.chunks[1])])
+        result = dask.delayed(_gather_hit_blocks)(pos_one, _Unscheduled(blocks), starts, n_docs_sel, n_tok, window,
+                                                  width, fill, dtype)
     shape = pos.shape if width is None else (*pos.shape, width)
     return da.from_delayed(result, shape=shape, dtype=dtype)
 
 
 def example_vars(ds: xr.Dataset, sel: Selection, acts: da.Array, best: da.Array, window: int, *,
-                 ranked_by_value: bool = True) -> dict[str, da.Array]:
+                 ranked_by_value: bool = True, direct: DirectBlocks | None = None) -> dict[str, da.Array]:
     """The variables of :func:`top_examples` from merged :func:`kernels.top_k`-layout partials
     ``best`` (``(..., K, 2 + 2·window + 1)``: value, flat position, window activations): ``value``,
     ``example_author``, ``example_doc``, ``example_tok``, ``example_doc_id``, ``tokens``,
     ``window_acts`` and ``text``, each of ``best``'s leading shape (``tokens``/``window_acts`` with
     the window last). Samplers ranking by another score in column 0 (``ranked_by_value=False``)
-    take the value from the window's centre."""
+    take the value from the window's centre. With ``direct`` the texts and tokens are read straight
+    from the store (:class:`_StoreVar`)."""
     n_docs_sel, n_tok = acts.shape[2], acts.shape[3]
     value = best[..., 0]
     pos = best[..., 1].astype(np.int64)
@@ -137,14 +183,15 @@ def example_vars(ds: xr.Dataset, sel: Selection, acts: da.Array, best: da.Array,
     d_pos = da.where(pos >= 0, (pos // n_tok) % n_docs_sel, -1)
     t_pos = da.where(pos >= 0, pos % n_tok, -1)
     authors = sel.authors.astype(object)
-    text = _gathered(pos, doc_array(ds, sel, "text", acts), n_docs_sel, n_tok, None, "", object)
+    text = _gathered(pos, _var(ds, sel, "text", acts, direct, False), n_docs_sel, n_tok, None, "", object)
     return {
         "value": da.where(pos >= 0, value if ranked_by_value else best[..., 2 + window], np.nan),
         "example_author": a_pos.map_blocks(_lookup, table=authors, fill="", dtype=object),
         "example_doc": d_pos.map_blocks(_lookup, table=sel.docs, fill=-1, dtype=np.int64),
         "example_tok": t_pos,
-        "example_doc_id": _gathered(pos, doc_array(ds, sel, "doc_id", acts), n_docs_sel, n_tok, None, -1, np.int64),
-        "tokens": window_pieces(ds, sel, acts, pos, text, window),
+        "example_doc_id": _gathered(pos, _var(ds, sel, "doc_id", acts, direct, False), n_docs_sel, n_tok, None, -1,
+                                    np.int64),
+        "tokens": window_pieces(ds, sel, acts, pos, text, window, direct),
         "window_acts": best[..., 2:],
         "text": text,
     }
@@ -160,7 +207,7 @@ def _pieces(start: np.ndarray, end: np.ndarray, text: np.ndarray) -> np.ndarray:
 
 
 def window_pieces(ds: xr.Dataset, sel: Selection, acts: da.Array, pos: da.Array, text: da.Array,
-                  window: int) -> da.Array:
+                  window: int, direct: DirectBlocks | None = None) -> da.Array:
     """The text of every token of the windows around the flat positions ``pos``, lazily: the one rule
     every context string is built from (``top_examples`` ``tokens``, so ``example_table``, the dashboard,
     the exports and ``plots.feature_card``). With the token spans of PROTOCOL.md §2.7 (``char_start``/
@@ -170,8 +217,8 @@ def window_pieces(ds: xr.Dataset, sel: Selection, acts: da.Array, pos: da.Array,
     tokens then read as U+FFFD)."""
     n_docs_sel, n_tok = acts.shape[2], acts.shape[3]
     if "char_start" not in ds or "char_end" not in ds:
-        return _gathered(pos, token_array(ds, sel, "token", acts), n_docs_sel, n_tok, window, "", object)
-    start, end = (_gathered(pos, token_array(ds, sel, name, acts), n_docs_sel, n_tok, window, -1, np.int64)
+        return _gathered(pos, _var(ds, sel, "token", acts, direct, True), n_docs_sel, n_tok, window, "", object)
+    start, end = (_gathered(pos, _var(ds, sel, name, acts, direct, True), n_docs_sel, n_tok, window, -1, np.int64)
                   for name in ("char_start", "char_end"))
     one = [x.rechunk(x.shape).to_delayed().ravel()[0] for x in (start, end, text)]
     return da.from_delayed(dask.delayed(_pieces)(*one), shape=start.shape, dtype=object)
@@ -310,7 +357,7 @@ def top_examples(ds: xr.Dataset, layer_type: LayerTypes = None, *, k: int = 10, 
                       offset=("offset", np.arange(-window, window + 1)))
         dk = [*dims, "feature", "rank"]
         dw = [*dk, "offset"]
-        v = example_vars(ds, sel, acts, best, window)
+        v = example_vars(ds, sel, acts, best, window, direct=direct)
         return xr.Dataset({name: (dw if name in ("tokens", "window_acts") else dk, x) for name, x in v.items()},
                           coords=coords).assign_attrs(k=k, window=window)
 

@@ -1,5 +1,6 @@
 """Per-block kernels: one SAE block (sparse.COO, numpy or SparseActs) plus its per-token blocks in, a small
-dense partial out. Pure numpy on the nonzeros — no dense copy of a sparse block, no numba.
+dense partial out. Pure numpy on the nonzeros — no dense copy of a sparse block. (The full scan of
+whole doc-chunks skips blocks and kernels: ``sparse_coo.accumulate`` reduces the chunk bytes.)
 
 Shapes: an SAE block is ``acts_11DTF`` (one author, one layer, D docs, T tokens, F features);
 per-token blocks are ``*_1DT``. "Rows" index the block's tokens, ``row = d * T + t``. Every kernel
