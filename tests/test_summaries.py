@@ -360,3 +360,19 @@ def test_top_examples_from_the_chunk_bytes_equal_the_block_path(sp, summaries, f
             np.testing.assert_array_equal(a, b, err_msg=name)
         else:
             assert (a == b).all(), name
+
+
+def test_a_summary_block_of_every_feature_lives_only_in_the_task_that_reads_it(sp):
+    """The zone map and partial selections read a few features of every summary block (16k × 4
+    float64 per doc-chunk in a real run): the features are taken in the reading task itself, so no
+    task's result is a block of every feature (dask may run every read before any take, which held
+    the whole run's summaries at once), and the values are those of the stored array."""
+    import dask
+
+    sel = _select.make_selection(sp, "res", feature=[4, 1])
+    summ, _ = _select.summary_array(sp, sel, "res", _select.summary_chunks(sp, sel, "res"))
+    (opt,) = dask.optimize(summ)
+    layers = {k[0] if isinstance(k, tuple) else k for k in dict(opt.__dask_graph__())}
+    raw = sp["res_summary"].data.name
+    assert not [n for n in layers if n.endswith(raw.split("-", 1)[-1]) and not n.startswith("original-")], layers
+    np.testing.assert_array_equal(summ.compute(), sp["res_summary"].isel(feature=[4, 1]).values)

@@ -249,11 +249,20 @@ def _valid_per_author(ds: xr.Dataset, sel: Selection, layer_type: str, chunks: n
     return _take(lengths, 1, docs).sum(axis=1, dtype=np.int64)
 
 
+def _take_features(block: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    return block[:, :, :, idx]
+
+
 def _summary_rows(ds: xr.Dataset, sel: Selection, name: str, rows: np.ndarray) -> da.Array:
     x = _dask(ds, name)
     x = _take(_take(x, 0, sel.author_idx), 1, sel.layer_idx)
     x = _take(x, 2, rows)
-    return x if sel.feature_idx is None else x[:, :, :, sel.feature_idx]
+    if sel.feature_idx is None:
+        return x
+    # the features are taken in the task that reads the block (blockwise, fused with the read), so a
+    # block of every feature never outlives its task: dask may run every read before its take
+    return x.map_blocks(_take_features, sel.feature_idx, chunks=(*x.chunks[:3], (sel.feature_idx.size,), x.chunks[4]),
+                        dtype=x.dtype)
 
 
 def summary_array(ds: xr.Dataset, sel: Selection, layer_type: str, chunks: np.ndarray, *,
