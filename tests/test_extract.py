@@ -376,3 +376,32 @@ def test_model_dtype_is_applied_and_recorded(tmp_path, tiny_cache):
     valid = ds.valid_mask.values
     assert np.isfinite(ds.ce_loss.values[valid]).all() and np.isfinite(ds.res.values).all()
     assert (ds.res.values[:, :, :, :, :].sum(-1)[:, 0][valid] > 0).mean() > 0.9  # features still fire
+
+
+def test_worker_processes_start_before_planning_and_stop_unused(tmp_path, tiny_cache, capsys, monkeypatch):
+    """With several devices the worker processes are started first, so their imports overlap the
+    coordinator's planning; a refused start and a rerun of a complete run stop them unused (no
+    process left, nothing written), and the summary says when the first batch began."""
+    import multiprocessing as mp
+
+    from saestore.extract import launch
+
+    alive_at_plan = []
+    real_plan = launch.plan
+
+    def plan(cfg):
+        alive_at_plan.append(len(mp.active_children()))
+        return real_plan(cfg)
+
+    monkeypatch.setattr(launch, "plan", plan)
+    argv = ["--devices", "cpu:2", "--layer_types", "res", "--run_name", "pool", "--n_docs_per_author", "2"]
+    assert _extract(tmp_path, *argv, "--layers", "1", "99") == 2
+    assert "only at layers 0-3" in capsys.readouterr().err
+    assert alive_at_plan == [2] and mp.active_children() == [] and list(tmp_path.iterdir()) == []
+    assert _extract(tmp_path, *argv) == 0
+    out = capsys.readouterr().out
+    wall, first = (float(x) for x in re.search(r"wall time: ([\d.]+)s.*first batch after ([\d.]+)s", out).groups())
+    assert 0 < first < wall and mp.active_children() == []
+    assert _extract(tmp_path, *argv) == 0
+    assert "is already complete" in capsys.readouterr().out
+    assert alive_at_plan == [2, 2, 2] and mp.active_children() == []

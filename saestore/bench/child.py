@@ -30,6 +30,7 @@ TASKS: dict[str, str] = {
     "scale": "saestore.bench.scale:child_scale",
     "extract": "saestore.bench.extraction:child_extract",
     "prepare_tiny": "saestore.bench.extraction:child_prepare_tiny",
+    "startup": "saestore.bench.extraction:child_startup",
 }
 
 

@@ -16,6 +16,13 @@ loading, ``create_run`` and ``finalize_run`` included) ``(loop - run_batch) / wa
 corpus also runs with torch pinned to one thread (on a shared 2-core CPU the writer thread and
 torch's threads contend, which slows the forward), and with the writer inline (write-ahead 0, the
 sequential loop this replaced), for the side-by-side ratio ``inline loop / pipelined loop``.
+
+Start-up is measured on the README's demo command (two CPU workers, res/mlp/att SAEs of width
+1k at layers 1 and 3), each run in a fresh process, alternating: as the extraction does it, with
+the worker processes started before the run is planned (``extract/pool.py``: their imports
+overlap the coordinator's), and as it was before, with the workers spawned once the store exists.
+*First batch* is the time from the command's start (``saestore.extract.STARTED``) to the first
+forward of any worker; the median of the repetitions is reported.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from typing import Any
 
 from saestore.bench.child import rss_mb
 
-__all__ = ["child_extract", "child_prepare_tiny", "extract_argv"]
+__all__ = ["child_extract", "child_prepare_tiny", "child_startup", "demo_argv", "extract_argv"]
 
 
 def extract_argv(*, n_docs_per_author: int, output_dir: str, run_name: str, layers: tuple[int, ...],
@@ -96,3 +103,56 @@ def child_prepare_tiny(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     path = build_tiny_bundle()
     return {"bundle": str(path), "seconds": time.perf_counter() - t0}
+
+
+def demo_argv(*, output_dir: str, run_name: str, n_docs_per_author: int | None = None) -> list[str]:
+    """The README's demo command (two CPU workers), quiet and overwriting."""
+    return ["--model", "tiny", "--dataset_name", "demo", "--layers", "1", "3", "--layer_types", "res", "mlp", "att",
+            "--sae_features_width", "1k", "--devices", "cpu:2", "--setting", "baseline", "--max_seq_len", "128",
+            "--use_error_term", "--output_dir", output_dir, "--run_name", run_name, "--quiet", "--overwrite",
+            *(["--n_docs_per_author", str(n_docs_per_author)] if n_docs_per_author else [])]
+
+
+class _LatePool:
+    """The launcher's workers as they were before the pool: spawned only when the run starts (the
+    store exists), for the side-by-side start-up ratio."""
+
+    def __init__(self, devices: list[str]) -> None:
+        self.devices, self.pool = devices, None
+
+    def __enter__(self) -> _LatePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.close()
+
+    def close_idle(self) -> None:
+        pass  # nothing was started
+
+    def run(self, jobs: dict[int, Any]) -> Any:
+        from saestore.extract.pool import WorkerPool
+
+        self.pool = WorkerPool(self.devices)
+        return self.pool.run(jobs)
+
+
+def child_startup(spec: dict[str, Any]) -> dict[str, Any]:
+    """``python -m saestore.extract`` of ``spec["argv"]`` in this fresh process (``spec["late"]``:
+    with the workers spawned once the store exists): its exit code, wall time and first batch, both
+    counted from the command's start."""
+    from saestore.extract import STARTED, launch
+    from saestore.extract.coordinator import Coordinator
+
+    seen: dict[str, Any] = {}
+    summary = Coordinator.summary
+
+    def record(self: Coordinator, attrs: Any, stats: Any, wall: float) -> str:
+        seen.update(first_batch_s=self.first_batch_s(stats), extract_s=stats.extract_s)
+        return summary(self, attrs, stats, wall)
+
+    Coordinator.summary = record  # type: ignore[method-assign]
+    if spec.get("late"):
+        launch.WorkerPool = _LatePool  # type: ignore[assignment,misc]
+    code = launch.main(spec["argv"])
+    return {"exit_code": code, "late": bool(spec.get("late")), "wall_s": time.perf_counter() - STARTED, **seen}

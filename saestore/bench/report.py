@@ -291,6 +291,11 @@ def render_markdown(report: dict[str, Any]) -> str:
                         [[r["n_docs_per_author"], r["torch_threads"], r["write_ahead"], r["n_tokens"], r["nnz"],
                           r["wall_s"], r["loop_s"], r["run_batch_s"], r["chunk_data_s"], r["write_chunk_s"],
                           r["storing_frac_of_loop"], r["storing_frac_of_wall"], r["peak_rss_mb"]] for r in e["runs"]])
+        if e.get("startup"):
+            lines += ["", "Start-up of the demo command (medians):", ""]
+            lines += _table(["worker processes", "runs", "first batch s", "wall s", "extraction s"],
+                            [[r["workers"], r["runs"], r["first_batch_s"], r["wall_s"], r["extract_s"]]
+                             for r in e["startup"]])
         lines += ["", "Ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in e["ratios"].items())]
     p = sec.get("pipeline")
     if p:

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import shutil
+import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -60,6 +61,10 @@ class BenchConfig:
     """also extract the largest corpus with torch pinned to this many threads (None: skip)."""
     access_growth: int | None = 16
     """section 4 also reads from a run with this many times the documents per author (res only)."""
+    startup_repeats: int = 3
+    """section 5's start-up runs of the demo command, each way (pool, late spawn); the median is reported."""
+    startup_docs: int | None = None
+    """documents per author of those runs (None: the whole demo corpus)."""
     child_timeout_s: float = 900.0
     pipeline: SyntheticWorkload = SyntheticWorkload(n_authors=4, n_docs=32, n_tok=511)
     """section 6's run (batches of 8 documents: 16 simulated forward passes)."""
@@ -74,6 +79,7 @@ FULL = BenchConfig(mode="full", synthetic=SyntheticWorkload(n_authors=4, n_docs=
 QUICK = BenchConfig(mode="quick",
                     synthetic=SyntheticWorkload(n_authors=2, n_docs=4, n_tok=127, layer_types=("res", "mlp")),
                     n_reads=5, extract_docs=(1, 2), extract_pinned_threads=None, access_growth=None,
+                    startup_repeats=1, startup_docs=2,
                     child_timeout_s=300.0,
                     pipeline=SyntheticWorkload(n_authors=2, n_docs=8, n_tok=127, layer_types=("res",)),
                     layout=SyntheticWorkload(n_authors=3, n_docs=40, n_tok=127, n_features=2048, l0=20,
@@ -193,7 +199,7 @@ def _section_access(cfg: BenchConfig, sizes: list[dict[str, Any]]) -> dict[str, 
 
 def _section_extract(cfg: BenchConfig, work: Path) -> tuple[dict[str, Any], str]:
     from saestore.bench.extraction import __doc__ as extract_doc
-    from saestore.bench.extraction import extract_argv
+    from saestore.bench.extraction import demo_argv, extract_argv
 
     prep = run_child("prepare_tiny", {}, timeout=cfg.child_timeout_s)
     runs = []
@@ -229,12 +235,26 @@ def _section_extract(cfg: BenchConfig, work: Path) -> tuple[dict[str, Any], str]
     ratios["storing_frac_of_wall_largest"] = max(r["storing_frac_of_wall"] for r in largest)
     if len(largest) > 1:
         ratios["forward_default_over_pinned_threads"] = largest[0]["run_batch_s"] / largest[-1]["run_batch_s"]
+    startup = []
+    for _ in range(cfg.startup_repeats):
+        for late in (False, True):
+            argv = demo_argv(output_dir=str(work / "startup"), run_name="late" if late else "pool",
+                             n_docs_per_author=cfg.startup_docs)
+            startup.append(run_child("startup", {"argv": argv, "late": late}, timeout=cfg.child_timeout_s))
+    median = {(late, key): statistics.median(r[key] for r in startup if r["late"] == late)
+              for late in (False, True) for key in ("first_batch_s", "wall_s", "extract_s")}
+    ratios["startup_first_batch_late_over_pool"] = median[True, "first_batch_s"] / median[False, "first_batch_s"]
+    ratios["startup_wall_late_over_pool"] = median[True, "wall_s"] / median[False, "wall_s"]
+    startup_rows = [{"workers": "spawned once the store exists (before)" if late else "started before planning",
+                     **{key: median[late, key] for key in ("first_batch_s", "wall_s", "extract_s")},
+                     "runs": sum(r["late"] == late for r in startup)} for late in (False, True)]
     head = _doc_body(extract_doc)
     desc = (f"Tiny model, {', '.join(cfg.extract_layer_types)} SAE(s) of width 16,384 at layer(s) "
             f"{', '.join(map(str, cfg.extract_layers))}, max_seq_len {cfg.extract_max_seq_len}, one CPU worker, "
             f"batch 8, chunk_docs 4, 5 authors (the demo corpus). The tiny bundle was ready in {prep['seconds']:.1f} s "
             f"before the first measured run.\n\n{head}")
-    return {"description": desc, "runs": runs, "ratios": ratios, "prepare": prep}, scaling[-1]["path"]
+    return ({"description": desc, "runs": runs, "ratios": ratios, "prepare": prep, "startup": startup_rows},
+            scaling[-1]["path"])
 
 
 @contextmanager

@@ -6,7 +6,7 @@ the store, record the outcome in the registry (also when finalizing fails), chec
 and print the summary. Two launchers run the workers: :class:`saestore.extract.launch.LocalLauncher`
 (one process per device) and :class:`saestore.extract.distributed.TorchrunLauncher` (one torchrun or
 SLURM rank each, this process being rank 0). A launcher only runs workers and returns their
-:class:`~saestore.extract.worker.WorkerStats`.
+:class:`~saestore.extract.work.WorkerStats`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from saestore import faults, location, protocol
 from saestore.errors import SaestoreError, StoreWriteError, WorkerFailedError
 from saestore.extract import interrupt
 from saestore.extract.config import ExtractConfig
-from saestore.extract.worker import AuthorWork, WorkerStats
+from saestore.extract.work import AuthorWork, WorkerStats
 from saestore.location import is_url
 from saestore.lock import RunLock, writer_state
 from saestore.registry import Registry
@@ -293,6 +293,13 @@ class Coordinator:
                 log.warning("%s layer %s: measured mean L0 %.1f is far from the SAE's expected %.1f (%s)",
                             lt, layer, l0, expected, cause)
 
+    def first_batch_s(self, stats: WorkerStats) -> float | None:
+        """Seconds from ``t0`` to the first forward of any worker (``stats.first_batch`` is wall-clock);
+        None when no worker ran one."""
+        if stats.first_batch is None:
+            return None
+        return stats.first_batch - (time.time() - (time.perf_counter() - self.t0))
+
     def summary(self, attrs: protocol.RunAttrs, stats: WorkerStats, wall: float) -> str:
         progress = read_progress(self.path)
         n_tokens = int(progress[..., 1].sum())
@@ -303,7 +310,8 @@ class Coordinator:
                  f"nonzeros: {n_nonzero:,}",
                  f"bytes on disk: {_du(self.path):,}  wall time: {wall:.1f}s = extraction {stats.extract_s:.1f}s "
                  f"({stats.n_tokens / max(stats.extract_s, 1e-9):,.0f} tokens/s this session) + start-up and "
-                 f"finish {max(wall - stats.extract_s, 0.0):.1f}s (imports, model and SAE loading, store creation)"]
+                 f"finish {max(wall - stats.extract_s, 0.0):.1f}s (imports, model and SAE loading, store creation)"
+                 + (f"; first batch after {first:.1f}s" if (first := self.first_batch_s(stats)) is not None else "")]
         for key, nnz in sorted(stats.nnz.items()):
             lt, layer = key.split("/")
             expected = attrs.saes[lt][layer].expected_l0

@@ -9,31 +9,31 @@ torchrun/SLURM rank, authors dealt round-robin.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import multiprocessing as mp
 import os
-import queue as queue_mod
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from saestore import protocol
 from saestore.errors import ExtractionConfigError, SaestoreError, WorkerFailedError
-from saestore.extract import interrupt
+from saestore.extract import STARTED, interrupt
 from saestore.extract.config import ExtractConfig, offline_hint, parse_all, resolve_defaults, stored_identity
 from saestore.extract.coordinator import Coordinator
-from saestore.extract.worker import AuthorWork, WorkerStats, run_worker
+from saestore.extract.pool import Job, WorkerPool
+from saestore.extract.work import AuthorWork, WorkerStats
 from saestore.writer import RunLayout
 
 log = logging.getLogger("saestore.extract")
 
 
 def parse_devices(devices: str | None) -> list[str]:
-    """``cuda:0,cuda:1`` | ``cpu`` | ``cpu:2`` (two CPU workers) | None (every GPU, else one CPU worker)."""
-    import torch
-
+    """``cuda:0,cuda:1`` | ``cpu`` | ``cpu:2`` (two CPU workers) | None (every GPU, else one CPU worker).
+    Only a request that names or may use a GPU imports torch (CPU workers start sooner without it)."""
+    if not devices or "cuda" in devices:
+        import torch
     if not devices:
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         return [f"cuda:{i}" for i in range(n)] or ["cpu"]
@@ -123,51 +123,26 @@ def _resolve_available(cfg: ExtractConfig) -> list[Any]:
     return specs
 
 
-def _exit_with(coordinator: int) -> None:
-    """Stop this worker as soon as its coordinator is gone (even killed by SIGKILL, which no cleanup
-    sees): the rerun that takes the run's lock over must be the run's only writer."""
-
-    def watch() -> None:
-        while os.getppid() == coordinator:
-            time.sleep(0.5)
-        log.error("the coordinator (pid %d) is gone: this worker stops", coordinator)
-        os._exit(3)
-
-    threading.Thread(target=watch, name="saestore-coordinator-watch", daemon=True).start()
-
-
-def _worker_entry(path: str, cfg: ExtractConfig, specs: list[Any], work: list[AuthorWork], device: str,
-                  rank: int, n_threads: int, queue: Any, coordinator: int) -> None:
-    interrupt.quiet_worker()
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker{rank} %(levelname)s %(message)s")
-    _exit_with(coordinator)
-    try:
-        stats = run_worker(path, cfg, specs, work, device, rank, n_threads)
-    except SaestoreError as e:  # e.g. an SAE that does not fit the model: tell the coordinator why
-        log.error("worker %d failed: %s", rank, e)
-        stats = WorkerStats.failing((w.author for w in work), f"{type(e).__name__}: {e}")
-    except interrupt.Interrupted as e:  # the coordinator stops this worker: its finished doc-chunks are written
-        sys.exit(e.exit_code)
-    queue.put((rank, stats))
-
-
 def numerics(devices: Sequence[str], threads: int | None) -> dict[str, Any]:
     """What decides the computed values besides the configuration (PROTOCOL.md §4 ``numerics``): the
     device kind (the GPU's name) and the torch threads of each CPU worker."""
-    import torch
-
     kinds = []
     for d in dict.fromkeys(d.split(":")[0] for d in devices):
         gpu = next((x for x in devices if x.startswith("cuda")), None) if d == "cuda" else None
+        if gpu:
+            import torch
         kinds.append(f"cuda {torch.cuda.get_device_name(torch.device(gpu))}" if gpu else d)
     return {"device": ", ".join(kinds), "torch_threads": threads if "cpu" in devices else None}
 
 
 class LocalLauncher:
-    """One worker per device: in this process for a single device, else spawned processes."""
+    """One worker per device: in this process for a single device, else the processes of ``pool``
+    (started before the run was planned)."""
 
-    def __init__(self, cfg: ExtractConfig, specs: list[Any], devices: list[str]) -> None:
-        self.cfg, self.specs, self.devices = cfg, specs, devices
+    def __init__(self, cfg: ExtractConfig, specs: list[Any], devices: list[str], pool: WorkerPool | None = None) -> None:
+        if len(devices) > 1 and pool is None:
+            raise SaestoreError(f"{len(devices)} devices need a WorkerPool of their processes")
+        self.cfg, self.specs, self.devices, self.pool = cfg, specs, devices, pool
         self.where = ", ".join(devices)
         n_cpu = sum(d == "cpu" for d in devices)
         # torch threads per CPU worker: $OMP_NUM_THREADS when set (on a busy machine 1 can be fastest), else
@@ -176,81 +151,66 @@ class LocalLauncher:
         self.numerics = numerics(devices, self.threads)
 
     def abort(self, reason: str) -> None:
-        pass  # no worker was started
+        if self.pool is not None:  # no job was handed out: the waiting processes are stopped
+            self.pool.close_idle()
 
     def finished(self, code: int) -> None:
         pass
 
     def run(self, path: str, work: Sequence[AuthorWork]) -> WorkerStats:
         devices, threads = self.devices, self.threads
-        n_cpu = sum(d == "cpu" for d in devices)
         shares = [list(work[i :: len(devices)]) for i in range(len(devices))]
-        if len(devices) == 1:
-            return run_worker(path, self.cfg, self.specs, shares[0], devices[0], 0, threads if n_cpu else None)
-        ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
-        procs = []
-        try:
-            for rank, (device, share) in enumerate(zip(devices, shares, strict=True)):
-                if not share:
-                    log.info("worker %d (%s) has no author: %d workers for %d authors", rank, device, len(devices),
-                             len(work))
-                    continue
-                p = ctx.Process(target=_worker_entry, args=(path, self.cfg, self.specs, share, device, rank,
-                                                            threads if device == "cpu" else 0, queue, os.getpid()),
-                                name=f"saestore-worker-{rank}")
-                with interrupt.sigint_ignored():  # a Ctrl-C is for the coordinator, which stops the workers
-                    p.start()
-                procs.append((rank, p, share))
-            results: dict[int, WorkerStats] = {}
-            while len(results) < len(procs) and any(p.is_alive() for _, p, _ in procs):
-                try:
-                    rank, stats = queue.get(timeout=1.0)
-                    results[rank] = stats
-                except queue_mod.Empty:
-                    continue
-        except BaseException:  # interrupted (or failing): stop the workers, each writes its finished doc-chunks
-            for _, p, _ in procs:
-                if p.is_alive():
-                    p.terminate()
-            for _, p, _ in procs:
-                p.join()
-            raise
-        while not queue.empty():
-            rank, stats = queue.get()
-            results[rank] = stats
-        for rank, p, share in procs:
-            p.join()
-            if rank not in results:
-                results[rank] = WorkerStats.failing((w.author for w in share),
-                                                    f"worker {rank} exited with code {p.exitcode}")
-        return WorkerStats.merge(results.values())
+        if self.pool is None:
+            from saestore.extract.worker import run_worker
+
+            return run_worker(path, self.cfg, self.specs, shares[0], devices[0], 0, threads if devices[0] == "cpu"
+                              else None)
+        jobs = {}
+        for rank, (device, share) in enumerate(zip(devices, shares, strict=True)):
+            if not share:
+                log.info("worker %d (%s) has no author: %d workers for %d authors", rank, device, len(devices),
+                         len(work))
+                continue
+            jobs[rank] = Job(path, self.cfg, self.specs, share, threads if device == "cpu" else 0)
+        return self.pool.run(jobs)
 
 
 Plan = tuple[list[Any], dict[str, list[Any]], RunLayout, protocol.RunAttrs]
 
 
-def extract(cfg: ExtractConfig, planned: Plan | None = None) -> int:
-    """Run an extraction (``planned``: its :func:`plan` already made); returns the process exit code (0
-    complete; failed authors raise WorkerFailedError)."""
-    t0 = time.perf_counter()
+def extract(cfg: ExtractConfig, planned: Plan | None = None, t0: float | None = None) -> int:
+    """Run an extraction (``planned``: its :func:`plan` already made; ``t0``: the ``perf_counter`` its
+    wall time counts from, default now); returns the process exit code (0 complete; failed authors
+    raise WorkerFailedError)."""
+    t0 = time.perf_counter() if t0 is None else t0
     cfg = resolve_defaults(cfg)
-    specs, by_author, layout, attrs = planned or plan(cfg)
-    coordinator = Coordinator(cfg, layout, attrs, cfg.run_path(), t0)
-    work = coordinator.work(by_author)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        specs, by_author, layout, attrs = planned or plan(cfg)
+        coordinator = Coordinator(cfg, layout, attrs, cfg.run_path(), t0)
+        work = coordinator.work(by_author)
         from saestore.extract.distributed import TorchrunLauncher, follow, rank_info
 
         launcher = TorchrunLauncher(cfg, specs)
         if rank_info()[0] != 0:
             return follow(launcher, work)
         return coordinator.run(launcher, work)
-    return coordinator.run(LocalLauncher(cfg, specs, parse_devices(cfg.devices)), work)
+    return extract_local(cfg, planned, t0)
 
 
-def extract_many(configs: list[ExtractConfig]) -> int:
+def extract_local(cfg: ExtractConfig, planned: Plan | None, t0: float) -> int:
+    """:func:`extract` on this machine's devices: with several, their worker processes start first and
+    import the model stack while the run is planned (stopped unused if it is refused or complete)."""
+    devices = parse_devices(cfg.devices)
+    with WorkerPool(devices) if len(devices) > 1 else contextlib.nullcontext() as pool:
+        specs, by_author, layout, attrs = planned or plan(cfg)
+        coordinator = Coordinator(cfg, layout, attrs, cfg.run_path(), t0)
+        return coordinator.run(LocalLauncher(cfg, specs, devices, pool), coordinator.work(by_author))
+
+
+def extract_many(configs: list[ExtractConfig], t0: float | None = None) -> int:
     """One run per model, on the same document selection. Every model's request is checked first
-    (nothing is extracted if one is refused); a model failing during extraction does not stop the others."""
+    (nothing is extracted if one is refused); a model failing during extraction does not stop the
+    others. ``t0``: as :func:`extract`'s, for the first model."""
     plans: dict[str, Plan] = {}
     refused: dict[str, str] = {}
     for cfg in configs:
@@ -265,7 +225,7 @@ def extract_many(configs: list[ExtractConfig]) -> int:
     for cfg in configs:
         log.info("model %s (%d of %d)", cfg.model, configs.index(cfg) + 1, len(configs))
         try:
-            extract(cfg, plans[cfg.model])
+            extract(cfg, plans[cfg.model], t0 if cfg is configs[0] else None)
         except SaestoreError as e:
             failures[cfg.model] = f"{type(e).__name__}: {e}"
             log.error("model %s failed: %s", cfg.model, e)
@@ -303,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         with interrupt.handle_signals():
             configs = parse_all(argv)
             if len(configs) > 1:
-                return extract_many(configs)
-            return extract(configs[0])
+                return extract_many(configs, STARTED)
+            return extract(configs[0], t0=STARTED)
     except KeyboardInterrupt as e:  # SIGINT or SIGTERM: one line, and the command that finishes the run
         stop = interrupt.of(e)
         assert stop is not None

@@ -11,8 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,6 +25,7 @@ from saestore.extract.data import Document
 from saestore.extract.metrics import token_metrics
 from saestore.extract.models import SAESpec, encode_with_spans
 from saestore.extract.quality import loss_recovered_ce, recon_metrics
+from saestore.extract.work import AuthorWork, WorkerStats
 from saestore.nonzeros import SparseActs
 from saestore.writer import ChunkData, RunLayout, RunWriter
 
@@ -38,49 +38,6 @@ NON_NEGATIVE = ("jumprelu", "standard", "relu", "topk", "gated", "batchtopk", "m
 def _architecture(sae: Any) -> str:
     arch = getattr(sae.cfg, "architecture", "")
     return str(arch() if callable(arch) else arch).lower()
-
-
-@dataclass(frozen=True, kw_only=True)
-class AuthorWork:
-    author_idx: int
-    author: str
-    docs: tuple[Document, ...]
-
-
-@dataclass
-class WorkerStats:
-    """What one worker did; summed by the coordinator."""
-
-    n_docs: int = 0
-    n_tokens: int = 0
-    nnz: dict[str, int] = field(default_factory=dict)  # "res/3" -> nonzeros
-    seconds: float = 0.0
-    extract_s: float = 0.0
-    """seconds from the first forward to the last doc-chunk written (model loading excluded)."""
-    failed: dict[str, str] = field(default_factory=dict)  # author -> error
-
-    @classmethod
-    def failing(cls, authors: Iterable[str], reason: str) -> WorkerStats:
-        """The stats of a worker that did none of ``authors``, for ``reason``."""
-        return cls(failed={a: reason for a in authors})
-
-    @classmethod
-    def merge(cls, parts: Iterable[WorkerStats]) -> WorkerStats:
-        """The run's stats from its workers': sums, the longest wall time, every failure."""
-        total = cls()
-        for s in parts:
-            total.n_docs += s.n_docs
-            total.n_tokens += s.n_tokens
-            total.seconds = max(total.seconds, s.seconds)
-            total.extract_s = max(total.extract_s, s.extract_s)
-            total.failed.update(s.failed)
-            for k, v in s.nnz.items():
-                total.nnz[k] = total.nnz.get(k, 0) + v
-        return total
-
-    def first_failure(self) -> str | None:
-        """The first recorded failure (authors in order) for one-line messages, naming its author."""
-        return next((m if repr(a) in m else f"{a!r}: {m}" for a, m in sorted(self.failed.items())), None)
 
 
 def _host(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -394,6 +351,7 @@ def run_worker(path: str, cfg: ExtractConfig, specs: Sequence[SAESpec], work: Se
         writer.write_chunk(author_idx, chunk_idx, ex.chunk_data(docs, part, writer.layout))
 
     t_loop = time.perf_counter()
+    stats.first_batch = time.time()
     try:
         with ChunkSink(write, WRITE_AHEAD if write_ahead is None else write_ahead) as sink:
             try:
