@@ -20,13 +20,16 @@ sequential loop this replaced), for the side-by-side ratio ``inline loop / pipel
 Start-up is measured on the README's demo command (two CPU workers, res/mlp/att SAEs of width
 1k at layers 1 and 3), each run in a fresh process, alternating: as the extraction does it, with
 the worker processes started before the run is planned (``extract/pool.py``: their imports
-overlap the coordinator's), and as it was before, with the workers spawned once the store exists.
+overlap the coordinator's) and ended as soon as their stats are sent (``pool._leave``), and as it
+was before, with the workers spawned once the store exists and ended through the interpreter's
+teardown (about a second with torch and a model loaded, which the coordinator waits for).
 *First batch* is the time from the command's start (``saestore.extract.STARTED``) to the first
 forward of any worker; the median of the repetitions is reported.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -115,7 +118,7 @@ def demo_argv(*, output_dir: str, run_name: str, n_docs_per_author: int | None =
 
 class _LatePool:
     """The launcher's workers as they were before the pool: spawned only when the run starts (the
-    store exists), for the side-by-side start-up ratio."""
+    store exists) and ended through the interpreter's teardown, for the side-by-side start-up ratio."""
 
     def __init__(self, devices: list[str]) -> None:
         self.devices, self.pool = devices, None
@@ -134,7 +137,7 @@ class _LatePool:
         from saestore.extract.pool import WorkerPool
 
         self.pool = WorkerPool(self.devices)
-        return self.pool.run(jobs)
+        return self.pool.run({rank: dataclasses.replace(job, teardown=True) for rank, job in jobs.items()})
 
 
 def child_startup(spec: dict[str, Any]) -> dict[str, Any]:

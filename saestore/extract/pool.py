@@ -45,6 +45,9 @@ class Job:
     work: list[AuthorWork]
     n_threads: int
     """torch threads (0: the device's default)"""
+    teardown: bool = False
+    """end the process through the interpreter's teardown instead of :func:`_leave` (the start-up
+    benchmark's baseline: how workers ended before)"""
 
 
 def _exit_with(coordinator: int) -> None:
@@ -58,6 +61,19 @@ def _exit_with(coordinator: int) -> None:
         os._exit(3)
 
     threading.Thread(target=watch, name="saestore-coordinator-watch", daemon=True).start()
+
+
+def _leave(results: Any) -> None:
+    """End this worker without the interpreter's teardown, which takes about a second with torch
+    and a model loaded and which the coordinator would wait for: the job has returned (every write
+    of the run is complete), its stats are flushed to the coordinator, and logs and stdio are
+    flushed; the same end as a process of multiprocessing's fork start method."""
+    results.close()
+    results.join_thread()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _serve(rank: int, device: str, inbox: Any, results: Any, coordinator: int) -> None:
@@ -82,6 +98,8 @@ def _serve(rank: int, device: str, inbox: Any, results: Any, coordinator: int) -
             log.error("worker %d failed: %s", rank, e)
             stats = WorkerStats.failing((w.author for w in job.work), f"{type(e).__name__}: {e}")
         results.put((rank, stats))
+        if not job.teardown:
+            _leave(results)
     except interrupt.Interrupted as e:  # the coordinator stops this worker: its finished doc-chunks are written
         sys.exit(e.exit_code)
 
