@@ -193,7 +193,8 @@ def test_codec_option_measures_the_chain_alone(tmp_path):
 @pytest.mark.extract
 def test_gpu_bench_runs_on_small_shapes_on_the_cpu(tmp_path):
     """``--gpu --quick``: the Gemma-2 architecture at small shapes with random SAEs; every loop runs,
-    the calibrated SAEs fire about as often as asked, and one line per ratio is printed."""
+    the calibrated SAEs fire about as often as asked, two workers run at once, and one line per
+    ratio is printed."""
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "saestore.bench", "--gpu", "--quick", "--out", str(out)],
                           capture_output=True, text=True, timeout=900)
@@ -207,6 +208,11 @@ def test_gpu_bench_runs_on_small_shapes_on_the_cpu(tmp_path):
     stored = res["stored"]
     assert stored["n_tokens"] == res["shape"]["n_tokens"]
     assert 0.3 * res["shape"]["l0"] < stored["mean_l0"] < 3 * res["shape"]["l0"], stored
+    # several workers at once (two CPU processes here): each stored every token, on the same model
+    sc = res["scaling"]
+    assert sc["devices"] == ["cpu", "cpu"] and "workers_over_one" in res["ratios"]
+    assert [w["n_tokens"] for w in sc["rows"]] == [res["shape"]["n_tokens"]] * 2
+    assert {w["nnz"] for w in sc["rows"]} == {stored["nnz"]}  # same seed: the same model, SAEs and nonzeros
     assert not list(out.glob("tmp*")), "the work folder is removed"
 
 

@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
                                     "Gemma-2-2b weights with 12 random 16k SAEs (saestore.bench.gpu)")
     gpu.add_argument("--gpu", action="store_true",
                      help="run only this: on the first GPU, or on small shapes on the CPU (also with --quick); "
-                          "prints one line per ratio, writes gpu.json to DIR")
+                          "with two or more GPUs also one worker per GPU at once (with --quick on the CPU: two "
+                          "CPU workers); prints one line per ratio, writes gpu.json to DIR")
     objstore = parser.add_argument_group("object storage", "a run written to and read from a local S3 server "
                                          "(moto, on 127.0.0.1) next to local disk (saestore.bench.objstore)")
     objstore.add_argument("--objstore", action="store_true",
@@ -137,17 +138,33 @@ def _gpu(args: argparse.Namespace) -> int:
     import json
     import tempfile
 
-    from saestore.bench.gpu import FULL_GPU, QUICK_CPU, run_gpu_bench
+    import torch
+
+    from saestore.bench.gpu import FULL_GPU, QUICK_CPU, run_gpu_bench, run_scaling
 
     args.out.mkdir(parents=True, exist_ok=True)
+    bench = QUICK_CPU if args.quick else FULL_GPU
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    devices = [f"cuda:{i}" for i in range(n_gpus)] if n_gpus >= 2 else ["cpu", "cpu"] if args.quick else []
     with tempfile.TemporaryDirectory(dir=args.out) as work:
-        res = run_gpu_bench(QUICK_CPU if args.quick else FULL_GPU, Path(work))
+        res = run_gpu_bench(bench, Path(work))
+        if devices:
+            if n_gpus:
+                torch.cuda.empty_cache()  # the first worker's device serves a scaling worker next
+            res["scaling"] = run_scaling(bench, Path(work) / "scaling", devices, res["rows"]["saestore"])
+            res["ratios"].update(res["scaling"]["ratios"])
     sh = res["shape"]
     print(f"{sh['model']} on {sh['gpu'] or sh['device']}: {len(sh['layer_types']) * len(sh['layers'])} SAEs of "
           f"{sh['d_sae']:,} features, batch {sh['batch_size']} x {sh['n_tok'] + 1} tokens, {sh['n_tokens']:,} tokens")
     for name, row in res["rows"].items():
         gpu_mb = f", peak GPU {row['peak_gpu_mb']:,.0f} MiB" if row["peak_gpu_mb"] is not None else ""
         print(f"{name}: {row['tokens_per_s']:,.0f} tokens/s{gpu_mb}, host RSS {row['host_rss_mb']:,.0f} MiB")
+    if "scaling" in res:
+        sc = res["scaling"]
+        print(f"saestore on {len(sc['devices'])} workers ({', '.join(sc['devices'])}) at once: "
+              f"{sc['tokens_per_s']:,.0f} tokens/s together")
+    else:
+        print("one GPU or none: the several-worker scaling is not measured (it needs two GPUs)")
     for name, value in res["ratios"].items():
         print(f"{name}: {value:.3f}")
     (args.out / "gpu.json").write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")

@@ -15,6 +15,13 @@ the same batches, in one process:
 as tokens/s, their ratios (target: saestore ≥ 0.85 × the SAE loop), the peak GPU memory of each
 and the process's host RSS. Without a GPU, or with ``--quick``, the same code runs on small shapes
 (the Gemma-2 architecture at d_model 128, 4 layers) on the CPU: the test suite's smoke test.
+
+**Several workers** (:func:`run_scaling`, where two or more GPUs are visible; ``--quick`` runs it
+with two CPU processes): one spawned process per device builds the same model and SAEs and runs
+the saestore loop on the same batches into its own run, all starting together at a barrier, as
+``--devices cuda:0,cuda:1`` runs one worker per device; the ratio is the tokens/s of all of them
+together (every token over the span from the first start to the last end) over the single
+worker's (target ≥ 1.8 on two GPUs).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import numpy as np
 
 from saestore.bench.child import rss_mb
 
-__all__ = ["GpuBench", "FULL_GPU", "QUICK_CPU", "run_gpu_bench"]
+__all__ = ["GpuBench", "FULL_GPU", "QUICK_CPU", "run_gpu_bench", "run_scaling"]
 
 GEMMA = "google/gemma-2-2b"
 _SMALL_SHAPE = {"d_model": 128, "d_head": 32, "n_heads": 4, "n_key_value_heads": 2, "d_mlp": 256, "n_layers": 4,
@@ -150,8 +157,13 @@ def _peak_gpu_mb(device: str, reset: bool = False) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
-def run_gpu_bench(bench: GpuBench, work: Path, *, device: str | None = None) -> dict[str, Any]:
-    """The three loops of the module docstring; returns rows, ratios and the shapes used."""
+LOOPS = ("forward", "sae_loop", "saestore")
+
+
+def run_gpu_bench(bench: GpuBench, work: Path, *, device: str | None = None, loops: tuple[str, ...] = LOOPS,
+                  barrier: Any = None) -> dict[str, Any]:
+    """The three loops of the module docstring (or ``loops`` of them); returns rows, ratios and the
+    shapes used. ``barrier``: waited on just before each timed loop starts (several workers)."""
     import torch
     from sae_lens import HookedSAETransformer
 
@@ -187,12 +199,15 @@ def run_gpu_bench(bench: GpuBench, work: Path, *, device: str | None = None) -> 
         loop(batches[:1], masks[:1])  # warm-up: kernels, allocator, first-use costs
         _sync(device)
         _peak_gpu_mb(device, reset=True)
+        if barrier is not None:
+            barrier.wait(timeout=900)  # a worker that failed before it breaks the barrier for the others
+        started = time.time()
         t = time.perf_counter()
         loop(batches, masks)
         _sync(device)
         s = time.perf_counter() - t
         return {"seconds": s, "tokens_per_s": n_tokens / s, "peak_gpu_mb": _peak_gpu_mb(device),
-                "host_rss_mb": rss_mb()}
+                "host_rss_mb": rss_mb(), "started": started, "ended": started + s, "n_tokens": n_tokens}
 
     @torch.inference_mode()
     def forward(bs: list[Any], ms: list[Any]) -> None:
@@ -234,7 +249,8 @@ def run_gpu_bench(bench: GpuBench, work: Path, *, device: str | None = None) -> 
                            sink)
             sink.drain()
 
-    rows = {"forward": timed(forward), "sae_loop": timed(sae_loop), "saestore": timed(saestore_loop)}
+    funcs = {"forward": forward, "sae_loop": sae_loop, "saestore": saestore_loop}
+    rows = {name: timed(funcs[name]) for name in loops}
     from saestore.writer import read_progress
 
     for path, _ in writers.values():
@@ -246,7 +262,41 @@ def run_gpu_bench(bench: GpuBench, work: Path, *, device: str | None = None) -> 
              "n_layers": cfg.n_layers, "d_vocab": cfg.d_vocab, **dataclasses.asdict(bench), "device": device,
              "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
              "n_tokens": n_tokens, "build_s": build_s}
-    ratios = {"saestore_over_sae_loop": rows["saestore"]["tokens_per_s"] / rows["sae_loop"]["tokens_per_s"],
-              "sae_loop_over_forward": rows["sae_loop"]["tokens_per_s"] / rows["forward"]["tokens_per_s"],
-              "saestore_over_forward": rows["saestore"]["tokens_per_s"] / rows["forward"]["tokens_per_s"]}
+    tps = {name: row["tokens_per_s"] for name, row in rows.items()}
+    ratios = {f"{a}_over_{b}": tps[a] / tps[b] for a, b in (("saestore", "sae_loop"), ("sae_loop", "forward"),
+                                                            ("saestore", "forward")) if a in tps and b in tps}
     return {"shape": shape, "rows": rows, "ratios": ratios, "stored": stored}
+
+
+def _scaling_worker(bench: GpuBench, work: Path, device: str, barrier: Any, results: Any) -> None:
+    out = run_gpu_bench(bench, work, device=device, loops=("saestore",), barrier=barrier)
+    results.put((device, out["rows"]["saestore"], out["stored"]))
+
+
+def run_scaling(bench: GpuBench, work: Path, devices: list[str], single: dict[str, Any]) -> dict[str, Any]:
+    """The saestore loop in one spawned process per device at once (see the module docstring);
+    ``single``: the one-worker ``saestore`` row to compare with."""
+    import multiprocessing as mp
+
+    from saestore.errors import BenchError
+
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(len(devices)), ctx.Queue()
+    procs = [ctx.Process(target=_scaling_worker, args=(bench, work / f"worker{i}", d, barrier, results))
+             for i, d in enumerate(devices)]
+    for p in procs:
+        p.start()
+    rows = []
+    try:
+        for _ in procs:
+            rows.append(results.get(timeout=1800))
+    except Exception as e:
+        raise BenchError(f"a scaling worker failed (exit codes {[p.exitcode for p in procs]}): "
+                         f"{type(e).__name__}: {e}") from e
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+    span = max(r["ended"] for _, r, _ in rows) - min(r["started"] for _, r, _ in rows)
+    together = sum(r["n_tokens"] for _, r, _ in rows) / span
+    return {"devices": devices, "rows": [{"device": d, **r, **st} for d, r, st in rows], "seconds": span,
+            "tokens_per_s": together, "ratios": {"workers_over_one": together / single["tokens_per_s"]}}
