@@ -405,3 +405,30 @@ def test_worker_processes_start_before_planning_and_stop_unused(tmp_path, tiny_c
     assert _extract(tmp_path, *argv) == 0
     assert "is already complete" in capsys.readouterr().out
     assert alive_at_plan == [2, 2, 2] and mp.active_children() == []
+
+
+def test_worker_pool_reports_a_worker_that_died_before_its_job_and_refuses_a_job_it_cannot_send():
+    """A worker killed before it read its job (a job larger than a pipe's buffer) is that job's
+    failure, not a hang; a job that cannot be pickled raises in the coordinator; no process is left."""
+    import multiprocessing as mp
+    import pickle
+
+    from saestore.extract.config import ExtractConfig
+    from saestore.extract.data import Document
+    from saestore.extract.pool import Job, WorkerPool
+    from saestore.extract.work import AuthorWork
+
+    cfg = ExtractConfig(layers=(1,), model="tiny")
+    big = AuthorWork(author_idx=0, author="ann", docs=(Document(doc_id=0, author="ann", text="x" * 1_000_000),))
+    with WorkerPool(["cpu", "cpu"]) as pool:
+        victim = pool._procs[0]
+        victim.kill()
+        victim.join()
+        t = time.monotonic()
+        stats = pool.run({0: Job("/nowhere.zarr", cfg, [], [big], 1)})
+        assert time.monotonic() - t < 30
+    assert stats.failed == {"ann": f"worker 0 exited with code {-signal.SIGKILL}"}
+    assert mp.active_children() == []
+    with WorkerPool(["cpu", "cpu"]) as pool, pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        pool.run({0: Job("/nowhere.zarr", cfg, [lambda: 0], [big], 1)})
+    assert mp.active_children() == []

@@ -154,6 +154,17 @@ def _assert_same(a: xr.Dataset, b: xr.Dataset) -> None:
         np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-12, equal_nan=True, err_msg=name)
 
 
+def _assert_same_examples(a: xr.Dataset, b: xr.Dataset) -> None:
+    """Two top_examples results are the same: every variable, values and strings alike."""
+    assert set(a.data_vars) == set(b.data_vars)
+    for name in a.data_vars:
+        x, y = a[name].values, b[name].values
+        if x.dtype.kind == "f":
+            np.testing.assert_array_equal(x, y, err_msg=name)
+        else:
+            assert (x == y).all(), name
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=hs.data())
 def test_summary_path_equals_full_scan_on_random_whole_chunk_selections(sp, data):
@@ -217,13 +228,7 @@ def test_pruned_top_examples_equal_the_full_scan(sp, by, k, feature):
     """k=50 exceeds some features' activations (feature 0 is dead): empty ranks match too."""
     pruned = st.top_examples(sp, k=k, window=2, by=by, feature=feature).compute()
     full = st.top_examples(_full_scan(sp), k=k, window=2, by=by, feature=feature).compute()
-    assert set(pruned.data_vars) == set(full.data_vars)
-    for name in pruned.data_vars:
-        a, b = pruned[name].values, full[name].values
-        if a.dtype.kind == "f":
-            np.testing.assert_array_equal(a, b, err_msg=name)
-        else:
-            assert (a == b).all(), name
+    _assert_same_examples(pruned, full)
 
 
 def test_pruned_top_examples_decode_only_chunks_that_can_enter(sp, monkeypatch):
@@ -354,12 +359,7 @@ def test_top_examples_from_the_chunk_bytes_equal_the_block_path(sp, summaries, f
     ds = sp if summaries else _full_scan(sp)
     direct = st.top_examples(ds, k=3, window=2, feature=feature).compute()
     blocks = _block_scan(ds, st.top_examples, k=3, window=2, feature=feature)
-    for name in direct.data_vars:
-        a, b = direct[name].values, blocks[name].values
-        if a.dtype.kind == "f":
-            np.testing.assert_array_equal(a, b, err_msg=name)
-        else:
-            assert (a == b).all(), name
+    _assert_same_examples(direct, blocks)
 
 
 def test_a_summary_block_of_every_feature_lives_only_in_the_task_that_reads_it(sp):

@@ -27,6 +27,8 @@ worker's (target ≥ 1.8 on two GPUs).
 from __future__ import annotations
 
 import dataclasses
+import os
+import queue as queue_mod
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,7 +202,7 @@ def run_gpu_bench(bench: GpuBench, work: Path, *, device: str | None = None, loo
         _sync(device)
         _peak_gpu_mb(device, reset=True)
         if barrier is not None:
-            barrier.wait(timeout=900)  # a worker that failed before it breaks the barrier for the others
+            barrier.wait(timeout=900)  # run_scaling aborts it when a worker fails before it
         started = time.time()
         t = time.perf_counter()
         loop(batches, masks)
@@ -268,7 +270,12 @@ def run_gpu_bench(bench: GpuBench, work: Path, *, device: str | None = None, loo
     return {"shape": shape, "rows": rows, "ratios": ratios, "stored": stored}
 
 
-def _scaling_worker(bench: GpuBench, work: Path, device: str, barrier: Any, results: Any) -> None:
+def _scaling_worker(bench: GpuBench, work: Path, device: str, n_cpu_workers: int, barrier: Any,
+                    results: Any) -> None:
+    if device == "cpu":  # the cores shared out, as --devices cpu:N does
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_cpu_workers))
     out = run_gpu_bench(bench, work, device=device, loops=("saestore",), barrier=barrier)
     results.put((device, out["rows"]["saestore"], out["stored"]))
 
@@ -282,20 +289,26 @@ def run_scaling(bench: GpuBench, work: Path, devices: list[str], single: dict[st
 
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(len(devices)), ctx.Queue()
-    procs = [ctx.Process(target=_scaling_worker, args=(bench, work / f"worker{i}", d, barrier, results))
+    n_cpu = sum(d == "cpu" for d in devices)
+    procs = [ctx.Process(target=_scaling_worker, args=(bench, work / f"worker{i}", d, n_cpu, barrier, results))
              for i, d in enumerate(devices)]
     for p in procs:
         p.start()
-    rows = []
+    rows: list[Any] = []
     try:
-        for _ in procs:
-            rows.append(results.get(timeout=1800))
-    except Exception as e:
-        raise BenchError(f"a scaling worker failed (exit codes {[p.exitcode for p in procs]}): "
-                         f"{type(e).__name__}: {e}") from e
+        while len(rows) < len(procs):
+            try:
+                rows.append(results.get(timeout=1.0))
+            except queue_mod.Empty:
+                failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if failed:  # the others would wait at the barrier: break it
+                    barrier.abort()
+                    raise BenchError(f"a scaling worker failed (exit codes {[p.exitcode for p in procs]})") from None
     finally:
         for p in procs:
-            p.join(timeout=60)
+            if p.is_alive() and len(rows) < len(procs):
+                p.terminate()
+            p.join()
     span = max(r["ended"] for _, r, _ in rows) - min(r["started"] for _, r, _ in rows)
     together = sum(r["n_tokens"] for _, r, _ in rows) / span
     return {"devices": devices, "rows": [{"device": d, **r, **st} for d, r, st in rows], "seconds": span,

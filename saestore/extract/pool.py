@@ -81,15 +81,18 @@ def _serve(rank: int, device: str, inbox: Any, results: Any, coordinator: int) -
     interrupt.quiet_worker()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker{rank} %(levelname)s %(message)s")
     _exit_with(coordinator)
+    job: Job | None = None
     try:
         for name in PRELOAD:
             try:
                 importlib.import_module(name)
-            except ImportError:
+            except Exception:  # a missing or broken install: the job's own import reports it
                 break
-        job: Job | None = inbox.get()
-        if job is None:
-            return
+        try:
+            job = inbox.recv()
+        except EOFError:  # the pool was closed without a job for this rank
+            os._exit(0)
+        inbox.close()
         from saestore.extract.worker import run_worker
 
         try:
@@ -101,26 +104,36 @@ def _serve(rank: int, device: str, inbox: Any, results: Any, coordinator: int) -
         if not job.teardown:
             _leave(results)
     except interrupt.Interrupted as e:  # the coordinator stops this worker: its finished doc-chunks are written
+        if job is None:  # stopped before its job: nothing to save, no teardown to wait for
+            os._exit(e.exit_code)
         sys.exit(e.exit_code)
 
 
 class WorkerPool:
     """One spawned process per device, importing while the run is planned; a context manager that
-    stops the processes no job went to."""
+    stops the processes no job went to.
+
+    Each job goes over its own one-way pipe, pickled in the coordinator (a job that cannot be sent
+    raises there) and written while the worker may still be importing (the send waits for it to
+    read); the coordinator keeps only the pipe's write end, so a job for a worker that died first
+    fails at once (``BrokenPipeError``) instead of blocking."""
 
     def __init__(self, devices: Sequence[str]) -> None:
         ctx = mp.get_context("spawn")
         self.devices = list(devices)
         self.results = ctx.Queue()
-        self._inboxes = [ctx.Queue() for _ in self.devices]
+        self._inboxes: list[Any] = []
         self._procs: list[Any] = []
         self._busy: set[int] = set()
         try:
             for rank, device in enumerate(self.devices):
-                p = ctx.Process(target=_serve, args=(rank, device, self._inboxes[rank], self.results, os.getpid()),
+                reader, writer = ctx.Pipe(duplex=False)
+                p = ctx.Process(target=_serve, args=(rank, device, reader, self.results, os.getpid()),
                                 name=f"saestore-worker-{rank}")
                 with interrupt.sigint_ignored():  # a Ctrl-C is for the coordinator, which stops the workers
                     p.start()
+                reader.close()
+                self._inboxes.append(writer)
                 self._procs.append(p)
         except BaseException:
             self.close()
@@ -137,18 +150,24 @@ class WorkerPool:
         self.close_idle()
         for p in self._procs:
             p.join()
+        for w in self._inboxes:
+            w.close()
 
     def run(self, jobs: dict[int, Job]) -> WorkerStats:
         """Hand each rank its job, stop the ranks without one, and return the merged stats once every
         job has ended. Interrupted (or failing), it stops the workers: each writes its finished
         doc-chunks."""
-        for rank, job in jobs.items():
-            self._inboxes[rank].put(job)
-            self._busy.add(rank)
-        self.close_idle()
         results: dict[int, WorkerStats] = {}
         busy = [(rank, self._procs[rank]) for rank in jobs]
         try:
+            for rank, job in jobs.items():
+                self._busy.add(rank)
+                try:
+                    self._inboxes[rank].send(job)
+                except (BrokenPipeError, ConnectionResetError):  # it died before reading: reported below
+                    log.error("worker %d exited before its job was sent (exit code %s)", rank,
+                              self._procs[rank].exitcode)
+            self.close_idle()
             while len(results) < len(busy) and any(p.is_alive() for _, p in busy):
                 try:
                     rank, stats = self.results.get(timeout=1.0)
@@ -156,10 +175,10 @@ class WorkerPool:
                 except queue_mod.Empty:
                     continue
         except BaseException:
-            for _, p in busy:
+            for p in self._procs:
                 if p.is_alive():
                     p.terminate()
-            for _, p in busy:
+            for p in self._procs:
                 p.join()
             raise
         while not self.results.empty():
